@@ -867,6 +867,66 @@ impl Endpoint {
     }
 }
 
+/// Deliberate protocol violations, for hostile-peer tests only (feature `hostile`).
+#[cfg(feature = "hostile")]
+impl Endpoint {
+    /// Pushes raw descriptors on the outgoing data ring (`data = true`) or the buffer-return
+    /// ring, with no bounds or ledger check, and publishes them. Rings the peer.
+    pub fn hostile_push(&mut self, data: bool, descs: &[Desc]) {
+        let ring = if data {
+            &mut self.data_out
+        } else {
+            &mut self.bufs_out
+        };
+        for &d in descs {
+            ring.force_push(d);
+        }
+        ring.publish();
+        self.peer_bell.ring();
+    }
+
+    /// Publishes an arbitrary index on one of this end's rings: the producer index of the
+    /// outgoing data ring (`data = true`), or the consumer index of the incoming data ring.
+    pub fn hostile_set_index(&mut self, producer: bool, v: u32) {
+        if producer {
+            self.data_out.force_index(v);
+        } else {
+            self.data_in.force_index(v);
+        }
+        self.peer_bell.ring();
+    }
+
+    /// Tries to map the peer's (read-only) region writable and to `pwrite` into it; returns
+    /// the two errors the kernel gave, or `None` where the write was (wrongly) allowed.
+    pub fn hostile_write_peer_region(
+        &self,
+    ) -> (Option<rustix::io::Errno>, Option<rustix::io::Errno>) {
+        use rustix::mm::{MapFlags, ProtFlags};
+        let fd = self.peer.fd();
+        // SAFETY: a fresh mapping chosen by the kernel, unmapped at once if it succeeds.
+        let map = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                self.peer.len(),
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                fd,
+                0,
+            )
+        };
+        let map_err = match map {
+            Ok(p) => {
+                // SAFETY: exactly the mapping just made.
+                let _ = unsafe { rustix::mm::munmap(p, self.peer.len()) };
+                None
+            }
+            Err(e) => Some(e),
+        };
+        let write_err = rustix::io::pwrite(fd, &[0xff; 8], 0).err();
+        (map_err, write_err)
+    }
+}
+
 /// Why a send or free failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {

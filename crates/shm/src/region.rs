@@ -113,7 +113,10 @@ impl Region {
     pub fn punch_hole(&self, offset: usize, len: usize) -> Result<(), Error> {
         let page = page_size();
         let end = offset.checked_add(len);
-        if !offset.is_multiple_of(page) || !len.is_multiple_of(page) || end.is_none_or(|e| e > self.map.len) {
+        if !offset.is_multiple_of(page)
+            || !len.is_multiple_of(page)
+            || end.is_none_or(|e| e > self.map.len)
+        {
             return Err(Error::TooLarge {
                 what: "punch-hole range",
                 len,

@@ -245,6 +245,12 @@ impl Producer {
         if self.free_cached() == 0 {
             return false;
         }
+        self.write_next(d);
+        true
+    }
+
+    #[inline]
+    fn write_next(&mut self, d: Desc) {
         let i = (self.head & self.mask) as usize;
         // SAFETY: `i <= mask < size`, so the slot is inside the slot array (contract of `new`).
         let slot = unsafe { &*self.ptrs.slots.as_ptr().add(i) };
@@ -253,7 +259,6 @@ impl Producer {
         slot.len.store(d.len, Ordering::Relaxed);
         slot.flags.store(d.flags, Ordering::Relaxed);
         self.head = self.head.wrapping_add(1);
-        true
     }
 
     /// Makes every pushed descriptor visible. Returns true if the consumer asked to be woken.
@@ -267,6 +272,18 @@ impl Producer {
     /// Descriptors pushed and not yet taken by the consumer (per the last index seen).
     pub fn in_flight(&self) -> u32 {
         self.head.wrapping_sub(self.cons)
+    }
+
+    /// Overwrites the published producer index with anything (hostile-peer tests).
+    #[cfg(feature = "hostile")]
+    pub fn force_index(&mut self, v: u32) {
+        self.own().index.store(v, Ordering::Release);
+    }
+
+    /// Writes a descriptor into the next slot even if the ring looks full (hostile-peer tests).
+    #[cfg(feature = "hostile")]
+    pub fn force_push(&mut self, d: Desc) {
+        self.write_next(d);
     }
 
     /// Asks the consumer to wake us when it frees slots (before sleeping on a full ring).
@@ -390,6 +407,12 @@ impl Consumer {
         self.own().index.store(self.tail, Ordering::Release);
         fence(Ordering::SeqCst);
         self.peer().need_wakeup.load(Ordering::Relaxed) != 0
+    }
+
+    /// Overwrites the published consumer index with anything (hostile-peer tests).
+    #[cfg(feature = "hostile")]
+    pub fn force_index(&mut self, v: u32) {
+        self.own().index.store(v, Ordering::Release);
     }
 
     /// Asks the producer to wake us when it publishes (before sleeping on an empty ring).
