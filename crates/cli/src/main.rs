@@ -1,1 +1,101 @@
-fn main() {}
+//! `netchannel`: the command-line front end of the netchannel user-space networking stack.
+
+mod bench;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "netchannel",
+    version,
+    about = "User-space networking over shared-memory channels"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Benchmarks against the kernel path, measured side by side in the same run.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+    /// One side of a benchmark trial (started by `bench`; not for direct use).
+    #[command(hide = true)]
+    BenchWorker {
+        /// The trial, as JSON.
+        #[arg(long)]
+        spec: String,
+        /// Run the listening (receiving / echoing) side.
+        #[arg(long)]
+        server: bool,
+        /// Address of the server side (for the client side).
+        #[arg(long)]
+        addr: Option<String>,
+        /// CPU to pin to.
+        #[arg(long)]
+        cpu: Option<usize>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// User pipe between two processes vs kernel UDP over loopback: packets/s, Gbit/s, round trips.
+    Pipe {
+        /// Interleaved repetitions (each runs every metric on both paths).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100))]
+        reps: u64,
+        /// Measured window of each throughput trial, in milliseconds.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+        duration_ms: u64,
+        /// Round trips timed per busy-poll latency trial (blocking trials time a quarter as many).
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(100..=10_000_000))]
+        rtt_iterations: u64,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Bench {
+            what:
+                BenchCommand::Pipe {
+                    reps,
+                    duration_ms,
+                    rtt_iterations,
+                    json,
+                },
+        } => bench::pipe(&bench::Options {
+            reps: reps as usize,
+            duration_ms,
+            rtt_iterations: rtt_iterations as usize,
+            json,
+        }),
+        Command::BenchWorker {
+            spec,
+            server,
+            addr,
+            cpu,
+        } => bench::worker::run(&spec, server, addr.as_deref(), cpu),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("netchannel: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,413 @@
+//! `netchannel bench`: netchannel against the kernel path, side by side in one run.
+//!
+//! Every trial runs two fresh processes (this binary's hidden `bench-worker` command), pinned one
+//! per core. Each repetition runs every metric on both paths, alternating which path goes first,
+//! and the report gives per-repetition ratios and their median: only ratios measured side by
+//! side mean anything on a noisy two-core machine.
+
+pub(crate) mod pipe_path;
+pub(crate) mod sys;
+pub(crate) mod udp_path;
+pub(crate) mod worker;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use worker::{Kind, Path, Report, Spec, WaitMode};
+
+/// Options of `bench pipe`.
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    pub(crate) reps: usize,
+    pub(crate) duration_ms: u64,
+    pub(crate) rtt_iterations: usize,
+    pub(crate) json: bool,
+}
+
+/// A measured quantity and which way is better.
+#[derive(Debug, Clone, Copy)]
+enum Better {
+    Higher,
+    Lower,
+}
+
+/// One row of the comparison.
+struct Metric {
+    key: &'static str,
+    label: &'static str,
+    unit: &'static str,
+    better: Better,
+    kind: Kind,
+    /// Turns the two workers' reports into the metric's value.
+    value: fn(&Kind, &Report, &Report) -> f64,
+    /// The netchannel side of the metric, if it differs from the kernel side's wait mode.
+    pipe_kind: Option<Kind>,
+}
+
+fn mpps(_: &Kind, server: &Report, _: &Report) -> f64 {
+    server.packets as f64 / server.secs.max(1e-9) / 1e6
+}
+
+fn gbps(k: &Kind, server: &Report, c: &Report) -> f64 {
+    let Kind::Throughput { size, .. } = k else {
+        return 0.0;
+    };
+    mpps(k, server, c) * 1e6 * *size as f64 * 8.0 / 1e9
+}
+
+fn rtt_p50_us(_: &Kind, _: &Report, client: &Report) -> f64 {
+    client.rtt_p50_ns.unwrap_or(0) as f64 / 1e3
+}
+
+fn rtt_p99_us(_: &Kind, _: &Report, client: &Report) -> f64 {
+    client.rtt_p99_ns.unwrap_or(0) as f64 / 1e3
+}
+
+/// The per-metric record in the report.
+#[derive(Debug, Serialize)]
+struct Row {
+    label: &'static str,
+    unit: &'static str,
+    kernel: Vec<f64>,
+    netchannel: Vec<f64>,
+    /// Per repetition, oriented so that bigger is better for netchannel.
+    ratios: Vec<f64>,
+    kernel_median: f64,
+    netchannel_median: f64,
+    ratio_median: f64,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s.sort_by(f64::total_cmp);
+    let m = s.len() / 2;
+    if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    }
+}
+
+fn metrics(o: &Options) -> Vec<Metric> {
+    let tp = |size, batch| Kind::Throughput {
+        size,
+        batch,
+        duration_ms: o.duration_ms,
+    };
+    let rtt = |wait| Kind::Rtt {
+        size: 64,
+        iterations: o.rtt_iterations,
+        wait,
+    };
+    let blocking_iters = (o.rtt_iterations / 4).max(100);
+    let rtt_blocking = Kind::Rtt {
+        size: 64,
+        iterations: blocking_iters,
+        wait: WaitMode::Blocking,
+    };
+    vec![
+        Metric {
+            key: "pps_64",
+            label: "64 B packets/s, batch 32",
+            unit: "Mpps",
+            better: Better::Higher,
+            kind: tp(64, 32),
+            value: mpps,
+            pipe_kind: None,
+        },
+        Metric {
+            key: "pps_64_b1",
+            label: "64 B packets/s, batch 1",
+            unit: "Mpps",
+            better: Better::Higher,
+            kind: tp(64, 1),
+            value: mpps,
+            pipe_kind: None,
+        },
+        Metric {
+            key: "gbps_1400",
+            label: "1400 B Gbit/s, batch 32",
+            unit: "Gbit/s",
+            better: Better::Higher,
+            kind: tp(1400, 32),
+            value: gbps,
+            pipe_kind: None,
+        },
+        Metric {
+            key: "gbps_1400_b1",
+            label: "1400 B Gbit/s, batch 1",
+            unit: "Gbit/s",
+            better: Better::Higher,
+            kind: tp(1400, 1),
+            value: gbps,
+            pipe_kind: None,
+        },
+        Metric {
+            key: "rtt_busy_p50",
+            label: "round trip p50, busy poll",
+            unit: "µs",
+            better: Better::Lower,
+            kind: rtt(WaitMode::Busy),
+            value: rtt_p50_us,
+            pipe_kind: None,
+        },
+        Metric {
+            key: "rtt_busy_p99",
+            label: "round trip p99, busy poll",
+            unit: "µs",
+            better: Better::Lower,
+            kind: rtt(WaitMode::Busy),
+            value: rtt_p99_us,
+            pipe_kind: None,
+        },
+        Metric {
+            key: "rtt_blocking_p50",
+            label: "round trip p50, blocking (sleep at once)",
+            unit: "µs",
+            better: Better::Lower,
+            kind: rtt_blocking,
+            value: rtt_p50_us,
+            pipe_kind: None,
+        },
+        Metric {
+            key: "rtt_blocking_p99",
+            label: "round trip p99, blocking (sleep at once)",
+            unit: "µs",
+            better: Better::Lower,
+            kind: rtt_blocking,
+            value: rtt_p99_us,
+            pipe_kind: None,
+        },
+        Metric {
+            key: "rtt_adaptive_p50",
+            label: "round trip p50, spin 20 µs then sleep (vs blocking kernel)",
+            unit: "µs",
+            better: Better::Lower,
+            kind: rtt_blocking,
+            value: rtt_p50_us,
+            pipe_kind: Some(Kind::Rtt {
+                size: 64,
+                iterations: blocking_iters,
+                wait: WaitMode::Adaptive,
+            }),
+        },
+    ]
+}
+
+/// Runs both workers of one trial and returns (server report, client report).
+fn trial(spec: Spec) -> Result<(Report, Report), String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
+    let spec_json = serde_json::to_string(&spec).map_err(|e| e.to_string())?;
+    let spawn = |server: bool, addr: Option<&str>, cpu: usize| -> Result<Child, String> {
+        let mut c = Command::new(&exe);
+        c.args([
+            "bench-worker",
+            "--spec",
+            &spec_json,
+            "--cpu",
+            &cpu.to_string(),
+        ]);
+        if server {
+            c.arg("--server");
+        }
+        if let Some(a) = addr {
+            c.args(["--addr", a]);
+        }
+        c.stdout(Stdio::piped())
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("spawning a worker: {e}"))
+    };
+    let mut server = Guard(spawn(true, None, 0)?);
+    let mut out = BufReader::new(server.0.stdout.take().ok_or("worker has no stdout")?);
+    let mut line = String::new();
+    out.read_line(&mut line).map_err(|e| e.to_string())?;
+    let addr = line
+        .trim()
+        .strip_prefix("ready ")
+        .ok_or_else(|| format!("server worker failed to start: {line:?}"))?
+        .to_owned();
+    let mut client = Guard(spawn(false, Some(&addr), 1)?);
+    let limit = Duration::from_secs(60);
+    let client_report = finish(&mut client.0, None, limit)?;
+    let server_report = finish(&mut server.0, Some(out), limit)?;
+    Ok((server_report, client_report))
+}
+
+/// Kills a worker that is still running when the trial is abandoned.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn finish(
+    child: &mut Child,
+    out: Option<BufReader<std::process::ChildStdout>>,
+    limit: Duration,
+) -> Result<Report, String> {
+    let mut text = String::new();
+    match out {
+        Some(mut o) => o.read_to_string(&mut text),
+        None => child
+            .stdout
+            .take()
+            .ok_or("worker has no stdout")?
+            .read_to_string(&mut text),
+    }
+    .map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
+            break s;
+        }
+        if start.elapsed() > limit {
+            return Err("a worker did not finish in time".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    if !status.success() {
+        return Err(format!("a worker failed ({status})"));
+    }
+    let last = text.lines().last().unwrap_or_default();
+    serde_json::from_str(last).map_err(|e| format!("unreadable worker report {last:?}: {e}"))
+}
+
+/// `netchannel bench pipe`.
+pub(crate) fn pipe(o: &Options) -> Result<(), String> {
+    let ms = metrics(o);
+    let mut rows: BTreeMap<&'static str, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    // Trials shared by several metrics (p50 and p99 of one run) are run once per path and rep.
+    for rep in 0..o.reps {
+        let mut cache: Vec<(Spec, (Report, Report))> = Vec::new();
+        for m in &ms {
+            let order = if rep % 2 == 0 {
+                [Path::KernelUdp, Path::Pipe]
+            } else {
+                [Path::Pipe, Path::KernelUdp]
+            };
+            let mut vals = [0.0f64; 2];
+            for path in order {
+                let kind = if path == Path::Pipe {
+                    m.pipe_kind.unwrap_or(m.kind)
+                } else {
+                    m.kind
+                };
+                let spec = Spec { path, kind };
+                let reports = match cache.iter().find(|(s, _)| *s == spec) {
+                    Some((_, r)) => r.clone(),
+                    None => {
+                        let r = trial(spec)?;
+                        cache.push((spec, r.clone()));
+                        r
+                    }
+                };
+                let v = (m.value)(&kind, &reports.0, &reports.1);
+                vals[usize::from(path == Path::Pipe)] = v;
+            }
+            let e = rows.entry(m.key).or_default();
+            e.0.push(vals[0]);
+            e.1.push(vals[1]);
+            eprintln!(
+                "[rep {}/{}] {:<58} kernel {:>9.3} {u:<6} netchannel {:>9.3} {u:<6} ({:.1}×)",
+                rep + 1,
+                o.reps,
+                m.label,
+                vals[0],
+                vals[1],
+                oriented(m.better, vals[0], vals[1]),
+                u = m.unit,
+            );
+        }
+    }
+    let mut table: Vec<(String, Row)> = Vec::new();
+    for m in &ms {
+        let (k, n) = rows.remove(m.key).unwrap_or_default();
+        let ratios: Vec<f64> = k
+            .iter()
+            .zip(&n)
+            .map(|(&k, &n)| oriented(m.better, k, n))
+            .collect();
+        table.push((
+            m.key.to_owned(),
+            Row {
+                label: m.label,
+                unit: m.unit,
+                kernel_median: median(&k),
+                netchannel_median: median(&n),
+                ratio_median: median(&ratios),
+                kernel: k,
+                netchannel: n,
+                ratios,
+            },
+        ));
+    }
+    report(o, &table)
+}
+
+/// netchannel/kernel for rates, kernel/netchannel for latencies: bigger is better.
+fn oriented(b: Better, kernel: f64, nc: f64) -> f64 {
+    match b {
+        Better::Higher => nc / kernel,
+        Better::Lower => kernel / nc,
+    }
+}
+
+fn report(o: &Options, table: &[(String, Row)]) -> Result<(), String> {
+    if o.json {
+        let mut obj = serde_json::Map::new();
+        obj.insert("benchmark".into(), "pipe".into());
+        obj.insert("reps".into(), o.reps.into());
+        obj.insert(
+            "kernel_path".into(),
+            "UDP over loopback (sendmmsg/recvmmsg batch 32; send/recv batch 1)".into(),
+        );
+        let mut metrics = serde_json::Map::new();
+        for (k, r) in table {
+            obj.insert(format!("ratio_{k}"), serde_json::json!(r.ratio_median));
+            metrics.insert(
+                k.clone(),
+                serde_json::to_value(r).map_err(|e| e.to_string())?,
+            );
+        }
+        obj.insert("metrics".into(), metrics.into());
+        println!("{}", serde_json::Value::Object(obj));
+        return Ok(());
+    }
+    println!(
+        "netchannel user pipe vs kernel UDP over loopback: median of {} interleaved repetitions",
+        o.reps
+    );
+    println!(
+        "{:<60} {:>14} {:>14} {:>8}   per-repetition ratios",
+        "metric", "kernel", "netchannel", "ratio"
+    );
+    for (_, r) in table {
+        let reps: Vec<String> = r.ratios.iter().map(|x| format!("{x:.1}")).collect();
+        println!(
+            "{:<60} {:>7.3} {:<6} {:>7.3} {:<6} {:>7.1}×   {}",
+            r.label,
+            r.kernel_median,
+            r.unit,
+            r.netchannel_median,
+            r.unit,
+            r.ratio_median,
+            reps.join(" ")
+        );
+    }
+    println!(
+        "ratios: netchannel/kernel for rates, kernel/netchannel for latencies (bigger is better)"
+    );
+    Ok(())
+}
