@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The whole netchannel test suite, from a fresh machine: installs what the tests need, then runs
+# formatting and lint checks, every unit and multi-process integration test, the loom model
+# checks of the ring protocol, and a smoke run of the main benchmark.
+#
+#   bash scripts/test.sh            # everything
+#   QUICK=1 bash scripts/test.sh    # skip the loom build and the benchmark smoke run
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s\n' "$*"; }
+
+# --- set-up -------------------------------------------------------------------------------
+if [ "$(id -u)" -eq 0 ]; then
+    # Packages the suite uses (iproute2 for network namespaces in later suites; procps for ps).
+    need=()
+    for pkg in iproute2 procps; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+    done
+    if [ ${#need[@]} -gt 0 ]; then
+        step "installing ${need[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    fi
+else
+    echo "note: not root; no packages installed. Tests that need root (network namespaces) will say they skipped."
+fi
+command -v cargo >/dev/null || { echo "cargo is missing: install Rust 1.95 (rustup) first" >&2; exit 1; }
+for comp in rustfmt clippy; do
+    rustup component list --installed 2>/dev/null | grep -q "^$comp" || rustup component add "$comp"
+done
+
+# --- checks -------------------------------------------------------------------------------
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (all targets, -D warnings)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test (unit, property and multi-process integration tests)"
+cargo test --workspace --locked
+
+if [ -z "${QUICK:-}" ]; then
+    step "loom: exhaustive interleavings of the ring index and need-wakeup protocol"
+    RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
+        cargo test -p netchannel-shm --release --locked --lib loom_tests
+
+    step "smoke run of the main job (bench pipe, 1 short repetition; figures not judged)"
+    cargo run --release --locked -q -p netchannel-cli -- bench pipe --reps 1 --duration-ms 100 --rtt-iterations 2000 --json >/dev/null
+    echo "bench pipe ran"
+fi
+
+step "all checks passed"
