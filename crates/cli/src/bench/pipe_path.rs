@@ -156,7 +156,7 @@ fn recv_one(pipe: &mut UserPipe, pkts: &mut Vec<Packet>, mode: WaitMode) -> Resu
         match mode {
             WaitMode::Busy => {
                 idle = idle.wrapping_add(1);
-                if idle % 65536 == 0 && pipe.peer_gone() {
+                if idle.is_multiple_of(65536) && pipe.peer_gone() {
                     return Ok(false);
                 }
                 std::hint::spin_loop();
