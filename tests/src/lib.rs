@@ -185,7 +185,10 @@ mod tests {
             assert_eq!(check_packet(&buf[..len]), Ok(seq));
             if len > MIN_PACKET {
                 buf[len - 1] ^= 1;
-                assert_eq!(check_packet(&buf[..len]), Err(PacketError::Checksum { seq }));
+                assert_eq!(
+                    check_packet(&buf[..len]),
+                    Err(PacketError::Checksum { seq })
+                );
                 buf[len - 1] ^= 1;
             }
             buf[3] ^= 0x10;

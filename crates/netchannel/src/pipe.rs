@@ -37,7 +37,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
 use netchannel_shm::endpoint::{Home, ServerSetup};
-use netchannel_shm::fdpass::{recv_with_fds, send_with_fds};
+use netchannel_shm::fdpass::{recv_exact, send_with_fds};
 use netchannel_shm::{Endpoint, Error, Geometry};
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 
@@ -100,13 +100,7 @@ impl PipeListener {
         let setup = ServerSetup::new(geometry)?;
         let f = setup.fds();
         send_with_fds(sock.as_fd(), SERVER_HELLO, &[f.region, f.pool, f.bell])?;
-        let mut msg = [0u8; 16];
-        let (n, fds) = recv_with_fds(sock.as_fd(), &mut msg, 2)?;
-        if msg.get(..n) != Some(&APP_HELLO[..]) {
-            return Err(Error::Handshake(
-                "the peer's greeting is not a netchannel user-pipe greeting of this version",
-            ));
-        }
+        let fds = recv_exact(sock.as_fd(), APP_HELLO, 2)?;
         let [region, bell]: [OwnedFd; 2] = fds
             .try_into()
             .map_err(|_| Error::Handshake("the peer must send exactly its region and doorbell"))?;
@@ -131,13 +125,7 @@ impl UserPipe {
         let sock = seqpacket()?;
         rustix::net::connect(&sock, &address(addr)?).map_err(sys("connect"))?;
         handshake_timeout(&sock, Some(HANDSHAKE_TIMEOUT))?;
-        let mut msg = [0u8; 16];
-        let (n, fds) = recv_with_fds(sock.as_fd(), &mut msg, 3)?;
-        if msg.get(..n) != Some(&SERVER_HELLO[..]) {
-            return Err(Error::Handshake(
-                "the listener's greeting is not a netchannel user-pipe greeting of this version",
-            ));
-        }
+        let fds = recv_exact(sock.as_fd(), SERVER_HELLO, 3)?;
         let [region, pool, bell]: [OwnedFd; 3] = fds.try_into().map_err(|_| {
             Error::Handshake("the listener must send its region, pool and doorbell")
         })?;
@@ -214,7 +202,7 @@ mod tests {
             let sock = seqpacket().unwrap();
             rustix::net::connect(&sock, &address(&n2).unwrap()).unwrap();
             let mut buf = [0u8; 64];
-            let _ = recv_with_fds(sock.as_fd(), &mut buf, 3);
+            let _ = netchannel_shm::fdpass::recv_with_fds(sock.as_fd(), &mut buf, false);
             rustix::net::send(&sock, b"GARBAGE!", rustix::net::SendFlags::empty()).unwrap();
             std::thread::sleep(Duration::from_millis(100));
         });

@@ -72,8 +72,11 @@ pub enum Interest {
     Readable,
     /// Room to send.
     Writable,
-    /// A buffer to allocate.
+    /// A buffer to allocate (in the free list, or returned by the peer).
     Buffers,
+    /// A buffer returned by the peer on the incoming buffer ring (servers, whose free list is
+    /// rarely empty, wait for this rather than for `Buffers`).
+    Returns,
 }
 
 /// How a wait behaves: spin for a while, then sleep on the doorbell.
@@ -696,10 +699,15 @@ impl Endpoint {
         Ok(())
     }
 
-    /// Server end: hands up to `n` free home buffers to the app end's ALLOC ring.
-    pub fn supply(&mut self, n: u32) -> Result<u32, Error> {
+    /// Server end: tops the app end's ALLOC ring up to `target` empty buffers (as far as the
+    /// pool allows). Returns how many were added.
+    pub fn supply_to(&mut self, target: u32) -> Result<u32, Error> {
         self.check()?;
-        let free = self.bufs_out.free(n).map_err(|e| self.note_ring_error(e))?;
+        let free = self
+            .bufs_out
+            .refresh()
+            .map_err(|e| self.note_ring_error(e))?;
+        let n = target.saturating_sub(self.bufs_out.in_flight());
         let mut pushed = 0;
         while pushed < n.min(free) {
             let Some(b) = self.ledger.alloc_for_peer().or_else(|| {
@@ -740,7 +748,15 @@ impl Endpoint {
     }
 
     /// Whether `interest` is satisfied right now (reads the peer's index at most once).
-    fn ready(&mut self, interest: Interest) -> Result<bool, Error> {
+    pub fn ready(&mut self, interest: Interest) -> Result<bool, Error> {
+        if let Some((ring, claimed, valid, size)) = self.broken {
+            return Err(Error::RingIndexOob {
+                ring,
+                claimed,
+                valid,
+                size,
+            });
+        }
         let r = match interest {
             Interest::Readable => self.data_in.available(),
             Interest::Writable => self.data_out.free(1),
@@ -750,18 +766,21 @@ impl Endpoint {
                 }
                 self.bufs_in.available()
             }
+            Interest::Returns => self.bufs_in.available(),
         };
         r.map(|n| n > 0).map_err(|e| self.note_ring_error(e))
     }
 
-    fn arm(&self, interest: Interest, on: bool) {
+    /// Sets (`on`) or clears the need-wakeup flag for `interest`, so the peer rings our
+    /// doorbell when it changes the ring. For servers that sleep on many channels at once.
+    pub fn arm(&self, interest: Interest, on: bool) {
         match (interest, on) {
             (Interest::Readable, true) => self.data_in.arm_wakeup(),
             (Interest::Readable, false) => self.data_in.disarm_wakeup(),
             (Interest::Writable, true) => self.data_out.arm_wakeup(),
             (Interest::Writable, false) => self.data_out.disarm_wakeup(),
-            (Interest::Buffers, true) => self.bufs_in.arm_wakeup(),
-            (Interest::Buffers, false) => self.bufs_in.disarm_wakeup(),
+            (Interest::Buffers | Interest::Returns, true) => self.bufs_in.arm_wakeup(),
+            (Interest::Buffers | Interest::Returns, false) => self.bufs_in.disarm_wakeup(),
         }
     }
 
@@ -810,9 +829,16 @@ impl Endpoint {
                 None => None,
             };
             self.stats.sleeps += 1;
-            let hung_up = self.sleep(left);
+            let slept = self.sleep(left);
             self.arm(interest, false);
-            hung_up?;
+            if let Err(e) = slept {
+                // The peer may have published its last packets before it went away: deliver
+                // them first, report its departure once nothing is left.
+                return match self.ready(interest) {
+                    Ok(true) => Ok(()),
+                    _ => Err(e),
+                };
+            }
         }
     }
 
@@ -859,6 +885,53 @@ impl Endpoint {
             && fds[0]
                 .revents()
                 .intersects(PollFlags::HUP | PollFlags::RDHUP | PollFlags::ERR)
+    }
+
+    /// This end's doorbell (readable when the peer rang it), e.g. for an epoll set.
+    pub fn bell_fd(&self) -> BorrowedFd<'_> {
+        self.bell.as_fd()
+    }
+
+    /// Clears pending rings of this end's doorbell.
+    pub fn clear_bell(&self) {
+        self.bell.drain();
+    }
+
+    /// Descriptors this end has published on its outgoing data ring that the peer has not
+    /// consumed yet (as of the last refresh), and descriptors waiting on the incoming one.
+    pub fn ring_occupancy(&mut self) -> (u32, u32) {
+        let out = self
+            .data_out
+            .refresh()
+            .map(|_| self.data_out.in_flight())
+            .unwrap_or(0);
+        let inn = self.data_in.refresh().unwrap_or(0);
+        (out, inn)
+    }
+
+    /// Copies a received packet into a buffer this end holds (for servers that copy between
+    /// channels); returns the new packet, or `None` if `dst` is not held or the data does not fit.
+    #[inline]
+    pub fn copy_into(&mut self, src: &Packet, dst: u32) -> Option<Packet> {
+        if self.ledger.state(dst) != Some(crate::ledger::BufState::Held) {
+            return None;
+        }
+        self.pool
+            .copy(src.buf, src.offset, src.len, dst, 0)
+            .then_some(Packet {
+                buf: dst,
+                offset: 0,
+                len: src.len,
+            })
+    }
+
+    /// Takes back every home buffer the peer holds (the peer died or was revoked), then gives
+    /// every idle home segment back to the OS. Returns the number of buffers taken back.
+    pub fn reclaim_from_peer(&mut self) -> u32 {
+        self.pending_return.clear();
+        let n = self.ledger.reclaim_all_from_peer();
+        while let Ok(Some(_)) = self.shrink_pool() {}
+        n
     }
 
     /// The event ring this end consumes (app) or produces (server); carries nothing yet.

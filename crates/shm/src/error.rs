@@ -86,6 +86,27 @@ pub enum Error {
     /// A wait ran out of time.
     #[error("timed out")]
     TimedOut,
+    /// Nothing listens on the nexus's control socket.
+    #[error(
+        "no nexus is listening on {path} ({source}); start one with `netchannel nexus` (as root)"
+    )]
+    NoNexus {
+        /// The socket path tried.
+        path: String,
+        /// What connect(2) said.
+        source: rustix::io::Errno,
+    },
+    /// The nexus refused a request.
+    #[error("the nexus refused the request ({code:?}): {message}")]
+    Refused {
+        /// Stable reason.
+        code: crate::control::ErrorCode,
+        /// What to do about it.
+        message: String,
+    },
+    /// The nexus answered something this library did not expect.
+    #[error("unexpected answer from the nexus: {0}")]
+    Protocol(String),
 }
 
 impl Error {

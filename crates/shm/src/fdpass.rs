@@ -44,23 +44,35 @@ pub fn send_with_fds(
     Ok(())
 }
 
-/// Receives one message into `buf` and up to `max_fds` fds. Returns the payload length and the
-/// fds. A message that was truncated, or that carried more fds than asked for, is an error (and
-/// every fd it carried is closed).
+/// One message received with [`recv_with_fds`].
+#[derive(Debug)]
+pub struct Received {
+    /// Bytes of payload in the buffer.
+    pub len: usize,
+    /// The fds that came with it (owned: dropping them closes them).
+    pub fds: Vec<OwnedFd>,
+    /// The message was longer than the buffer (the rest is lost).
+    pub truncated: bool,
+    /// More fds were sent than the control buffer holds (the kernel closed the rest).
+    pub fds_truncated: bool,
+}
+
+/// Receives one message into `buf`, with the fds attached to it (at most [`MAX_FDS`]; the
+/// kernel closes any beyond). `nonblocking` adds MSG_DONTWAIT. End of stream (a zero-length read
+/// with no fds) is [`Error::PeerGone`].
 pub fn recv_with_fds(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
-    max_fds: usize,
-) -> Result<(usize, Vec<OwnedFd>), Error> {
+    nonblocking: bool,
+) -> Result<Received, Error> {
     let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
-    let msg = rustix::net::recvmsg(
-        sock,
-        &mut [IoSliceMut::new(buf)],
-        &mut control,
-        RecvFlags::CMSG_CLOEXEC,
-    )
-    .map_err(|e| Error::sys("recvmsg", e))?;
+    let mut flags = RecvFlags::CMSG_CLOEXEC;
+    if nonblocking {
+        flags |= RecvFlags::DONTWAIT;
+    }
+    let msg = rustix::net::recvmsg(sock, &mut [IoSliceMut::new(buf)], &mut control, flags)
+        .map_err(|e| Error::sys("recvmsg", e))?;
     let mut fds = Vec::new();
     for m in control.drain() {
         if let RecvAncillaryMessage::ScmRights(rights) = m {
@@ -70,13 +82,25 @@ pub fn recv_with_fds(
     if msg.bytes == 0 && fds.is_empty() {
         return Err(Error::PeerGone);
     }
-    if msg.flags.contains(rustix::net::ReturnFlags::TRUNC)
-        || msg.flags.contains(rustix::net::ReturnFlags::CTRUNC)
-    {
-        return Err(Error::Handshake("message or its fds were truncated"));
+    Ok(Received {
+        len: msg.bytes.min(buf.len()),
+        fds,
+        truncated: msg.flags.contains(rustix::net::ReturnFlags::TRUNC),
+        fds_truncated: msg.flags.contains(rustix::net::ReturnFlags::CTRUNC),
+    })
+}
+
+/// Receives a message that must be exactly `expect` with exactly `nfds` fds (hand-shakes).
+pub fn recv_exact(sock: BorrowedFd<'_>, expect: &[u8], nfds: usize) -> Result<Vec<OwnedFd>, Error> {
+    let mut buf = [0u8; 64];
+    let r = recv_with_fds(sock, &mut buf, false)?;
+    if r.truncated || r.fds_truncated || buf.get(..r.len) != Some(expect) {
+        return Err(Error::Handshake(
+            "unexpected greeting from the peer (another program or another version)",
+        ));
     }
-    if fds.len() > max_fds {
-        return Err(Error::Handshake("peer sent more fds than asked for"));
+    if r.fds.len() != nfds {
+        return Err(Error::Handshake("the peer sent the wrong number of fds"));
     }
-    Ok((msg.bytes, fds))
+    Ok(r.fds)
 }

@@ -54,6 +54,9 @@ pub struct Ledger {
     /// Whether each home segment is in service.
     active: Vec<bool>,
     bufs_per_segment: u32,
+    /// Whether this end owns any segment. An end that owns none (an app of a nexus) is supplied
+    /// with the peer's buffers; an end that owns some only ever gets its own buffers back.
+    has_home: bool,
     counts: Counts,
 }
 
@@ -75,6 +78,7 @@ impl Ledger {
             }
         }
         Self {
+            has_home: home.iter().any(|&h| h),
             state,
             free: Vec::new(),
             seg_free: vec![0; segments as usize],
@@ -202,9 +206,14 @@ impl Ledger {
     }
 
     /// The peer hands back an empty buffer (our ALLOC or FREE ring): it joins our free list.
+    /// An end with home segments accepts only its own buffers back (the peer's buffers are the
+    /// peer's to keep); an end without any accepts what its server supplies.
     #[inline]
     pub fn reclaim(&mut self, buf: u32) -> Result<(), Violation> {
         match self.state(buf) {
+            Some(BufState::Peer) if self.has_home && !self.is_home(buf) => {
+                Err(Violation::NotOwner { buf })
+            }
             Some(BufState::Peer) => {
                 self.set(buf, BufState::Free);
                 self.free.push(buf);
@@ -285,7 +294,14 @@ impl Ledger {
                         )));
                     }
                 }
-                BufState::Free => c.free += 1,
+                BufState::Free => {
+                    c.free += 1;
+                    if self.has_home && !self.home[seg] {
+                        return Err(AuditError(format!(
+                            "buffer {i} of the peer's segments is in our free list"
+                        )));
+                    }
+                }
                 BufState::Held => c.held += 1,
                 BufState::Peer => c.peer += 1,
             }
@@ -430,7 +446,7 @@ mod tests {
                     }
                     Op::PeerReturns(b) => {
                         let ok = l.reclaim(b).is_ok();
-                        prop_assert_eq!(ok, model.get(&b) == Some(&BufState::Peer));
+                        prop_assert_eq!(ok, model.get(&b) == Some(&BufState::Peer) && home(b / per));
                         if ok { model.insert(b, BufState::Free); }
                     }
                     Op::Grow => if let Some(s) = l.grow() {

@@ -10,7 +10,8 @@
 //! * [`ring`]: single-producer/single-consumer rings of slot descriptors, with need-wakeup flags.
 //! * [`pool`]: fixed-size packet buffers in page-multiple segments that can be given back to the OS.
 //! * [`ledger`]: each end's private record of who holds every buffer.
-//! * [`doorbell`]: eventfd wake-ups; [`fdpass`]: SCM_RIGHTS.
+//! * [`doorbell`]: eventfd wake-ups; [`fdpass`]: SCM_RIGHTS; [`control`]: the control-socket
+//!   protocol between apps and the nexus.
 //! * [`endpoint`]: one end of a channel, tying the above together behind a batch packet API.
 //!
 //! Everything the other end writes is untrusted: indices and descriptors are read once into
@@ -18,6 +19,7 @@
 //! panic or an out-of-bounds access. The `unsafe` of the project lives in `region`, `ring`,
 //! `pool`, `layout` and `endpoint` (pointer binding), each block with its justification.
 
+pub mod control;
 pub mod doorbell;
 pub mod endpoint;
 mod error;

@@ -129,6 +129,42 @@ impl Pool {
         })
     }
 
+    /// Copies `len` bytes at `src_off` of buffer `src` to `dst_off` of buffer `dst` (different
+    /// buffers). Returns false, copying nothing, if either range falls outside its buffer or the
+    /// buffers are the same.
+    #[inline]
+    pub fn copy(&mut self, src: u32, src_off: u32, len: u32, dst: u32, dst_off: u32) -> bool {
+        let ok = src != dst
+            && self
+                .check(&Desc {
+                    buf: src,
+                    offset: src_off,
+                    len,
+                    flags: 0,
+                })
+                .is_ok()
+            && self
+                .check(&Desc {
+                    buf: dst,
+                    offset: dst_off,
+                    len,
+                    flags: 0,
+                })
+                .is_ok();
+        if ok {
+            // SAFETY: both ranges are inside the mapping (checked above) and inside two
+            // different buffers, so they do not overlap.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    self.buf_ptr(src).add(src_off as usize),
+                    self.buf_ptr(dst).add(dst_off as usize),
+                    len as usize,
+                );
+            }
+        }
+        ok
+    }
+
     /// Returns the pages of segment `seg` to the OS. Its bytes read as zeros afterwards.
     pub fn release_segment(&self, seg: u32) -> Result<(), Error> {
         let bytes = self.geometry.segment_bytes();

@@ -1,0 +1,282 @@
+//! The control-socket protocol between apps and the nexus.
+//!
+//! Messages travel on a Unix `SOCK_SEQPACKET` socket, one message per packet: an 8-byte header
+//! (`b"NCTL"`, the protocol version as a little-endian `u16`, two reserved zero bytes) followed by
+//! a JSON body. Requests are at most [`MAX_REQUEST`] bytes, replies at most [`MAX_REPLY`]; a
+//! message of another version is answered with an error naming both versions. Channel memory
+//! travels as fds attached to the messages that need them (SCM_RIGHTS), never otherwise.
+//!
+//! Opening a channel takes three messages:
+//! 1. app → nexus: [`Request::OpenChannel`];
+//! 2. nexus → app: [`Reply::ChannelOffer`] with the server region, the pool and the nexus's
+//!    doorbell attached;
+//! 3. app → nexus: [`Request::ChannelReady`] with the app region and the app's doorbell attached;
+//!    the nexus answers [`Reply::ChannelOpened`] and starts serving the rings.
+
+use serde::{Deserialize, Serialize};
+
+/// The header's magic.
+pub const MAGIC: &[u8; 4] = b"NCTL";
+/// The protocol version this library speaks.
+pub const VERSION: u16 = 1;
+/// Largest request the nexus reads.
+pub const MAX_REQUEST: usize = 4096;
+/// Largest reply the nexus sends.
+pub const MAX_REPLY: usize = 256 * 1024;
+/// Default path of the nexus's control socket.
+pub const DEFAULT_SOCKET: &str = "/run/netchannel/nexus.sock";
+
+/// A nexus-wide channel identifier.
+pub type ChannelId = u64;
+
+/// Kinds of channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ChannelKind {
+    /// An ordinary best-effort channel.
+    #[default]
+    Normal,
+    /// A channel in the low-latency class.
+    LowLatency,
+    /// A read-only tap (monitor).
+    Monitor,
+}
+
+/// What an app asks of the nexus.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Open a channel. Sizes left out take the nexus's defaults.
+    OpenChannel {
+        /// The kind of channel.
+        #[serde(default)]
+        kind: ChannelKind,
+        /// Slots per data ring (TX and RX).
+        ring_slots: Option<u32>,
+        /// Maximum number of buffers in the pool.
+        buffers: Option<u32>,
+    },
+    /// The app has mapped the offer; its region and doorbell are attached.
+    ChannelReady {
+        /// The channel offered.
+        channel: ChannelId,
+    },
+    /// Close one of this app's channels.
+    CloseChannel {
+        /// The channel.
+        channel: ChannelId,
+    },
+    /// Report the nexus's state and every channel (or only the caller's, for non-root users).
+    Status,
+    /// Revoke a channel (root, or the channel's owner).
+    Defunct {
+        /// The channel.
+        channel: ChannelId,
+    },
+}
+
+/// What the nexus answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Reply {
+    /// The channel's memory is attached; map it and answer [`Request::ChannelReady`].
+    ChannelOffer {
+        /// The new channel.
+        channel: ChannelId,
+    },
+    /// The channel is in service.
+    ChannelOpened {
+        /// The channel.
+        channel: ChannelId,
+    },
+    /// The request was carried out.
+    Done,
+    /// The nexus's state.
+    Status(Box<NexusStatus>),
+    /// The request was refused.
+    Error {
+        /// A stable code for programs.
+        code: ErrorCode,
+        /// What went wrong and what to do, for people.
+        message: String,
+    },
+}
+
+/// Stable reasons for refusing a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The message could not be decoded (bad header, bad JSON, too large).
+    BadMessage,
+    /// The message's protocol version is not the nexus's.
+    Version,
+    /// A request that makes no sense now (e.g. ChannelReady for no offer).
+    OutOfOrder,
+    /// The policy does not allow it.
+    NotPermitted,
+    /// A per-user limit was reached.
+    Limit,
+    /// No such channel (or not yours).
+    NoSuchChannel,
+    /// The nexus could not build or attach the channel's memory.
+    Resource,
+    /// The nexus is shutting down.
+    ShuttingDown,
+}
+
+/// Everything `netchannel status` and `netchannel channels` show.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct NexusStatus {
+    /// The nexus's process id.
+    pub pid: u32,
+    /// Seconds since it started.
+    pub uptime_s: f64,
+    /// Connected control clients.
+    pub clients: usize,
+    /// Open file descriptors of the nexus.
+    pub fds: usize,
+    /// Resident memory of the nexus in bytes.
+    pub rss_bytes: u64,
+    /// Requests refused or messages dropped on the control socket, by reason.
+    pub control_errors: Vec<(String, u64)>,
+    /// Channels.
+    pub channels: Vec<ChannelStatus>,
+}
+
+/// One channel as the nexus sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ChannelStatus {
+    /// The channel.
+    pub id: ChannelId,
+    /// Owner's pid and uid (from SO_PEERCRED).
+    pub pid: i32,
+    /// Owner's uid.
+    pub uid: u32,
+    /// `active` or `defunct: <reason>`.
+    pub state: String,
+    /// Packets on TX (app→nexus) and RX (nexus→app) rings right now.
+    pub tx_ring: u32,
+    /// RX ring occupancy.
+    pub rx_ring: u32,
+    /// Buffers: free in the nexus, held by the nexus, with the app (held or in a ring), and
+    /// out of service.
+    pub buffers_free: u32,
+    /// Held by the nexus.
+    pub buffers_nexus: u32,
+    /// With the app or in its rings.
+    pub buffers_app: u32,
+    /// In segments given back to the OS.
+    pub buffers_absent: u32,
+    /// Packets the app sent, and packets delivered to it.
+    pub tx_packets: u64,
+    /// Delivered.
+    pub rx_packets: u64,
+    /// Drop and violation counters by reason (`tx_not_owner`, `rx_ring_full`, ...).
+    pub drops: Vec<(String, u64)>,
+    /// Result of the last ledger audit: `ok` or what failed.
+    pub audit: String,
+}
+
+/// Why a control message could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Shorter than the header, or longer than allowed.
+    #[error("control message of {0} bytes is outside the allowed size")]
+    Size(usize),
+    /// The header does not start with the magic.
+    #[error("not a netchannel control message")]
+    Magic,
+    /// The version is not ours.
+    #[error(
+        "control protocol version {found} is not supported; this side speaks version {expected}"
+    )]
+    Version {
+        /// Version in the message.
+        found: u16,
+        /// Version we speak.
+        expected: u16,
+    },
+    /// The body is not a valid message.
+    #[error("malformed control message: {0}")]
+    Body(String),
+}
+
+/// Encodes a message (header + JSON).
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&[0, 0]);
+    // Serializing these plain enums cannot fail; an empty body would be refused by the peer.
+    let _ = serde_json::to_writer(&mut out, msg);
+    out
+}
+
+/// Decodes a message of at most `max` bytes.
+pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], max: usize) -> Result<T, DecodeError> {
+    if bytes.len() < 8 || bytes.len() > max {
+        return Err(DecodeError::Size(bytes.len()));
+    }
+    if &bytes[..4] != MAGIC {
+        return Err(DecodeError::Magic);
+    }
+    let version = u16::from_le_bytes([bytes[4], bytes[5]]);
+    if version != VERSION {
+        return Err(DecodeError::Version {
+            found: version,
+            expected: VERSION,
+        });
+    }
+    serde_json::from_slice(&bytes[8..]).map_err(|e| DecodeError::Body(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let r = Request::OpenChannel {
+            kind: ChannelKind::Normal,
+            ring_slots: Some(256),
+            buffers: None,
+        };
+        assert_eq!(decode::<Request>(&encode(&r), MAX_REQUEST).unwrap(), r);
+        let s = Reply::Status(Box::new(NexusStatus {
+            pid: 7,
+            ..NexusStatus::default()
+        }));
+        assert_eq!(decode::<Reply>(&encode(&s), MAX_REPLY).unwrap(), s);
+    }
+
+    #[test]
+    fn garbage_is_refused_with_a_reason() {
+        assert_eq!(
+            decode::<Request>(b"NCTL", MAX_REQUEST),
+            Err(DecodeError::Size(4))
+        );
+        assert_eq!(
+            decode::<Request>(&[0u8; 5000], MAX_REQUEST),
+            Err(DecodeError::Size(5000))
+        );
+        assert_eq!(
+            decode::<Request>(b"XXXX\x01\x00\x00\x00{}", MAX_REQUEST),
+            Err(DecodeError::Magic)
+        );
+        assert!(matches!(
+            decode::<Request>(b"NCTL\x09\x00\x00\x00{}", MAX_REQUEST),
+            Err(DecodeError::Version {
+                found: 9,
+                expected: VERSION
+            })
+        ));
+        assert!(matches!(
+            decode::<Request>(b"NCTL\x01\x00\x00\x00{\"op\":\"nope\"}", MAX_REQUEST),
+            Err(DecodeError::Body(_))
+        ));
+        assert!(matches!(
+            decode::<Request>(b"NCTL\x01\x00\x00\x00\xff\xfe", MAX_REQUEST),
+            Err(DecodeError::Body(_))
+        ));
+    }
+}
