@@ -1,5 +1,6 @@
 //! `netchannel`: the command-line front end of the netchannel user-space networking stack.
 
+mod admin;
 mod bench;
 
 use std::process::ExitCode;
@@ -19,6 +20,42 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Runs the nexus daemon in the foreground (root). SIGTERM or SIGINT stops it, revoking
+    /// every channel first.
+    Nexus {
+        /// TOML configuration; every setting has a default.
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        /// Control socket (overrides control.socket of the config).
+        #[arg(long)]
+        socket: Option<std::path::PathBuf>,
+    },
+    /// The running nexus: pid, uptime, clients, channels, control-socket error counters.
+    Status {
+        /// Control socket of the nexus.
+        #[arg(long, default_value = netchannel_shm::control::DEFAULT_SOCKET)]
+        socket: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every channel: owner, state, ring occupancy, pool usage, drop counters.
+    Channels {
+        /// Control socket of the nexus.
+        #[arg(long, default_value = netchannel_shm::control::DEFAULT_SOCKET)]
+        socket: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revokes a channel: its app's next call fails with Defunct, its memory is reclaimed.
+    Defunct {
+        /// The channel id (see `netchannel channels`).
+        channel: u64,
+        /// Control socket of the nexus.
+        #[arg(long, default_value = netchannel_shm::control::DEFAULT_SOCKET)]
+        socket: String,
+    },
     /// Benchmarks against the kernel path, measured side by side in the same run.
     Bench {
         #[command(subcommand)]
@@ -61,15 +98,34 @@ enum BenchCommand {
     },
 }
 
+fn run_nexus(
+    config: Option<&std::path::Path>,
+    socket: Option<std::path::PathBuf>,
+) -> Result<(), String> {
+    let mut cfg = match config {
+        Some(path) => netchannel_nexus::Config::load(path).map_err(|e| e.to_string())?,
+        None => netchannel_nexus::Config::default(),
+    };
+    if let Some(s) = socket {
+        cfg.control.socket = s;
+    }
+    let mut nexus = netchannel_nexus::Nexus::new(cfg).map_err(|e| e.to_string())?;
+    nexus.run().map_err(|e| e.to_string())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Nexus { config, socket } => run_nexus(config.as_deref(), socket),
+        Command::Status { socket, json } => admin::status(&socket, json),
+        Command::Channels { socket, json } => admin::channels(&socket, json),
+        Command::Defunct { channel, socket } => admin::defunct(&socket, channel),
         Command::Bench {
             what:
                 BenchCommand::Pipe {

@@ -1,13 +1,23 @@
 //! # netchannel-nexus: the daemon as a library
 //!
-//! The nexus owns the interface, the packet pools and the ledger of every channel, classifies
-//! traffic into flows (the flowswitch) and validates everything apps send. It is built on the
-//! channel core in [`netchannel_shm`]: each channel it serves is an
-//! [`Endpoint`](netchannel_shm::Endpoint) in the server role.
+//! The nexus plays the kernel's part: it creates every channel, owns every pool and the ledger
+//! of every buffer, validates everything an app writes, and can take it all back.
 //!
-//! The daemon itself (control socket, channel server, flowswitch, interface backends) is the
-//! subject of the next milestones; see `DESIGN.md` §5 for where each part will live.
+//! * [`control`]: the control socket, the policy, per-user limits;
+//! * [`channel`]: each channel as the nexus serves it (its datapath, defunct, reclamation);
+//! * [`daemon`]: the event loop that ties them together;
+//! * [`config`]: the TOML configuration (every setting has a default).
+//!
+//! The flowswitch, the interface backends and the host-stack port space come next (see
+//! `DESIGN.md` §5); until then each channel's datapath is a reflector.
 
 #![forbid(unsafe_code)]
 
+pub mod channel;
+pub mod config;
+pub mod control;
+pub mod daemon;
+
+pub use config::Config;
+pub use daemon::{Nexus, NexusError};
 pub use netchannel_shm as shm;

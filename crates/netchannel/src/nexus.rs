@@ -1,0 +1,232 @@
+//! Channels to a nexus: connect to its control socket, open channels, and use their rings.
+//!
+//! ```no_run
+//! use netchannel::nexus::{ChannelOptions, Nexus};
+//! use netchannel::{Interest, Packet};
+//!
+//! # fn main() -> Result<(), netchannel::Error> {
+//! let mut nexus = Nexus::connect(netchannel::nexus::DEFAULT_SOCKET)?;
+//! let mut ch = nexus.open_channel(ChannelOptions::default())?;
+//! // Buffers come from the nexus on the ALLOC ring.
+//! ch.wait(Interest::Buffers, None)?;
+//! let buf = ch.alloc().expect("the nexus stocked the ALLOC ring");
+//! ch.buffer_mut(buf).expect("we hold it")[..4].copy_from_slice(b"ping");
+//! ch.send(&[Packet { buf, offset: 0, len: 4 }]).expect("room on a fresh ring");
+//! // Until the flowswitch exists the nexus reflects each packet back.
+//! let mut got = Vec::new();
+//! while ch.recv(&mut got, 32)? == 0 {
+//!     ch.wait(Interest::Readable, None)?;
+//! }
+//! assert_eq!(ch.payload(&got[0]), b"ping");
+//! ch.free(got.iter().map(|p| p.buf)).expect("we hold them");
+//! # Ok(()) }
+//! ```
+//!
+//! Every blocking call has a bound: control requests time out after a few seconds, and a channel
+//! wait returns [`Error::Defunct`] when the nexus revokes the channel and [`Error::PeerGone`]
+//! when the nexus exits, so an app never hangs on a nexus that is gone. To drive a channel from
+//! epoll or tokio, register [`Channel::wakeup_fd`] for readability, arm the rings with
+//! [`Endpoint::arm`] before sleeping, and call `clear_bell` after waking.
+
+use std::ops::{Deref, DerefMut};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Duration;
+
+use netchannel_shm::control::{
+    self, ChannelId, ChannelKind, MAX_REPLY, NexusStatus, Reply, Request,
+};
+use netchannel_shm::endpoint::Home;
+use netchannel_shm::fdpass::{recv_with_fds, send_with_fds};
+use netchannel_shm::{Endpoint, Error};
+use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+
+pub use netchannel_shm::control::DEFAULT_SOCKET;
+
+/// How long a control request may take before the nexus is considered unresponsive.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What to ask for when opening a channel (unset fields take the nexus's defaults).
+#[derive(Debug, Clone, Default)]
+pub struct ChannelOptions {
+    /// The kind of channel.
+    pub kind: ChannelKind,
+    /// Slots of each data ring (a power of two).
+    pub ring_slots: Option<u32>,
+    /// Buffers in the channel's pool.
+    pub buffers: Option<u32>,
+}
+
+/// A connection to a nexus's control socket.
+#[derive(Debug)]
+pub struct Nexus {
+    sock: OwnedFd,
+    path: String,
+}
+
+impl Nexus {
+    /// Connects to the nexus listening at `path` (usually [`DEFAULT_SOCKET`]).
+    pub fn connect(path: &str) -> Result<Self, Error> {
+        let sock = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .map_err(|source| Error::Sys {
+            op: "socket",
+            source,
+        })?;
+        let addr = SocketAddrUnix::new(path).map_err(|source| Error::NoNexus {
+            path: path.into(),
+            source,
+        })?;
+        rustix::net::connect(&sock, &addr).map_err(|source| Error::NoNexus {
+            path: path.into(),
+            source,
+        })?;
+        use rustix::net::sockopt::{Timeout, set_socket_timeout};
+        for t in [Timeout::Recv, Timeout::Send] {
+            set_socket_timeout(&sock, t, Some(REQUEST_TIMEOUT)).map_err(|source| Error::Sys {
+                op: "SO_RCVTIMEO",
+                source,
+            })?;
+        }
+        Ok(Self {
+            sock,
+            path: path.into(),
+        })
+    }
+
+    /// The socket path this connection uses.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    fn request(
+        &self,
+        req: &Request,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(Reply, Vec<OwnedFd>), Error> {
+        send_with_fds(self.sock.as_fd(), &control::encode(req), fds).map_err(gone)?;
+        let mut buf = vec![0u8; MAX_REPLY];
+        let r = recv_with_fds(self.sock.as_fd(), &mut buf, false).map_err(gone)?;
+        if r.truncated {
+            return Err(Error::Protocol(
+                "reply larger than the protocol allows".into(),
+            ));
+        }
+        let reply: Reply = control::decode(&buf[..r.len], MAX_REPLY)
+            .map_err(|e| Error::Protocol(e.to_string()))?;
+        if let Reply::Error { code, message } = reply {
+            return Err(Error::Refused { code, message });
+        }
+        Ok((reply, r.fds))
+    }
+
+    /// Opens a channel: the nexus builds its memory, this process maps it and adds its own
+    /// region, and the nexus starts serving it.
+    pub fn open_channel(&mut self, opts: ChannelOptions) -> Result<Channel, Error> {
+        let req = Request::OpenChannel {
+            kind: opts.kind,
+            ring_slots: opts.ring_slots,
+            buffers: opts.buffers,
+        };
+        let (reply, fds) = self.request(&req, &[])?;
+        let Reply::ChannelOffer { channel } = reply else {
+            return Err(Error::Protocol(format!(
+                "expected a channel offer, got {reply:?}"
+            )));
+        };
+        let [region, pool, bell]: [OwnedFd; 3] = fds
+            .try_into()
+            .map_err(|_| Error::Protocol("a channel offer carries exactly three fds".into()))?;
+        let mut ep = Endpoint::attach_app(region, pool, bell, Home::Nothing)?;
+        let (r, b) = ep.fds();
+        let (reply, _) = self.request(&Request::ChannelReady { channel }, &[r, b])?;
+        if reply != (Reply::ChannelOpened { channel }) {
+            return Err(Error::Protocol(format!(
+                "expected channel_opened, got {reply:?}"
+            )));
+        }
+        let watch = self.sock.try_clone().map_err(|e| Error::Sys {
+            op: "dup",
+            source: rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::BADF),
+        })?;
+        ep.watch(watch);
+        Ok(Channel { id: channel, ep })
+    }
+
+    /// The nexus's state (every channel for root, one's own otherwise).
+    pub fn status(&mut self) -> Result<NexusStatus, Error> {
+        match self.request(&Request::Status, &[])?.0 {
+            Reply::Status(s) => Ok(*s),
+            other => Err(Error::Protocol(format!("expected a status, got {other:?}"))),
+        }
+    }
+
+    /// Revokes a channel (root, or its owner).
+    pub fn defunct(&mut self, channel: ChannelId) -> Result<(), Error> {
+        match self.request(&Request::Defunct { channel }, &[])?.0 {
+            Reply::Done => Ok(()),
+            other => Err(Error::Protocol(format!("expected done, got {other:?}"))),
+        }
+    }
+
+    /// Closes one of this connection's channels; the nexus takes back its buffers.
+    pub fn close_channel(&mut self, channel: Channel) -> Result<(), Error> {
+        let id = channel.id;
+        drop(channel);
+        match self.request(&Request::CloseChannel { channel: id }, &[])?.0 {
+            Reply::Done => Ok(()),
+            other => Err(Error::Protocol(format!("expected done, got {other:?}"))),
+        }
+    }
+}
+
+/// A failure to talk to the nexus means it is gone (or not answering).
+fn gone(e: Error) -> Error {
+    match e {
+        Error::Sys {
+            source: rustix::io::Errno::AGAIN,
+            ..
+        } => Error::TimedOut,
+        Error::Sys {
+            source: rustix::io::Errno::PIPE | rustix::io::Errno::CONNRESET,
+            ..
+        } => Error::PeerGone,
+        e => e,
+    }
+}
+
+/// An open channel to the nexus. Dereferences to the channel [`Endpoint`] for the raw packet
+/// API: `alloc`, `buffer_mut`, `send`, `recv`, `payload`, `free`, `wait`.
+#[derive(Debug)]
+pub struct Channel {
+    id: ChannelId,
+    ep: Endpoint,
+}
+
+impl Channel {
+    /// The nexus's id of this channel (as `netchannel channels` shows it).
+    pub fn id(&self) -> ChannelId {
+        self.id
+    }
+
+    /// An fd that becomes readable when the nexus rings this channel (for epoll or tokio).
+    pub fn wakeup_fd(&self) -> BorrowedFd<'_> {
+        self.ep.bell_fd()
+    }
+}
+
+impl Deref for Channel {
+    type Target = Endpoint;
+    fn deref(&self) -> &Endpoint {
+        &self.ep
+    }
+}
+
+impl DerefMut for Channel {
+    fn deref_mut(&mut self) -> &mut Endpoint {
+        &mut self.ep
+    }
+}

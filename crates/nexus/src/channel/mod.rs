@@ -1,0 +1,213 @@
+//! The channel server: one app's channel as the nexus holds it. The nexus is the server end of
+//! the channel's rings, the home of every buffer of its pool, and the single owner of the
+//! ledger. Until the flowswitch exists, the datapath is a **reflector**: each packet the app
+//! sends is copied into a fresh buffer of the nexus and delivered back on the same channel's RX
+//! ring, exactly the copy the flowswitch will make between an app's pool and another's.
+
+use netchannel_shm::control::{ChannelId, ChannelStatus};
+use netchannel_shm::{DefunctReason, Endpoint, Error, Interest, Packet, SendError};
+
+use crate::config::ChannelConfig;
+use crate::control::policy::Cred;
+
+/// Why a channel stopped being served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quarantine {
+    /// The app corrupted a ring index.
+    RingCorrupt,
+    /// Too many protocol violations.
+    Strikes,
+}
+
+/// Nexus-side drop counters of a channel (the app's violations are counted by its endpoint).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Drops {
+    /// The channel's RX ring was full.
+    pub rx_ring_full: u64,
+    /// The channel's pool had no free buffer for an incoming packet.
+    pub rx_no_buf: u64,
+}
+
+/// One channel in service (or revoked and waiting for its app to close it).
+#[derive(Debug)]
+pub struct Channel {
+    /// Nexus-wide id.
+    pub id: ChannelId,
+    /// Control client that opened it.
+    pub client: u64,
+    /// Owner's credentials.
+    pub cred: Cred,
+    ep: Endpoint,
+    defunct: Option<DefunctReason>,
+    drops: Drops,
+    tx: Vec<Packet>,
+    rx: Vec<Packet>,
+    audit: String,
+}
+
+impl Channel {
+    /// Wraps an endpoint (server role, home of every segment) that has just been set up.
+    pub fn new(id: ChannelId, client: u64, cred: Cred, ep: Endpoint) -> Self {
+        Self {
+            id,
+            client,
+            cred,
+            ep,
+            defunct: None,
+            drops: Drops::default(),
+            tx: Vec::new(),
+            rx: Vec::new(),
+            audit: "ok".into(),
+        }
+    }
+
+    /// The endpoint (for its doorbell fd and counters).
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.ep
+    }
+
+    /// Whether the channel is still served.
+    pub fn is_active(&self) -> bool {
+        self.defunct.is_none()
+    }
+
+    /// One pass of the datapath: take back returned buffers, reflect up to `batch` packets from
+    /// TX to RX (copying each), and top up the ALLOC ring. Returns the packets moved, or why the
+    /// channel must be quarantined.
+    pub fn service(&mut self, cfg: &ChannelConfig, batch: usize) -> Result<usize, Quarantine> {
+        if self.defunct.is_some() {
+            return Ok(0);
+        }
+        // Every error of a served, active channel's rings is a corrupt index.
+        let corrupt = |_: Error| Quarantine::RingCorrupt;
+        let returned = self.ep.refill().map_err(corrupt)? as usize;
+        self.tx.clear();
+        let n = self.ep.recv(&mut self.tx, batch).map_err(corrupt)?;
+        if n > 0 {
+            self.rx.clear();
+            for p in &self.tx {
+                let Some(dst) = self.ep.alloc() else {
+                    self.drops.rx_no_buf += 1;
+                    continue;
+                };
+                match self.ep.copy_into(p, dst) {
+                    Some(q) => self.rx.push(q),
+                    // Cannot happen for a validated packet; never lose the buffer regardless.
+                    None => {
+                        let _ = self.ep.free([dst]);
+                    }
+                }
+            }
+            // The app's TX buffers come home to the nexus's free list.
+            let tx_bufs = self.tx.iter().map(|p| p.buf);
+            if let Err(e) = self.ep.free(tx_bufs) {
+                tracing::error!(channel = self.id, error = %e, "ledger refused a validated TX buffer");
+            }
+            let sent = match self.ep.send(&self.rx) {
+                Ok(s) => s,
+                Err(SendError::Channel(e)) => return Err(corrupt(e)),
+                Err(SendError::Invalid(v)) => {
+                    tracing::error!(channel = self.id, violation = %v, "nexus built an invalid RX packet");
+                    0
+                }
+            };
+            for q in &self.rx[sent..] {
+                self.drops.rx_ring_full += 1;
+                let _ = self.ep.free([q.buf]);
+            }
+        }
+        self.ep.supply_to(cfg.alloc_ring_target).map_err(corrupt)?;
+        if self.ep.stats().total_violations() >= cfg.max_strikes {
+            return Err(Quarantine::Strikes);
+        }
+        Ok(n + returned)
+    }
+
+    /// Sets or clears the need-wakeup flags of the rings the nexus consumes. Returns true if
+    /// there is already work (so the caller must not sleep).
+    pub fn arm(&mut self, on: bool) -> bool {
+        if self.defunct.is_some() {
+            return false;
+        }
+        for i in [Interest::Readable, Interest::Returns] {
+            self.ep.arm(i, on);
+        }
+        on && (self.ep.ready(Interest::Readable).unwrap_or(true)
+            || self.ep.ready(Interest::Returns).unwrap_or(true))
+    }
+
+    /// Revokes the channel: the app sees DEFUNCT with `reason` (and is woken), the rings are no
+    /// longer served, every buffer comes home and the pool's memory goes back to the OS.
+    pub fn make_defunct(&mut self, reason: DefunctReason) {
+        if self.defunct.is_some() {
+            return;
+        }
+        self.ep.make_defunct(reason);
+        self.defunct = Some(reason);
+        if let Err(e) = self.reclaim() {
+            tracing::error!(channel = self.id, error = %e, "ledger not whole after defunct");
+        }
+        tracing::info!(channel = self.id, pid = self.cred.pid, %reason, "channel defunct");
+    }
+
+    /// Takes every buffer back from the app and audits the ledger; returns the audit result.
+    pub fn reclaim(&mut self) -> Result<(), String> {
+        self.ep.reclaim_from_peer();
+        let r = self.ep.audit().map(|_| ()).map_err(|e| e.to_string());
+        self.audit = match &r {
+            Ok(()) => "ok".into(),
+            Err(e) => e.clone(),
+        };
+        let c = self.ep.buffer_counts();
+        if c.peer != 0 || c.held != 0 {
+            self.audit = format!("after reclaim {} buffers are still out", c.peer + c.held);
+            return Err(self.audit.clone());
+        }
+        r
+    }
+
+    /// The channel as `netchannel status` shows it.
+    pub fn status(&mut self) -> ChannelStatus {
+        let (rx_ring, tx_ring) = if self.defunct.is_none() {
+            self.ep.ring_occupancy()
+        } else {
+            (0, 0)
+        };
+        let c = self.ep.buffer_counts();
+        let s = self.ep.stats();
+        let mut drops = s.drop_counters();
+        for (name, n) in [
+            ("rx_ring_full", self.drops.rx_ring_full),
+            ("rx_no_buf", self.drops.rx_no_buf),
+        ] {
+            if n > 0 {
+                drops.push((name.into(), n));
+            }
+        }
+        if self.defunct.is_none() {
+            self.audit = match self.ep.audit() {
+                Ok(_) => "ok".into(),
+                Err(e) => e.to_string(),
+            };
+        }
+        ChannelStatus {
+            id: self.id,
+            pid: self.cred.pid,
+            uid: self.cred.uid,
+            state: match self.defunct {
+                None => "active".into(),
+                Some(r) => format!("defunct: {r}"),
+            },
+            tx_ring,
+            rx_ring,
+            buffers_free: c.free,
+            buffers_nexus: c.held,
+            buffers_app: c.peer,
+            buffers_absent: c.absent,
+            tx_packets: s.received,
+            rx_packets: s.sent,
+            drops,
+            audit: self.audit.clone(),
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! The nexus's configuration (TOML). Every setting has a default, so the nexus runs with no file.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("config file {path} is invalid: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said (with line and column).
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The control socket.
+    pub control: ControlConfig,
+    /// Who may do what.
+    pub policy: Policy,
+    /// Per-user limits.
+    pub limits: Limits,
+    /// Channel sizes and protocol enforcement.
+    pub channel: ChannelConfig,
+    /// How the datapath polls and sleeps.
+    pub datapath: DatapathConfig,
+}
+
+/// Where the control socket lives and who may connect.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Path of the SOCK_SEQPACKET socket.
+    pub socket: PathBuf,
+    /// File mode of the socket, as an octal string (`"0660"`).
+    pub mode: String,
+    /// Group that owns the socket (name or number); none keeps root's.
+    pub group: Option<String>,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            socket: netchannel_shm::control::DEFAULT_SOCKET.into(),
+            mode: "0666".into(),
+            group: None,
+        }
+    }
+}
+
+/// A rule granting port claims to users or groups (checked when flows are registered).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PortRule {
+    /// Users (uids) the rule applies to; empty means any.
+    #[serde(default)]
+    pub users: Vec<u32>,
+    /// Groups (gids) the rule applies to; empty means any.
+    #[serde(default)]
+    pub groups: Vec<u32>,
+    /// First port of the range.
+    pub first: u16,
+    /// Last port of the range (inclusive).
+    pub last: u16,
+    /// Local addresses the rule allows; empty means any.
+    #[serde(default)]
+    pub addresses: Vec<std::net::IpAddr>,
+}
+
+/// Who may open channels and claim ports.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Policy {
+    /// Users allowed to open channels at all (empty: everyone). Root always may.
+    pub users: Vec<u32>,
+    /// Groups allowed to open channels at all (a user in either list may).
+    pub groups: Vec<u32>,
+    /// Users allowed to open low-latency channels (root always may).
+    pub low_latency_users: Vec<u32>,
+    /// Users allowed to open monitor channels (root always may).
+    pub monitor_users: Vec<u32>,
+    /// Ports below this need root unless a rule grants them.
+    pub privileged_ports_below: u16,
+    /// Extra grants of ports to users or groups.
+    pub ports: Vec<PortRule>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            users: Vec::new(),
+            groups: Vec::new(),
+            low_latency_users: Vec::new(),
+            monitor_users: Vec::new(),
+            privileged_ports_below: 1024,
+            ports: Vec::new(),
+        }
+    }
+}
+
+/// Per-user limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Channels one user may have open.
+    pub channels_per_user: usize,
+    /// Flows one user may have registered.
+    pub flows_per_user: usize,
+    /// Control connections one user may have open.
+    pub connections_per_user: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            channels_per_user: 64,
+            flows_per_user: 4096,
+            connections_per_user: 64,
+        }
+    }
+}
+
+/// Channel sizes and protocol enforcement.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChannelConfig {
+    /// Default slots of each ring (a power of two).
+    pub ring_slots: u32,
+    /// Largest ring an app may ask for.
+    pub max_ring_slots: u32,
+    /// Default pool size in buffers.
+    pub buffers: u32,
+    /// Largest pool an app may ask for.
+    pub max_buffers: u32,
+    /// Buffers per pool segment (a segment is the unit of growth and of release).
+    pub buffers_per_segment: u32,
+    /// Empty buffers the nexus keeps on a channel's ALLOC ring.
+    pub alloc_ring_target: u32,
+    /// Protocol violations a channel may commit before it is quarantined (made defunct).
+    pub max_strikes: u64,
+}
+
+impl Default for ChannelConfig {
+    fn default() -> Self {
+        Self {
+            ring_slots: 1024,
+            max_ring_slots: 16384,
+            buffers: 4096,
+            max_buffers: 65536,
+            buffers_per_segment: 64,
+            alloc_ring_target: 512,
+            max_strikes: 64,
+        }
+    }
+}
+
+/// How the datapath polls and sleeps.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatapathConfig {
+    /// Microseconds the nexus keeps polling idle channels before it sleeps.
+    pub spin_us: u64,
+    /// Most packets taken from one channel's TX ring per pass (fairness between channels).
+    pub batch: usize,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        Self {
+            spin_us: 50,
+            batch: 64,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let cfg: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values that TOML types alone do not constrain.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let c = &self.channel;
+        for (name, v) in [
+            ("channel.ring_slots", c.ring_slots),
+            ("channel.max_ring_slots", c.max_ring_slots),
+        ] {
+            if !v.is_power_of_two() || v > netchannel_shm::layout::MAX_RING_SLOTS {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} = {v} must be a power of two up to 65536"
+                )));
+            }
+        }
+        if c.ring_slots > c.max_ring_slots || c.buffers > c.max_buffers {
+            return Err(ConfigError::Invalid(
+                "channel defaults must not exceed the channel maxima".into(),
+            ));
+        }
+        if c.buffers_per_segment == 0 || c.buffers < c.buffers_per_segment {
+            return Err(ConfigError::Invalid(
+                "channel.buffers must hold at least one segment".into(),
+            ));
+        }
+        if c.max_buffers > netchannel_shm::layout::MAX_BUFFERS {
+            return Err(ConfigError::Invalid(format!(
+                "channel.max_buffers is at most {}",
+                netchannel_shm::layout::MAX_BUFFERS
+            )));
+        }
+        self.control_mode()?;
+        if self.datapath.batch == 0 || self.datapath.batch > 4096 {
+            return Err(ConfigError::Invalid(
+                "datapath.batch must be between 1 and 4096".into(),
+            ));
+        }
+        for r in &self.policy.ports {
+            if r.first > r.last {
+                return Err(ConfigError::Invalid(format!(
+                    "policy.ports: range {}-{} is empty",
+                    r.first, r.last
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The socket's file mode.
+    pub fn control_mode(&self) -> Result<u32, ConfigError> {
+        u32::from_str_radix(self.control.mode.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "control.mode = {:?} is not an octal file mode like \"0660\"",
+                    self.control.mode
+                ))
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_a_file_overrides_them() {
+        Config::default().validate().unwrap();
+        let c: Config = toml::from_str("[channel]\nring_slots = 256\n[[policy.ports]]\nusers = [1000]\nfirst = 80\nlast = 80\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.channel.ring_slots, 256);
+        assert_eq!(c.channel.buffers, ChannelConfig::default().buffers);
+        assert_eq!(c.policy.ports[0].users, vec![1000]);
+    }
+
+    #[test]
+    fn bad_files_say_what_is_wrong() {
+        for (text, needle) in [
+            ("[channel]\nring_slots = 1000\n", "power of two"),
+            ("[control]\nmode = \"rw\"\n", "octal"),
+            ("[nonsense]\n", "unknown field"),
+            ("[[policy.ports]]\nfirst = 9\nlast = 1\n", "empty"),
+        ] {
+            let dir = std::env::temp_dir().join(format!(
+                "nc-cfg-{}-{}",
+                std::process::id(),
+                needle.len()
+            ));
+            std::fs::write(&dir, text).unwrap();
+            let err = Config::load(&dir).unwrap_err().to_string();
+            let _ = std::fs::remove_file(&dir);
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+}

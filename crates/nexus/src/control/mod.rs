@@ -1,0 +1,529 @@
+//! The control socket: apps connect, are identified by SO_PEERCRED, and ask for channels.
+//!
+//! Every message is length-limited and versioned (see [`netchannel_shm::control`]). Anything
+//! malformed is answered with an error and counted under its reason; fds a client sends unasked
+//! are closed at once; nothing a client sends can make the nexus panic or block.
+
+pub mod policy;
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, OwnedFd};
+
+use netchannel_shm::control::{
+    self, ChannelId, ChannelKind, DecodeError, ErrorCode, MAX_REPLY, MAX_REQUEST, Reply, Request,
+};
+use netchannel_shm::endpoint::{Home, ServerSetup};
+use netchannel_shm::fdpass::{recv_with_fds, send_with_fds};
+use netchannel_shm::{DefunctReason, Error as ShmError, Geometry};
+use policy::Cred;
+use rustix::event::epoll;
+use rustix::net::{AddressFamily, SocketFlags, SocketType};
+
+use crate::channel::Channel;
+use crate::config::Config;
+use crate::daemon::{Nexus, NexusError, token};
+
+/// Most offers a client may leave unanswered at once.
+const MAX_PENDING_OFFERS: usize = 4;
+/// Most messages read from one client per event (fairness between clients).
+const MESSAGES_PER_EVENT: usize = 16;
+
+/// Counters of refused requests and dropped messages, by reason.
+#[derive(Debug, Default)]
+pub struct ControlErrors {
+    counts: BTreeMap<&'static str, u64>,
+}
+
+impl ControlErrors {
+    pub(crate) fn count(&mut self, reason: &'static str) {
+        *self.counts.entry(reason).or_default() += 1;
+    }
+
+    pub(crate) fn count_ok_reclaim(&mut self) {
+        self.count("reclaims");
+    }
+
+    /// Every counter as (name, count).
+    pub fn list(&self) -> Vec<(String, u64)> {
+        self.counts
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect()
+    }
+}
+
+/// A connected app.
+#[derive(Debug)]
+pub struct Client {
+    sock: OwnedFd,
+    cred: Cred,
+    offers: BTreeMap<ChannelId, ServerSetup>,
+}
+
+/// Binds the control socket per the config (refusing to steal it from a live nexus).
+pub(crate) fn bind(config: &Config) -> Result<OwnedFd, NexusError> {
+    let path = &config.control.socket;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| NexusError::sys(format!("creating {}", dir.display()), e))?;
+    }
+    let addr = rustix::net::SocketAddrUnix::new(path.as_path())
+        .map_err(|e| NexusError::sys("socket path", e))?;
+    if path.exists() {
+        let probe = socket(SocketFlags::CLOEXEC)?;
+        if rustix::net::connect(&probe, &addr).is_ok() {
+            return Err(NexusError::AlreadyRunning(path.clone()));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| NexusError::sys(format!("removing stale {}", path.display()), e))?;
+    }
+    let fd = socket(SocketFlags::CLOEXEC | SocketFlags::NONBLOCK)?;
+    rustix::net::bind(&fd, &addr)
+        .map_err(|e| NexusError::sys(format!("binding {}", path.display()), e))?;
+    let mode = config
+        .control_mode()
+        .map_err(|e| NexusError::sys(e.to_string(), std::io::ErrorKind::InvalidInput))?;
+    std::fs::set_permissions(
+        path,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(mode),
+    )
+    .map_err(|e| NexusError::sys("chmod control socket", e))?;
+    if let Some(g) = &config.control.group {
+        let gid = group_id(g).ok_or_else(|| {
+            NexusError::sys(
+                format!("unknown group {g:?} in control.group"),
+                std::io::ErrorKind::NotFound,
+            )
+        })?;
+        rustix::fs::chown(path.as_path(), None, Some(rustix::fs::Gid::from_raw(gid)))
+            .map_err(|e| NexusError::sys("chown control socket", e))?;
+    }
+    rustix::net::listen(&fd, 64).map_err(|e| NexusError::sys("listen", e))?;
+    Ok(fd)
+}
+
+fn socket(flags: SocketFlags) -> Result<OwnedFd, NexusError> {
+    rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, flags, None)
+        .map_err(|e| NexusError::sys("socket(AF_UNIX, SOCK_SEQPACKET)", e))
+}
+
+/// A group's id from its number or its name in /etc/group.
+fn group_id(g: &str) -> Option<u32> {
+    g.parse().ok().or_else(|| {
+        std::fs::read_to_string("/etc/group")
+            .ok()?
+            .lines()
+            .find_map(|l| {
+                let mut f = l.split(':');
+                (f.next()? == g).then(|| f.nth(1)?.parse().ok())?
+            })
+    })
+}
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> Reply {
+    Reply::Error {
+        code,
+        message: message.into(),
+    }
+}
+
+impl Nexus {
+    /// Accepts every pending connection.
+    pub(crate) fn accept_clients(&mut self) {
+        loop {
+            let sock = match rustix::net::accept_with(
+                &self.listener,
+                SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            ) {
+                Ok(s) => s,
+                Err(rustix::io::Errno::AGAIN) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    return;
+                }
+            };
+            let Ok(uc) = rustix::net::sockopt::socket_peercred(&sock) else {
+                self.errors.count("no_peercred");
+                continue;
+            };
+            let cred = Cred {
+                pid: uc.pid.as_raw_nonzero().get(),
+                uid: uc.uid.as_raw(),
+                gid: uc.gid.as_raw(),
+                groups: Cred::groups_of(uc.pid.as_raw_nonzero().get()),
+            };
+            let same_user = self
+                .clients
+                .values()
+                .filter(|c| c.cred.uid == cred.uid)
+                .count();
+            if cred.uid != 0 && same_user >= self.config.limits.connections_per_user {
+                self.errors.count("limit_connections");
+                let msg = format!(
+                    "uid {} already has {same_user} connections; the limit is limits.connections_per_user = {}",
+                    cred.uid, self.config.limits.connections_per_user
+                );
+                let _ = send_with_fds(
+                    sock.as_fd(),
+                    &control::encode(&refuse(ErrorCode::Limit, msg)),
+                    &[],
+                );
+                continue;
+            }
+            let id = self.next_id;
+            self.next_id += 1;
+            let flags = epoll::EventFlags::IN | epoll::EventFlags::RDHUP;
+            if epoll::add(
+                &self.epoll,
+                &sock,
+                epoll::EventData::new_u64(token::CLIENT | id),
+                flags,
+            )
+            .is_err()
+            {
+                self.errors.count("epoll_full");
+                continue;
+            }
+            tracing::debug!(
+                client = id,
+                pid = cred.pid,
+                uid = cred.uid,
+                "client connected"
+            );
+            self.clients.insert(
+                id,
+                Client {
+                    sock,
+                    cred,
+                    offers: BTreeMap::new(),
+                },
+            );
+        }
+    }
+
+    /// Handles readiness or hang-up of a client socket.
+    pub(crate) fn on_client_event(&mut self, id: u64, flags: epoll::EventFlags) {
+        for _ in 0..MESSAGES_PER_EVENT {
+            let Some(client) = self.clients.get(&id) else {
+                return;
+            };
+            let mut buf = vec![0u8; MAX_REQUEST + 1];
+            match recv_with_fds(client.sock.as_fd(), &mut buf, true) {
+                Ok(r) => {
+                    buf.truncate(r.len);
+                    let reply = self.on_message(id, &buf, r.fds, r.truncated || r.fds_truncated);
+                    self.send_reply(id, &reply.0, &reply.1);
+                }
+                Err(ShmError::Sys {
+                    source: rustix::io::Errno::AGAIN,
+                    ..
+                }) => break,
+                Err(_) => {
+                    self.drop_client(id);
+                    return;
+                }
+            }
+        }
+        if flags
+            .intersects(epoll::EventFlags::HUP | epoll::EventFlags::RDHUP | epoll::EventFlags::ERR)
+        {
+            self.drop_client(id);
+        }
+    }
+
+    fn send_reply(&mut self, id: u64, reply: &Reply, fds: &[OwnedFd]) {
+        let Some(client) = self.clients.get(&id) else {
+            return;
+        };
+        let bytes = control::encode(reply);
+        if bytes.len() > MAX_REPLY {
+            self.errors.count("reply_too_large");
+            return;
+        }
+        let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+        if send_with_fds(client.sock.as_fd(), &bytes, &borrowed).is_err() {
+            // The client does not read its replies (or is gone); never block on it.
+            self.errors.count("reply_dropped");
+        }
+    }
+
+    /// The app is gone: every channel it held is reclaimed at once.
+    fn drop_client(&mut self, id: u64) {
+        let Some(client) = self.clients.remove(&id) else {
+            return;
+        };
+        let _ = epoll::delete(&self.epoll, &client.sock);
+        let owned: Vec<ChannelId> = self
+            .channels
+            .values()
+            .filter(|c| c.client == id)
+            .map(|c| c.id)
+            .collect();
+        for ch in owned {
+            self.remove_channel(ch);
+        }
+        tracing::debug!(
+            client = id,
+            pid = client.cred.pid,
+            "client gone; its channels reclaimed"
+        );
+    }
+
+    /// Decodes and carries out one request; returns the reply and the fds to attach.
+    fn on_message(
+        &mut self,
+        id: u64,
+        bytes: &[u8],
+        fds: Vec<OwnedFd>,
+        truncated: bool,
+    ) -> (Reply, Vec<OwnedFd>) {
+        if truncated {
+            self.errors.count("oversized");
+            return (
+                refuse(
+                    ErrorCode::BadMessage,
+                    format!(
+                        "control messages are at most {MAX_REQUEST} bytes and carry at most 2 fds"
+                    ),
+                ),
+                vec![],
+            );
+        }
+        let req = match control::decode::<Request>(bytes, MAX_REQUEST) {
+            Ok(r) => r,
+            Err(e) => {
+                self.errors.count(match e {
+                    DecodeError::Size(_) => "truncated",
+                    DecodeError::Magic => "bad_magic",
+                    DecodeError::Version { .. } => "bad_version",
+                    DecodeError::Body(_) => "malformed",
+                });
+                let code = if matches!(e, DecodeError::Version { .. }) {
+                    ErrorCode::Version
+                } else {
+                    ErrorCode::BadMessage
+                };
+                return (refuse(code, e.to_string()), vec![]);
+            }
+        };
+        let expects_fds = matches!(req, Request::ChannelReady { .. });
+        if !expects_fds && !fds.is_empty() {
+            // Closed by dropping them here.
+            self.errors.count("unasked_fds");
+            drop(fds);
+            return (
+                refuse(
+                    ErrorCode::BadMessage,
+                    "this request takes no fds; they were closed",
+                ),
+                vec![],
+            );
+        }
+        match req {
+            Request::OpenChannel {
+                kind,
+                ring_slots,
+                buffers,
+            } => self.open_channel(id, kind, ring_slots, buffers),
+            Request::ChannelReady { channel } => (self.channel_ready(id, channel, fds), vec![]),
+            Request::CloseChannel { channel } => (self.close_channel(id, channel), vec![]),
+            Request::Status => {
+                let uid = self.clients.get(&id).map_or(u32::MAX, |c| c.cred.uid);
+                (
+                    Reply::Status(Box::new(self.status((uid != 0).then_some(uid)))),
+                    vec![],
+                )
+            }
+            Request::Defunct { channel } => (self.defunct(id, channel), vec![]),
+        }
+    }
+
+    fn open_channel(
+        &mut self,
+        id: u64,
+        kind: ChannelKind,
+        ring_slots: Option<u32>,
+        buffers: Option<u32>,
+    ) -> (Reply, Vec<OwnedFd>) {
+        let Some(client) = self.clients.get(&id) else {
+            return (refuse(ErrorCode::OutOfOrder, "unknown client"), vec![]);
+        };
+        let cred = client.cred.clone();
+        if let Err(why) = policy::may_open(&self.config.policy, &cred, kind) {
+            self.errors.count("not_permitted");
+            return (refuse(ErrorCode::NotPermitted, why), vec![]);
+        }
+        if kind != ChannelKind::Normal {
+            return (
+                refuse(
+                    ErrorCode::NotPermitted,
+                    format!("{kind:?} channels are not available yet"),
+                ),
+                vec![],
+            );
+        }
+        let held = self
+            .channels
+            .values()
+            .filter(|c| c.cred.uid == cred.uid)
+            .count()
+            + self
+                .clients
+                .values()
+                .filter(|c| c.cred.uid == cred.uid)
+                .map(|c| c.offers.len())
+                .sum::<usize>();
+        let limit = self.config.limits.channels_per_user;
+        if cred.uid != 0 && held >= limit {
+            self.errors.count("limit_channels");
+            return (
+                refuse(
+                    ErrorCode::Limit,
+                    format!(
+                        "uid {} has {held} channels; the limit is limits.channels_per_user = {limit}",
+                        cred.uid
+                    ),
+                ),
+                vec![],
+            );
+        }
+        if client.offers.len() >= MAX_PENDING_OFFERS {
+            self.errors.count("out_of_order");
+            return (
+                refuse(
+                    ErrorCode::OutOfOrder,
+                    "too many channel offers left unanswered; answer them with channel_ready first",
+                ),
+                vec![],
+            );
+        }
+        let c = &self.config.channel;
+        let slots = ring_slots.unwrap_or(c.ring_slots);
+        if !slots.is_power_of_two() || slots > c.max_ring_slots {
+            return (
+                refuse(
+                    ErrorCode::Resource,
+                    format!(
+                        "ring_slots must be a power of two up to {}",
+                        c.max_ring_slots
+                    ),
+                ),
+                vec![],
+            );
+        }
+        let want = buffers
+            .unwrap_or(c.buffers)
+            .clamp(c.buffers_per_segment, c.max_buffers);
+        let geometry = Geometry {
+            ring_slots: [slots, slots, slots, slots, 64],
+            buf_size: 2048,
+            bufs_per_segment: c.buffers_per_segment,
+            segments: want.div_ceil(c.buffers_per_segment),
+        };
+        let setup = match ServerSetup::new(geometry) {
+            Ok(s) => s,
+            Err(e) => {
+                self.errors.count("resource");
+                return (
+                    refuse(
+                        ErrorCode::Resource,
+                        format!("cannot build the channel: {e}"),
+                    ),
+                    vec![],
+                );
+            }
+        };
+        let f = setup.fds();
+        let fds: Result<Vec<OwnedFd>, _> = [f.region, f.pool, f.bell]
+            .iter()
+            .map(|fd| fd.try_clone_to_owned())
+            .collect();
+        let Ok(fds) = fds else {
+            self.errors.count("resource");
+            return (
+                refuse(ErrorCode::Resource, "out of file descriptors"),
+                vec![],
+            );
+        };
+        let channel = self.next_id;
+        self.next_id += 1;
+        if let Some(client) = self.clients.get_mut(&id) {
+            client.offers.insert(channel, setup);
+        }
+        (Reply::ChannelOffer { channel }, fds)
+    }
+
+    fn channel_ready(&mut self, id: u64, channel: ChannelId, fds: Vec<OwnedFd>) -> Reply {
+        let Some(client) = self.clients.get_mut(&id) else {
+            return refuse(ErrorCode::OutOfOrder, "unknown client");
+        };
+        let Some(setup) = client.offers.remove(&channel) else {
+            self.errors.count("out_of_order");
+            return refuse(
+                ErrorCode::OutOfOrder,
+                format!("no channel {channel} was offered to you; send open_channel first"),
+            );
+        };
+        let cred = client.cred.clone();
+        let Ok([region, bell]) = <[OwnedFd; 2]>::try_from(fds) else {
+            self.errors.count("malformed");
+            return refuse(
+                ErrorCode::BadMessage,
+                "channel_ready carries exactly two fds: the app region and the app doorbell",
+            );
+        };
+        let ep = match setup.finish(region, bell, Home::All) {
+            Ok(ep) => ep,
+            Err(e) => {
+                self.errors.count("bad_app_region");
+                return refuse(
+                    ErrorCode::BadMessage,
+                    format!("the app region or doorbell is unusable: {e}"),
+                );
+            }
+        };
+        let mut ch = Channel::new(channel, id, cred, ep);
+        if let Err(q) = ch.service(&self.config.channel, 0) {
+            tracing::warn!(channel, ?q, "a new channel failed its first pass");
+        }
+        if let Err(e) = self.add_channel(ch) {
+            self.errors.count("resource");
+            return refuse(ErrorCode::Resource, e.to_string());
+        }
+        tracing::info!(
+            channel,
+            pid = self.clients.get(&id).map_or(0, |c| c.cred.pid),
+            "channel opened"
+        );
+        Reply::ChannelOpened { channel }
+    }
+
+    fn close_channel(&mut self, id: u64, channel: ChannelId) -> Reply {
+        if self.channels.get(&channel).is_none_or(|c| c.client != id) {
+            return refuse(
+                ErrorCode::NoSuchChannel,
+                format!("you have no channel {channel}"),
+            );
+        }
+        self.remove_channel(channel);
+        Reply::Done
+    }
+
+    fn defunct(&mut self, id: u64, channel: ChannelId) -> Reply {
+        let uid = self.clients.get(&id).map_or(u32::MAX, |c| c.cred.uid);
+        match self.channels.get_mut(&channel) {
+            Some(c) if uid == 0 || c.cred.uid == uid => {
+                c.make_defunct(DefunctReason::Administrative);
+                Reply::Done
+            }
+            Some(_) => {
+                self.errors.count("not_permitted");
+                refuse(
+                    ErrorCode::NotPermitted,
+                    format!("channel {channel} is not yours; only root may revoke it"),
+                )
+            }
+            None => refuse(ErrorCode::NoSuchChannel, format!("no channel {channel}")),
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! The nexus daemon: one event loop that serves the control socket and every channel.
+//!
+//! The loop polls channels while there is work, keeps polling for a short spin time after the
+//! last packet (so a busy app never has to ring the nexus), then arms the need-wakeup flags of
+//! every channel and sleeps in `epoll_wait` on the control sockets and the channels' doorbells.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use netchannel_shm::DefunctReason;
+use netchannel_shm::control::{ChannelId, NexusStatus};
+use rustix::event::epoll;
+
+use crate::channel::{Channel, Quarantine};
+use crate::config::Config;
+use crate::control::{Client, ControlErrors};
+
+/// Why the nexus could not start or keep running.
+#[derive(Debug, thiserror::Error)]
+pub enum NexusError {
+    /// A system call failed.
+    #[error("{op}: {source}")]
+    Sys {
+        /// What was being done.
+        op: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Another nexus is already serving the socket.
+    #[error(
+        "another nexus is already listening on {0}; stop it first or choose another control.socket"
+    )]
+    AlreadyRunning(PathBuf),
+}
+
+impl NexusError {
+    pub(crate) fn sys(op: impl Into<String>, e: impl Into<std::io::Error>) -> Self {
+        Self::Sys {
+            op: op.into(),
+            source: e.into(),
+        }
+    }
+}
+
+/// epoll tokens: the kind in the top byte, an id below.
+pub(crate) mod token {
+    pub(crate) const LISTENER: u64 = 0;
+    pub(crate) const SIGNAL: u64 = 1;
+    pub(crate) const CLIENT: u64 = 1 << 56;
+    pub(crate) const CHANNEL: u64 = 2 << 56;
+    pub(crate) const ID_MASK: u64 = (1 << 56) - 1;
+}
+
+/// The running nexus.
+#[derive(Debug)]
+pub struct Nexus {
+    pub(crate) config: Config,
+    pub(crate) listener: OwnedFd,
+    pub(crate) epoll: OwnedFd,
+    pub(crate) clients: BTreeMap<u64, Client>,
+    pub(crate) channels: BTreeMap<ChannelId, Channel>,
+    pub(crate) next_id: u64,
+    pub(crate) started: Instant,
+    pub(crate) errors: ControlErrors,
+    signals: UnixStream,
+    shutting_down: bool,
+}
+
+impl Nexus {
+    /// Binds the control socket and prepares the event loop. SIGTERM and SIGINT start an
+    /// orderly shutdown once [`Nexus::run`] is running.
+    pub fn new(config: Config) -> Result<Self, NexusError> {
+        let listener = crate::control::bind(&config)?;
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)
+            .map_err(|e| NexusError::sys("epoll_create", e))?;
+        let (signals, sig_writer) =
+            UnixStream::pair().map_err(|e| NexusError::sys("socketpair", e))?;
+        signals
+            .set_nonblocking(true)
+            .map_err(|e| NexusError::sys("O_NONBLOCK", e))?;
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            let w = sig_writer
+                .try_clone()
+                .map_err(|e| NexusError::sys("dup", e))?;
+            signal_hook::low_level::pipe::register(sig, w)
+                .map_err(|e| NexusError::sys("installing a signal handler", e))?;
+        }
+        let add = |fd: std::os::fd::BorrowedFd<'_>, t: u64| {
+            epoll::add(
+                &epoll,
+                fd,
+                epoll::EventData::new_u64(t),
+                epoll::EventFlags::IN,
+            )
+            .map_err(|e| NexusError::sys("epoll_ctl", e))
+        };
+        add(listener.as_fd(), token::LISTENER)?;
+        add(signals.as_fd(), token::SIGNAL)?;
+        Ok(Self {
+            config,
+            listener,
+            epoll,
+            clients: BTreeMap::new(),
+            channels: BTreeMap::new(),
+            next_id: 1,
+            started: Instant::now(),
+            errors: ControlErrors::default(),
+            signals,
+            shutting_down: false,
+        })
+    }
+
+    /// Serves until SIGTERM or SIGINT; then marks every channel DEFUNCT ("server shutting down")
+    /// and returns.
+    pub fn run(&mut self) -> Result<(), NexusError> {
+        let spin = Duration::from_micros(self.config.datapath.spin_us);
+        let mut last_work = Instant::now();
+        let mut passes = 0u32;
+        let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
+        tracing::info!(socket = %self.config.control.socket.display(), "nexus serving");
+        while !self.shutting_down {
+            let moved = self.service_channels();
+            passes = passes.wrapping_add(1);
+            let now = Instant::now();
+            if moved > 0 {
+                last_work = now;
+            }
+            let idle_for = now - last_work;
+            // Poll control events without sleeping every so often while busy or spinning.
+            let timeout = if moved > 0 || idle_for < spin {
+                if !passes.is_multiple_of(32) {
+                    continue;
+                }
+                Some(Duration::ZERO)
+            } else if self.arm_all() {
+                continue;
+            } else {
+                Some(Duration::from_secs(1))
+            };
+            let r = self.wait_events(&mut events, timeout);
+            if timeout != Some(Duration::ZERO) {
+                self.disarm_all();
+                last_work = Instant::now();
+            }
+            r?;
+        }
+        self.shutdown();
+        Ok(())
+    }
+
+    fn wait_events(
+        &mut self,
+        events: &mut Vec<epoll::Event>,
+        timeout: Option<Duration>,
+    ) -> Result<(), NexusError> {
+        let ts = timeout.map(|d| rustix::time::Timespec {
+            tv_sec: d.as_secs() as i64,
+            tv_nsec: i64::from(d.subsec_nanos()),
+        });
+        events.clear();
+        match epoll::wait(
+            &self.epoll,
+            rustix::buffer::spare_capacity(events),
+            ts.as_ref(),
+        ) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(NexusError::sys("epoll_wait", e)),
+        }
+        let ready: Vec<(u64, epoll::EventFlags)> =
+            events.iter().map(|e| (e.data.u64(), e.flags)).collect();
+        for (t, flags) in ready {
+            match t {
+                token::LISTENER => self.accept_clients(),
+                token::SIGNAL => {
+                    let mut b = [0u8; 64];
+                    let _ = std::io::Read::read(&mut self.signals, &mut b);
+                    tracing::info!("signal received; shutting down");
+                    self.shutting_down = true;
+                }
+                t if t & !token::ID_MASK == token::CLIENT => {
+                    self.on_client_event(t & token::ID_MASK, flags)
+                }
+                t if t & !token::ID_MASK == token::CHANNEL => {
+                    if let Some(c) = self.channels.get(&(t & token::ID_MASK)) {
+                        c.endpoint().clear_bell();
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// One pass over every channel; returns packets moved.
+    fn service_channels(&mut self) -> usize {
+        let (cfg, batch) = (&self.config.channel, self.config.datapath.batch);
+        let mut moved = 0;
+        let mut quarantine = Vec::new();
+        for c in self.channels.values_mut() {
+            match c.service(cfg, batch) {
+                Ok(n) => moved += n,
+                Err(q) => quarantine.push((c.id, q)),
+            }
+        }
+        for (id, q) in quarantine {
+            if let Some(c) = self.channels.get_mut(&id) {
+                tracing::warn!(channel = id, pid = c.cred.pid, reason = ?q, counters = ?c.endpoint().stats().drop_counters(), "quarantining channel");
+                c.make_defunct(match q {
+                    Quarantine::RingCorrupt | Quarantine::Strikes => DefunctReason::Quarantined,
+                });
+            }
+        }
+        moved
+    }
+
+    /// Arms every channel's need-wakeup flags before sleeping; true if work arrived meanwhile.
+    fn arm_all(&mut self) -> bool {
+        let mut work = false;
+        for c in self.channels.values_mut() {
+            work |= c.arm(true);
+        }
+        if work {
+            self.disarm_all();
+        }
+        work
+    }
+
+    fn disarm_all(&mut self) {
+        for c in self.channels.values_mut() {
+            c.arm(false);
+        }
+    }
+
+    /// Registers a channel's doorbell in the epoll set and starts serving it.
+    pub(crate) fn add_channel(&mut self, ch: Channel) -> Result<(), NexusError> {
+        epoll::add(
+            &self.epoll,
+            ch.endpoint().bell_fd(),
+            epoll::EventData::new_u64(token::CHANNEL | ch.id),
+            epoll::EventFlags::IN,
+        )
+        .map_err(|e| NexusError::sys("epoll_ctl(channel)", e))?;
+        self.channels.insert(ch.id, ch);
+        Ok(())
+    }
+
+    /// Removes a channel: every buffer comes home, then its memory is unmapped.
+    pub(crate) fn remove_channel(&mut self, id: ChannelId) {
+        if let Some(mut c) = self.channels.remove(&id) {
+            let _ = epoll::delete(&self.epoll, c.endpoint().bell_fd());
+            if let Err(e) = c.reclaim() {
+                tracing::error!(channel = id, error = %e, "ledger not whole after reclaiming a channel");
+                self.errors.count("reclaim_audit_failed");
+            } else {
+                self.errors.count_ok_reclaim();
+            }
+        }
+    }
+
+    fn shutdown(&mut self) {
+        for c in self.channels.values_mut() {
+            c.make_defunct(DefunctReason::ServerShutdown);
+        }
+        let _ = std::fs::remove_file(&self.config.control.socket);
+        tracing::info!(
+            channels = self.channels.len(),
+            "nexus stopped; every channel is defunct"
+        );
+    }
+
+    /// The nexus's state, as `netchannel status` shows it.
+    pub fn status(&mut self, only_uid: Option<u32>) -> NexusStatus {
+        let channels = self
+            .channels
+            .values_mut()
+            .filter(|c| only_uid.is_none_or(|u| c.cred.uid == u))
+            .map(Channel::status)
+            .collect();
+        NexusStatus {
+            pid: std::process::id(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            clients: self.clients.len(),
+            fds: std::fs::read_dir("/proc/self/fd")
+                .map(|d| d.count())
+                .unwrap_or(0),
+            rss_bytes: rss_bytes(),
+            control_errors: self.errors.list(),
+            channels,
+        }
+    }
+}
+
+/// Resident set size of this process.
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * rustix::param::page_size() as u64)
+}
