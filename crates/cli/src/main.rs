@@ -96,6 +96,22 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// App → nexus → app (the nexus validates, copies and reflects) vs kernel UDP over loopback:
+    /// packets/s, round trips, and CPU per packet at a fixed offered load.
+    Nexus {
+        /// Interleaved repetitions (each runs every metric on both paths).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100))]
+        reps: u64,
+        /// Measured window of each throughput trial, in milliseconds (CPU trials last at least 1 s).
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+        duration_ms: u64,
+        /// Round trips timed per busy-poll latency trial (blocking trials time a quarter as many).
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(100..=10_000_000))]
+        rtt_iterations: u64,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn run_nexus(
@@ -135,6 +151,20 @@ fn main() -> ExitCode {
                     json,
                 },
         } => bench::pipe(&bench::Options {
+            reps: reps as usize,
+            duration_ms,
+            rtt_iterations: rtt_iterations as usize,
+            json,
+        }),
+        Command::Bench {
+            what:
+                BenchCommand::Nexus {
+                    reps,
+                    duration_ms,
+                    rtt_iterations,
+                    json,
+                },
+        } => bench::nexus(&bench::Options {
             reps: reps as usize,
             duration_ms,
             rtt_iterations: rtt_iterations as usize,

@@ -180,6 +180,11 @@ pub struct DatapathConfig {
     pub spin_us: u64,
     /// Most packets taken from one channel's TX ring per pass (fairness between channels).
     pub batch: usize,
+    /// Microseconds the nexus sleeps on a timer, instead of being rung, while traffic arrives in
+    /// batches of `coalesce_batch` packets or more (0 disables; see the `pacer` module).
+    pub coalesce_us: u64,
+    /// Packets per busy period from which the nexus coalesces.
+    pub coalesce_batch: usize,
 }
 
 impl Default for DatapathConfig {
@@ -187,6 +192,8 @@ impl Default for DatapathConfig {
         Self {
             spin_us: 50,
             batch: 64,
+            coalesce_us: 100,
+            coalesce_batch: 8,
         }
     }
 }

@@ -17,6 +17,7 @@ use rustix::event::epoll;
 use crate::channel::{Channel, Quarantine};
 use crate::config::Config;
 use crate::control::{Client, ControlErrors};
+use crate::pacer::{Next, Pacer};
 
 /// Why the nexus could not start or keep running.
 #[derive(Debug, thiserror::Error)]
@@ -116,36 +117,39 @@ impl Nexus {
     /// Serves until SIGTERM or SIGINT; then marks every channel DEFUNCT ("server shutting down")
     /// and returns.
     pub fn run(&mut self) -> Result<(), NexusError> {
-        let spin = Duration::from_micros(self.config.datapath.spin_us);
-        let mut last_work = Instant::now();
+        let d = &self.config.datapath;
+        let mut pacer = Pacer::new(
+            Duration::from_micros(d.spin_us),
+            Duration::from_micros(d.coalesce_us),
+            d.coalesce_batch,
+            d.batch,
+            Instant::now(),
+        );
         let mut passes = 0u32;
         let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
         tracing::info!(socket = %self.config.control.socket.display(), "nexus serving");
         while !self.shutting_down {
             let moved = self.service_channels();
             passes = passes.wrapping_add(1);
-            let now = Instant::now();
-            if moved > 0 {
-                last_work = now;
-            }
-            let idle_for = now - last_work;
-            // Poll control events without sleeping every so often while busy or spinning.
-            let timeout = if moved > 0 || idle_for < spin {
-                if !passes.is_multiple_of(32) {
-                    continue;
+            match pacer.after_pass(moved, Instant::now()) {
+                // While polling, look at control events without sleeping every so often.
+                Next::Poll if passes.is_multiple_of(32) => {
+                    self.wait_events(&mut events, Some(Duration::ZERO))?
                 }
-                Some(Duration::ZERO)
-            } else if self.arm_all() {
-                continue;
-            } else {
-                Some(Duration::from_secs(1))
-            };
-            let r = self.wait_events(&mut events, timeout);
-            if timeout != Some(Duration::ZERO) {
-                self.disarm_all();
-                last_work = Instant::now();
+                Next::Poll => {}
+                Next::Sleep {
+                    timeout,
+                    arm: false,
+                } => self.wait_events(&mut events, Some(timeout))?,
+                Next::Sleep { timeout, arm: true } => {
+                    if self.arm_all() {
+                        continue;
+                    }
+                    let r = self.wait_events(&mut events, Some(timeout));
+                    self.disarm_all();
+                    r?;
+                }
             }
-            r?;
         }
         self.shutdown();
         Ok(())

@@ -5,7 +5,8 @@
 //!
 //! * [`control`]: the control socket, the policy, per-user limits;
 //! * [`channel`]: each channel as the nexus serves it (its datapath, defunct, reclamation);
-//! * [`daemon`]: the event loop that ties them together;
+//! * [`daemon`]: the event loop that ties them together, and [`pacer`], which decides when it
+//!   polls and when it sleeps;
 //! * [`config`]: the TOML configuration (every setting has a default).
 //!
 //! The flowswitch, the interface backends and the host-stack port space come next (see
@@ -17,6 +18,7 @@ pub mod channel;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod pacer;
 
 pub use config::Config;
 pub use daemon::{Nexus, NexusError};

@@ -5,6 +5,7 @@
 //! and the report gives per-repetition ratios and their median: only ratios measured side by
 //! side mean anything on a noisy two-core machine.
 
+pub(crate) mod nexus_path;
 pub(crate) mod pipe_path;
 pub(crate) mod sys;
 pub(crate) mod udp_path;
@@ -47,8 +48,20 @@ struct Metric {
     pipe_kind: Option<Kind>,
 }
 
-fn mpps(_: &Kind, server: &Report, _: &Report) -> f64 {
-    server.packets as f64 / server.secs.max(1e-9) / 1e6
+/// The report of the side that received the trial's packets.
+fn receiver<'a>(server: &'a Report, client: &'a Report) -> &'a Report {
+    if server.received > 0 { server } else { client }
+}
+
+fn mpps(_: &Kind, server: &Report, client: &Report) -> f64 {
+    let r = receiver(server, client);
+    r.received as f64 / r.secs.max(1e-9) / 1e6
+}
+
+/// CPU time (user + system, both processes) per packet received, in µs.
+fn cpu_us_per_packet(_: &Kind, server: &Report, client: &Report) -> f64 {
+    let r = receiver(server, client);
+    (server.cpu_s + client.cpu_s) / (r.received.max(1) as f64) * 1e6
 }
 
 fn gbps(k: &Kind, server: &Report, c: &Report) -> f64 {
@@ -94,7 +107,7 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-fn metrics(o: &Options) -> Vec<Metric> {
+fn pipe_metrics(o: &Options) -> Vec<Metric> {
     let tp = |size, batch| Kind::Throughput {
         size,
         batch,
@@ -200,6 +213,82 @@ fn metrics(o: &Options) -> Vec<Metric> {
     ]
 }
 
+fn nexus_metrics(o: &Options) -> Vec<Metric> {
+    let blocking_iters = (o.rtt_iterations / 4).max(100);
+    vec![
+        Metric {
+            key: "pps_64",
+            label: "64 B packets/s, batch 32 (kernel: one way; netchannel: app→nexus→app)",
+            unit: "Mpps",
+            better: Better::Higher,
+            kind: Kind::Throughput {
+                size: 64,
+                batch: 32,
+                duration_ms: o.duration_ms,
+            },
+            value: mpps,
+            pipe_kind: None,
+        },
+        Metric {
+            key: "rtt_busy_p50",
+            label: "round trip p50, busy poll",
+            unit: "µs",
+            better: Better::Lower,
+            kind: Kind::Rtt {
+                size: 64,
+                iterations: o.rtt_iterations,
+                wait: WaitMode::Busy,
+            },
+            value: rtt_p50_us,
+            pipe_kind: None,
+        },
+        Metric {
+            key: "rtt_blocking_p50",
+            label: "round trip p50, blocking (app and nexus sleep at once)",
+            unit: "µs",
+            better: Better::Lower,
+            kind: Kind::Rtt {
+                size: 64,
+                iterations: blocking_iters,
+                wait: WaitMode::Blocking,
+            },
+            value: rtt_p50_us,
+            pipe_kind: None,
+        },
+        Metric {
+            key: "rtt_adaptive_p50",
+            label: "round trip p50, default waits (app and nexus spin, then sleep)",
+            unit: "µs",
+            better: Better::Lower,
+            kind: Kind::Rtt {
+                size: 64,
+                iterations: blocking_iters,
+                wait: WaitMode::Blocking,
+            },
+            value: rtt_p50_us,
+            pipe_kind: Some(Kind::Rtt {
+                size: 64,
+                iterations: blocking_iters,
+                wait: WaitMode::Adaptive,
+            }),
+        },
+        Metric {
+            key: "cpu_per_packet",
+            label: "CPU per packet at 100 k packets/s offered (ticks of 8), 64 B",
+            unit: "µs",
+            better: Better::Lower,
+            kind: Kind::Paced {
+                size: 64,
+                per_tick: 8,
+                rate: 100_000,
+                duration_ms: o.duration_ms.max(1000),
+            },
+            value: cpu_us_per_packet,
+            pipe_kind: None,
+        },
+    ]
+}
+
 /// Runs both workers of one trial and returns (server report, client report).
 fn trial(spec: Spec) -> Result<(Report, Report), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
@@ -236,6 +325,13 @@ fn trial(spec: Spec) -> Result<(Report, Report), String> {
     let mut client = Guard(spawn(false, Some(&addr), 1)?);
     let limit = Duration::from_secs(60);
     let client_report = finish(&mut client.0, None, limit)?;
+    if spec.path == Path::Nexus {
+        // A nexus serves until told to stop; it reports its CPU time as it exits.
+        let pid =
+            rustix::process::Pid::from_raw(server.0.id() as i32).ok_or("worker has no pid")?;
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+            .map_err(|e| format!("stopping the nexus worker: {e}"))?;
+    }
     let server_report = finish(&mut server.0, Some(out), limit)?;
     Ok((server_report, client_report))
 }
@@ -286,20 +382,61 @@ fn finish(
 
 /// `netchannel bench pipe`.
 pub(crate) fn pipe(o: &Options) -> Result<(), String> {
-    let ms = metrics(o);
+    compare(o, Bench::Pipe, &pipe_metrics(o))
+}
+
+/// `netchannel bench nexus`.
+pub(crate) fn nexus(o: &Options) -> Result<(), String> {
+    compare(o, Bench::Nexus, &nexus_metrics(o))
+}
+
+/// Which comparison runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bench {
+    Pipe,
+    Nexus,
+}
+
+impl Bench {
+    fn path(self) -> Path {
+        match self {
+            Self::Pipe => Path::Pipe,
+            Self::Nexus => Path::Nexus,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Pipe => "pipe",
+            Self::Nexus => "nexus",
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Self::Pipe => "netchannel user pipe vs kernel UDP over loopback",
+            Self::Nexus => {
+                "app → nexus (validate, copy, reflect) → app vs kernel UDP over loopback"
+            }
+        }
+    }
+}
+
+fn compare(o: &Options, bench: Bench, ms: &[Metric]) -> Result<(), String> {
+    let nc = bench.path();
     let mut rows: BTreeMap<&'static str, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
     // Trials shared by several metrics (p50 and p99 of one run) are run once per path and rep.
     for rep in 0..o.reps {
         let mut cache: Vec<(Spec, (Report, Report))> = Vec::new();
-        for m in &ms {
+        for m in ms {
             let order = if rep % 2 == 0 {
-                [Path::KernelUdp, Path::Pipe]
+                [Path::KernelUdp, nc]
             } else {
-                [Path::Pipe, Path::KernelUdp]
+                [nc, Path::KernelUdp]
             };
             let mut vals = [0.0f64; 2];
             for path in order {
-                let kind = if path == Path::Pipe {
+                let kind = if path == nc {
                     m.pipe_kind.unwrap_or(m.kind)
                 } else {
                     m.kind
@@ -314,7 +451,7 @@ pub(crate) fn pipe(o: &Options) -> Result<(), String> {
                     }
                 };
                 let v = (m.value)(&kind, &reports.0, &reports.1);
-                vals[usize::from(path == Path::Pipe)] = v;
+                vals[usize::from(path == nc)] = v;
             }
             let e = rows.entry(m.key).or_default();
             e.0.push(vals[0]);
@@ -332,7 +469,7 @@ pub(crate) fn pipe(o: &Options) -> Result<(), String> {
         }
     }
     let mut table: Vec<(String, Row)> = Vec::new();
-    for m in &ms {
+    for m in ms {
         let (k, n) = rows.remove(m.key).unwrap_or_default();
         let ratios: Vec<f64> = k
             .iter()
@@ -353,7 +490,7 @@ pub(crate) fn pipe(o: &Options) -> Result<(), String> {
             },
         ));
     }
-    report(o, &table)
+    report(o, bench, &table)
 }
 
 /// netchannel/kernel for rates, kernel/netchannel for latencies: bigger is better.
@@ -364,10 +501,10 @@ fn oriented(b: Better, kernel: f64, nc: f64) -> f64 {
     }
 }
 
-fn report(o: &Options, table: &[(String, Row)]) -> Result<(), String> {
+fn report(o: &Options, bench: Bench, table: &[(String, Row)]) -> Result<(), String> {
     if o.json {
         let mut obj = serde_json::Map::new();
-        obj.insert("benchmark".into(), "pipe".into());
+        obj.insert("benchmark".into(), bench.name().into());
         obj.insert("reps".into(), o.reps.into());
         obj.insert(
             "kernel_path".into(),
@@ -386,7 +523,8 @@ fn report(o: &Options, table: &[(String, Row)]) -> Result<(), String> {
         return Ok(());
     }
     println!(
-        "netchannel user pipe vs kernel UDP over loopback: median of {} interleaved repetitions",
+        "{}: median of {} interleaved repetitions",
+        bench.title(),
         o.reps
     );
     println!(

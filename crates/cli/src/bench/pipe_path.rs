@@ -36,6 +36,7 @@ pub(crate) fn server(kind: &Kind, addr: Option<&str>) -> Result<Report, String> 
             batch, duration_ms, ..
         } => receive(&mut pipe, batch, Duration::from_millis(duration_ms)),
         Kind::Rtt { wait, .. } => echo(&mut pipe, wait),
+        Kind::Paced { .. } => Err("paced trials are not defined for user pipes".into()),
     }
 }
 
@@ -57,6 +58,7 @@ pub(crate) fn client(kind: &Kind, addr: &str) -> Result<Report, String> {
             iterations,
             wait,
         } => ping(&mut pipe, size, iterations, wait),
+        Kind::Paced { .. } => Err("paced trials are not defined for user pipes".into()),
     }
 }
 
@@ -89,7 +91,7 @@ fn receive(pipe: &mut UserPipe, batch: usize, window: Duration) -> Result<Report
         if t0.elapsed() >= window {
             std::hint::black_box(sum);
             return Ok(Report {
-                packets: count,
+                received: count,
                 secs: t0.elapsed().as_secs_f64(),
                 ..Report::default()
             });

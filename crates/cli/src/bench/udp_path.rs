@@ -30,6 +30,7 @@ pub(crate) fn server(kind: &Kind) -> Result<Report, String> {
             duration_ms,
         } => receive(&sock, size, batch, Duration::from_millis(duration_ms)),
         Kind::Rtt { size, wait, .. } => echo(&sock, size, wait),
+        Kind::Paced { size, per_tick, .. } => receive_until_done(&sock, size, per_tick),
     }
 }
 
@@ -52,6 +53,18 @@ pub(crate) fn client(kind: &Kind, addr: &str) -> Result<Report, String> {
             iterations,
             wait,
         } => ping(&sock, size, iterations, wait),
+        Kind::Paced {
+            size,
+            per_tick,
+            rate,
+            duration_ms,
+        } => paced(
+            &sock,
+            size,
+            per_tick,
+            rate,
+            Duration::from_millis(duration_ms),
+        ),
     }
 }
 
@@ -91,7 +104,7 @@ fn receive(
         if t0.elapsed() >= window {
             std::hint::black_box(sum);
             return Ok(Report {
-                packets: count,
+                received: count,
                 secs: t0.elapsed().as_secs_f64(),
                 ..Report::default()
             });
@@ -196,4 +209,66 @@ fn ping(
     });
     let _ = sock.send(&[0u8]); // tell the echo side we are done
     report
+}
+
+/// Receives in batches (blocking `recvmmsg`) until the one-byte "done" datagram.
+fn receive_until_done(sock: &UdpSocket, size: usize, batch: usize) -> Result<Report, String> {
+    let mut msgs = MsgBatch::new(batch, size.max(64));
+    let (mut received, mut sum) = (0u64, 0u64);
+    let start = Instant::now();
+    loop {
+        let n = match msgs.recv(sock.as_fd(), batch, false) {
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err("the paced sender went silent".into());
+            }
+            Err(e) => return Err(format!("recvmmsg: {e}")),
+        };
+        for i in 0..n {
+            if msgs.received_len(i) == 1 {
+                std::hint::black_box(sum);
+                return Ok(Report {
+                    received,
+                    secs: start.elapsed().as_secs_f64(),
+                    ..Report::default()
+                });
+            }
+            sum = sum.wrapping_add(u64::from(msgs.buf(i)[0]));
+            received += 1;
+        }
+    }
+}
+
+/// Sends `per_tick` datagrams (one `sendmmsg`) every `per_tick / rate` seconds, sleeping
+/// between ticks, then the "done" datagram.
+fn paced(
+    sock: &UdpSocket,
+    size: usize,
+    per_tick: usize,
+    rate: u64,
+    window: Duration,
+) -> Result<Report, String> {
+    let tick = Duration::from_secs_f64(per_tick as f64 / rate as f64);
+    let mut msgs = MsgBatch::new(per_tick, size);
+    let start = Instant::now();
+    let mut next = start;
+    let mut seq = 0u64;
+    while start.elapsed() < window {
+        for i in 0..per_tick {
+            fill_payload(msgs.buf_mut(i), seq + i as u64);
+        }
+        seq += msgs.send(sock.as_fd(), per_tick).map_err(io("sendmmsg"))? as u64;
+        next += tick;
+        if let Some(d) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(d);
+        }
+    }
+    for _ in 0..3 {
+        let _ = sock.send(&[0u8]);
+    }
+    Ok(Report {
+        packets: seq,
+        secs: start.elapsed().as_secs_f64(),
+        ..Report::default()
+    })
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::sys::cpu_seconds;
-use super::{pipe_path, udp_path};
+use super::{nexus_path, pipe_path, udp_path};
 
 /// Which transport a trial measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,6 +18,8 @@ pub(crate) enum Path {
     KernelUdp,
     /// A netchannel user pipe.
     Pipe,
+    /// An app through a nexus (reflector) and back.
+    Nexus,
 }
 
 /// What a trial measures.
@@ -36,6 +38,14 @@ pub(crate) enum Kind {
         size: usize,
         iterations: usize,
         wait: WaitMode,
+    },
+    /// A fixed offered load: `per_tick` packets every `per_tick / rate` seconds, the sender
+    /// sleeping between ticks; measures CPU time per packet delivered.
+    Paced {
+        size: usize,
+        per_tick: usize,
+        rate: u64,
+        duration_ms: u64,
     },
 }
 
@@ -61,8 +71,10 @@ pub(crate) struct Spec {
 /// What a worker reports.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct Report {
-    /// Packets received (server side of a throughput trial) or round trips timed (client of RTT).
+    /// Packets sent (or round trips timed).
     pub(crate) packets: u64,
+    /// Packets received by the receiving side of the trial (zero on the other side).
+    pub(crate) received: u64,
     /// Seconds between the first and the last packet counted.
     pub(crate) secs: f64,
     /// CPU time (user + system) of this process.
@@ -153,6 +165,8 @@ pub(crate) fn run(
         (Path::KernelUdp, false) => {
             udp_path::client(&spec.kind, addr.ok_or("client needs --addr")?)?
         }
+        (Path::Nexus, true) => nexus_path::server(&spec.kind)?,
+        (Path::Nexus, false) => nexus_path::client(&spec.kind, addr.ok_or("client needs --addr")?)?,
     };
     report.cpu_s = cpu_seconds();
     let line = serde_json::to_string(&report).map_err(|e| e.to_string())?;

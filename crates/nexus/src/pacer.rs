@@ -1,0 +1,246 @@
+//! When the nexus polls and when it sleeps: interrupt mitigation for a user-space datapath.
+//!
+//! A wake-up across cores costs about as much CPU as a kernel socket spends on a packet
+//! (`reference/baselines.md`), so the nexus must neither burn a core spinning between sparse
+//! packets nor take a wake-up for every small batch. The pacer decides, after every pass over
+//! the channels, from two measurements:
+//!
+//! * the **gap** between busy periods (an EWMA): the nexus keeps polling after the last packet
+//!   for `spin` only if packets usually come back within `spin`; otherwise spinning is wasted
+//!   and it sleeps at once;
+//! * the **batch** found by one pass in the last busy period: traffic that arrives in batches of at least
+//!   `coalesce_batch` is already latency-tolerant, so the nexus sleeps on a `coalesce` timer
+//!   *without* asking apps to ring it, and serves whatever accumulated when it wakes (NAPI-style
+//!   moderation). Smaller batches arm the need-wakeup flags, so a single packet wakes the nexus
+//!   at once.
+//!
+//! A plain function of (state, packets moved, now), tested without I/O.
+
+use std::time::{Duration, Instant};
+
+/// What the event loop does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Pass over the channels again at once.
+    Poll,
+    /// Sleep in epoll. `arm`: set the channels' need-wakeup flags first (apps' sends ring the
+    /// nexus); otherwise only the timer (or a control event) ends the sleep.
+    Sleep {
+        /// Longest sleep.
+        timeout: Duration,
+        /// Whether apps should ring the nexus.
+        arm: bool,
+    },
+}
+
+/// How long an armed sleep lasts before housekeeping.
+pub const IDLE_SLEEP: Duration = Duration::from_secs(1);
+
+/// The pacer's state.
+#[derive(Debug, Clone)]
+pub struct Pacer {
+    spin: Duration,
+    coalesce: Duration,
+    coalesce_batch: usize,
+    last_work: Instant,
+    idle: bool,
+    /// The last sleep was a coalescing timer, not a doorbell-armed one.
+    coalesced: bool,
+    gap: Duration,
+    period_peak: usize,
+    heavy: usize,
+}
+
+impl Pacer {
+    /// A pacer that spins up to `spin`, and coalesces batches of `coalesce_batch` packets or
+    /// more for up to `coalesce` (zero disables coalescing).
+    /// A pass that moves `heavy` packets or more right after a coalescing sleep means the load
+    /// outruns the timer: the pacer goes back to polling.
+    pub fn new(
+        spin: Duration,
+        coalesce: Duration,
+        coalesce_batch: usize,
+        heavy: usize,
+        now: Instant,
+    ) -> Self {
+        Self {
+            spin,
+            coalesce,
+            coalesce_batch,
+            last_work: now,
+            idle: true,
+            coalesced: false,
+            gap: Duration::ZERO,
+            period_peak: 0,
+            heavy: heavy.max(1),
+        }
+    }
+
+    /// The EWMA of the gap between busy periods.
+    pub fn gap(&self) -> Duration {
+        self.gap
+    }
+
+    /// Decides after a pass that moved `moved` packets.
+    pub fn after_pass(&mut self, moved: usize, now: Instant) -> Next {
+        if moved > 0 {
+            if self.idle {
+                if !self.coalesced {
+                    // Only doorbell-driven sleeps measure how far apart packets come.
+                    let gap = now.saturating_duration_since(self.last_work);
+                    self.gap = (self.gap * 7 + gap) / 8;
+                } else if moved >= self.heavy {
+                    // Work piled up during the timer: this is a flood, poll it.
+                    self.gap = Duration::ZERO;
+                }
+                self.idle = false;
+            }
+            self.last_work = now;
+            self.period_peak = self.period_peak.max(moved);
+            return Next::Poll;
+        }
+        let spin = if self.gap <= self.spin {
+            self.spin
+        } else {
+            Duration::ZERO
+        };
+        if now.saturating_duration_since(self.last_work) < spin {
+            return Next::Poll;
+        }
+        self.idle = true;
+        let batch = std::mem::take(&mut self.period_peak);
+        self.coalesced = !self.coalesce.is_zero() && batch >= self.coalesce_batch;
+        if self.coalesced {
+            Next::Sleep {
+                timeout: self.coalesce,
+                arm: false,
+            }
+        } else {
+            Next::Sleep {
+                timeout: IDLE_SLEEP,
+                arm: true,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPIN: Duration = Duration::from_micros(50);
+    const CO: Duration = Duration::from_micros(100);
+
+    /// Runs the pacer over a schedule of (time in µs, packets) arrivals; returns the decision
+    /// taken once each arrival's busy period ends (first non-Poll after it, or Poll if the next
+    /// arrival comes first).
+    fn drive(p: &mut Pacer, t0: Instant, arrivals: &[(u64, usize)]) -> Vec<Next> {
+        let mut out = Vec::new();
+        for (i, &(at, n)) in arrivals.iter().enumerate() {
+            let start = t0 + Duration::from_micros(at);
+            p.after_pass(n, start);
+            let until = arrivals.get(i + 1).map_or(at + 1000, |a| a.0);
+            let mut t = at + 1;
+            let mut decision = Next::Poll;
+            while t < until {
+                decision = p.after_pass(0, t0 + Duration::from_micros(t));
+                if decision != Next::Poll {
+                    break;
+                }
+                t += 1;
+            }
+            out.push(decision);
+        }
+        out
+    }
+
+    #[test]
+    fn close_packets_keep_it_polling_and_sparse_single_packets_arm_it() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(SPIN, CO, 8, 64, t0);
+        // One packet every 20 µs: always back within the spin window.
+        let close: Vec<(u64, usize)> = (0..50).map(|i| (i * 20, 1)).collect();
+        let d = drive(&mut p, t0, &close);
+        assert!(d[..d.len() - 1].iter().all(|d| *d == Next::Poll), "{d:?}");
+        assert_eq!(
+            d.last(),
+            Some(&Next::Sleep {
+                timeout: IDLE_SLEEP,
+                arm: true
+            }),
+            "single packets never coalesce"
+        );
+        // One packet every 500 µs: the gap outgrows the spin, so it sleeps armed at once.
+        let sparse: Vec<(u64, usize)> = (0..50).map(|i| 2000 + i * 500).map(|t| (t, 1)).collect();
+        let d = drive(&mut p, t0, &sparse);
+        assert_eq!(
+            d.last(),
+            Some(&Next::Sleep {
+                timeout: IDLE_SLEEP,
+                arm: true
+            })
+        );
+        assert!(p.gap() > SPIN);
+    }
+
+    #[test]
+    fn batched_load_is_served_on_a_timer_without_doorbells() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(SPIN, CO, 8, 64, t0);
+        let ticks: Vec<(u64, usize)> = (0..50).map(|i| (i * 160, 16)).collect();
+        let d = drive(&mut p, t0, &ticks);
+        assert_eq!(
+            d.last(),
+            Some(&Next::Sleep {
+                timeout: CO,
+                arm: false
+            })
+        );
+        // When the load stops, the next empty wake-up arms the flags for the idle sleep.
+        assert_eq!(
+            p.after_pass(0, t0 + Duration::from_millis(100)),
+            Next::Sleep {
+                timeout: IDLE_SLEEP,
+                arm: true
+            }
+        );
+    }
+
+    #[test]
+    fn a_flood_that_outruns_the_timer_goes_back_to_polling() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(SPIN, CO, 8, 64, t0);
+        // Sparse batches: coalescing, and the gap is large.
+        let ticks: Vec<(u64, usize)> = (0..20).map(|i| (i * 500, 16)).collect();
+        assert_eq!(
+            drive(&mut p, t0, &ticks).last(),
+            Some(&Next::Sleep {
+                timeout: CO,
+                arm: false
+            })
+        );
+        // Then a flood: the first wake-up finds a full pass, and the pacer polls from then on.
+        let t = t0 + Duration::from_micros(20_000);
+        assert_eq!(p.after_pass(64, t), Next::Poll);
+        assert_eq!(p.gap(), Duration::ZERO);
+        assert_eq!(
+            p.after_pass(0, t + Duration::from_micros(10)),
+            Next::Poll,
+            "spins between batches"
+        );
+    }
+
+    #[test]
+    fn zero_spin_and_zero_coalesce_sleep_armed_at_once() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(Duration::ZERO, Duration::ZERO, 8, 64, t0);
+        assert_eq!(p.after_pass(100, t0), Next::Poll);
+        assert_eq!(
+            p.after_pass(0, t0),
+            Next::Sleep {
+                timeout: IDLE_SLEEP,
+                arm: true
+            }
+        );
+    }
+}
