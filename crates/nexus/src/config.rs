@@ -152,8 +152,14 @@ pub struct ChannelConfig {
     pub max_buffers: u32,
     /// Buffers per pool segment (a segment is the unit of growth and of release).
     pub buffers_per_segment: u32,
-    /// Empty buffers the nexus keeps on a channel's ALLOC ring.
-    pub alloc_ring_target: u32,
+    /// Empty buffers the nexus keeps on a channel's ALLOC ring at first and when idle; the
+    /// stock doubles whenever a busy app empties the ring, up to `alloc_ring_max`.
+    pub alloc_ring_min: u32,
+    /// Most empty buffers on a channel's ALLOC ring.
+    pub alloc_ring_max: u32,
+    /// A channel idle this long (milliseconds) has its ALLOC stock cut back to the minimum and
+    /// its idle pool segments given back to the OS.
+    pub idle_trim_ms: u64,
     /// Protocol violations a channel may commit before it is quarantined (made defunct).
     pub max_strikes: u64,
 }
@@ -166,7 +172,9 @@ impl Default for ChannelConfig {
             buffers: 4096,
             max_buffers: 65536,
             buffers_per_segment: 64,
-            alloc_ring_target: 512,
+            alloc_ring_min: 32,
+            alloc_ring_max: 512,
+            idle_trim_ms: 1000,
             max_strikes: 64,
         }
     }
@@ -229,6 +237,11 @@ impl Config {
         if c.ring_slots > c.max_ring_slots || c.buffers > c.max_buffers {
             return Err(ConfigError::Invalid(
                 "channel defaults must not exceed the channel maxima".into(),
+            ));
+        }
+        if c.alloc_ring_min == 0 || c.alloc_ring_min > c.alloc_ring_max {
+            return Err(ConfigError::Invalid(
+                "channel.alloc_ring_min must be between 1 and channel.alloc_ring_max".into(),
             ));
         }
         if c.buffers_per_segment == 0 || c.buffers < c.buffers_per_segment {

@@ -46,6 +46,9 @@ impl NexusError {
     }
 }
 
+/// How often idle channels are looked at for trimming.
+const HOUSEKEEPING: Duration = Duration::from_millis(100);
+
 /// epoll tokens: the kind in the top byte, an id below.
 pub(crate) mod token {
     pub(crate) const LISTENER: u64 = 0;
@@ -127,11 +130,19 @@ impl Nexus {
         );
         let mut passes = 0u32;
         let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
+        let mut last_housekeeping = Instant::now();
         tracing::info!(socket = %self.config.control.socket.display(), "nexus serving");
         while !self.shutting_down {
             let moved = self.service_channels();
             passes = passes.wrapping_add(1);
-            match pacer.after_pass(moved, Instant::now()) {
+            let now = Instant::now();
+            if now.saturating_duration_since(last_housekeeping) >= HOUSEKEEPING {
+                last_housekeeping = now;
+                for c in self.channels.values_mut() {
+                    c.housekeeping(&self.config.channel, now);
+                }
+            }
+            match pacer.after_pass(moved, now) {
                 // While polling, look at control events without sleeping every so often.
                 Next::Poll if passes.is_multiple_of(32) => {
                     self.wait_events(&mut events, Some(Duration::ZERO))?

@@ -167,6 +167,8 @@ pub struct ChannelStatus {
     pub buffers_app: u32,
     /// In segments given back to the OS.
     pub buffers_absent: u32,
+    /// Bytes of pool in segments that are in service (the rest is given back to the OS).
+    pub pool_bytes_in_service: u64,
     /// Packets the app sent, and packets delivered to it.
     pub tx_packets: u64,
     /// Delivered.

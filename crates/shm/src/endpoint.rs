@@ -701,13 +701,14 @@ impl Endpoint {
 
     /// Server end: tops the app end's ALLOC ring up to `target` empty buffers (as far as the
     /// pool allows). Returns how many were added.
-    pub fn supply_to(&mut self, target: u32) -> Result<u32, Error> {
+    pub fn supply_to(&mut self, target: u32) -> Result<Supplied, Error> {
         self.check()?;
         let free = self
             .bufs_out
             .refresh()
             .map_err(|e| self.note_ring_error(e))?;
-        let n = target.saturating_sub(self.bufs_out.in_flight());
+        let level = self.bufs_out.in_flight();
+        let n = target.saturating_sub(level);
         let mut pushed = 0;
         while pushed < n.min(free) {
             let Some(b) = self.ledger.alloc_for_peer().or_else(|| {
@@ -728,7 +729,10 @@ impl Endpoint {
         if pushed > 0 && self.bufs_out.publish() {
             self.ring_peer();
         }
-        Ok(pushed)
+        Ok(Supplied {
+            added: pushed,
+            starved: level == 0,
+        })
     }
 
     /// Puts one more home segment in service. Returns the segment.
@@ -998,6 +1002,15 @@ impl Endpoint {
         let write_err = rustix::io::pwrite(fd, &[0xff; 8], 0).err();
         (map_err, write_err)
     }
+}
+
+/// What [`Endpoint::supply_to`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Supplied {
+    /// Buffers added to the ring.
+    pub added: u32,
+    /// The ring was empty before: the app end took everything it had been given.
+    pub starved: bool,
 }
 
 /// Why a send or free failed.

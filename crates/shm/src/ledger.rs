@@ -46,7 +46,12 @@ pub struct AuditError(pub String);
 #[derive(Debug)]
 pub struct Ledger {
     state: Vec<BufState>,
-    free: Vec<u32>,
+    /// Free buffers, one stack per segment. Allocation takes from the lowest segment that has
+    /// any, so buffers in use cluster in the low segments and the high ones fall idle and can be
+    /// given back to the OS.
+    free: Vec<Vec<u32>>,
+    /// Bit `s` set: segment `s` has free buffers.
+    nonempty: Vec<u64>,
     /// Free buffers per segment (only meaningful for home segments in service).
     seg_free: Vec<u32>,
     /// Whether each segment is ours.
@@ -80,7 +85,8 @@ impl Ledger {
         Self {
             has_home: home.iter().any(|&h| h),
             state,
-            free: Vec::new(),
+            free: vec![Vec::new(); segments as usize],
+            nonempty: vec![0; (segments as usize).div_ceil(64)],
             seg_free: vec![0; segments as usize],
             active: vec![false; segments as usize],
             home,
@@ -97,6 +103,11 @@ impl Ledger {
     /// True if the pool has no buffers (never, for a valid geometry).
     pub fn is_empty(&self) -> bool {
         self.state.is_empty()
+    }
+
+    /// Whether this end owns any segment.
+    pub fn has_home(&self) -> bool {
+        self.has_home
     }
 
     /// Counts by state.
@@ -123,6 +134,22 @@ impl Ledger {
         self.home.get(self.segment(buf)).copied().unwrap_or(false)
     }
 
+    fn push_free(&mut self, buf: u32) {
+        let seg = self.segment(buf);
+        self.free[seg].push(buf);
+        self.nonempty[seg / 64] |= 1 << (seg % 64);
+    }
+
+    fn pop_free(&mut self) -> Option<u32> {
+        let (w, bits) = self.nonempty.iter().enumerate().find(|(_, b)| **b != 0)?;
+        let seg = w * 64 + bits.trailing_zeros() as usize;
+        let buf = self.free[seg].pop();
+        if self.free[seg].is_empty() {
+            self.nonempty[w] &= !(1 << (seg % 64));
+        }
+        buf
+    }
+
     fn set(&mut self, buf: u32, to: BufState) {
         let from = self.state[buf as usize];
         for (s, d) in [(from, -1i64), (to, 1)] {
@@ -147,14 +174,14 @@ impl Ledger {
     /// Takes a buffer from the free list for our user.
     #[inline]
     pub fn alloc(&mut self) -> Option<u32> {
-        let buf = self.free.pop()?;
+        let buf = self.pop_free()?;
         self.set(buf, BufState::Held);
         Some(buf)
     }
 
     /// Takes a free buffer to hand to the peer empty (the server filling the ALLOC ring).
     pub fn alloc_for_peer(&mut self) -> Option<u32> {
-        let buf = self.free.pop()?;
+        let buf = self.pop_free()?;
         self.set(buf, BufState::Peer);
         Some(buf)
     }
@@ -180,7 +207,7 @@ impl Ledger {
         match self.state(buf) {
             Some(BufState::Held) if self.is_home(buf) => {
                 self.set(buf, BufState::Free);
-                self.free.push(buf);
+                self.push_free(buf);
                 Ok(false)
             }
             Some(BufState::Held) => {
@@ -216,7 +243,7 @@ impl Ledger {
             }
             Some(BufState::Peer) => {
                 self.set(buf, BufState::Free);
-                self.free.push(buf);
+                self.push_free(buf);
                 Ok(())
             }
             Some(_) => Err(Violation::NotOwner { buf }),
@@ -232,7 +259,7 @@ impl Ledger {
         for buf in 0..self.len() {
             if self.state[buf as usize] == BufState::Peer && self.is_home(buf) {
                 self.set(buf, BufState::Free);
-                self.free.push(buf);
+                self.push_free(buf);
                 n += 1;
             }
         }
@@ -248,7 +275,7 @@ impl Ledger {
         // Push in reverse so the lowest index is allocated first.
         for buf in (first..first + self.bufs_per_segment).rev() {
             self.set(buf, BufState::Free);
-            self.free.push(buf);
+            self.push_free(buf);
         }
         Some(seg as u32)
     }
@@ -262,7 +289,8 @@ impl Ledger {
         self.active[seg] = false;
         let first = seg as u32 * self.bufs_per_segment;
         let range = first..first + self.bufs_per_segment;
-        self.free.retain(|b| !range.contains(b));
+        self.free[seg].clear();
+        self.nonempty[seg / 64] &= !(1 << (seg % 64));
         for buf in range {
             self.set(buf, BufState::Absent);
         }
@@ -275,7 +303,15 @@ impl Ledger {
     pub fn audit(&self) -> Result<Counts, AuditError> {
         let mut c = Counts::default();
         let mut in_free_list = vec![false; self.state.len()];
-        for &b in &self.free {
+        for (seg, stack) in self.free.iter().enumerate() {
+            let marked = self.nonempty[seg / 64] & (1 << (seg % 64)) != 0;
+            if marked == stack.is_empty() {
+                return Err(AuditError(format!(
+                    "segment {seg}: free-list bitmap disagrees with its stack"
+                )));
+            }
+        }
+        for &b in self.free.iter().flatten() {
             let slot = in_free_list
                 .get_mut(b as usize)
                 .ok_or_else(|| AuditError(format!("free list holds index {b}")))?;
@@ -363,6 +399,22 @@ mod tests {
         assert_eq!(l.release(5), Ok(true), "peer buffers go back to the peer");
         assert_eq!(l.release(a), Ok(false), "home buffers go to the free list");
         l.audit().unwrap();
+    }
+
+    #[test]
+    fn allocation_prefers_the_lowest_segment() {
+        let mut l = Ledger::new(4, 4, |_| true);
+        for _ in 0..4 {
+            l.grow();
+        }
+        let all: Vec<u32> = (0..16).map(|_| l.alloc().unwrap()).collect();
+        for b in all.iter().rev() {
+            l.release(*b).unwrap();
+        }
+        // Whatever order they came back in, the next allocations come from segment 0 first.
+        let again: Vec<u32> = (0..4).map(|_| l.alloc().unwrap()).collect();
+        assert!(again.iter().all(|b| *b < 4), "{again:?}");
+        assert_eq!(l.shrink(), Some(3));
     }
 
     #[test]

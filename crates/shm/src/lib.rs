@@ -31,7 +31,9 @@ pub mod region;
 pub mod ring;
 mod sync;
 
-pub use endpoint::{Endpoint, Home, Interest, Packet, SendError, ServerSetup, Stats, WaitPolicy};
+pub use endpoint::{
+    Endpoint, Home, Interest, Packet, SendError, ServerSetup, Stats, Supplied, WaitPolicy,
+};
 pub use error::{DefunctReason, Error, Violation};
 pub use layout::Geometry;
 pub use ring::{Desc, RingKind};

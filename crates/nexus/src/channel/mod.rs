@@ -4,6 +4,8 @@
 //! sends is copied into a fresh buffer of the nexus and delivered back on the same channel's RX
 //! ring, exactly the copy the flowswitch will make between an app's pool and another's.
 
+use std::time::{Duration, Instant};
+
 use netchannel_shm::control::{ChannelId, ChannelStatus};
 use netchannel_shm::{DefunctReason, Endpoint, Error, Interest, Packet, SendError};
 
@@ -43,11 +45,15 @@ pub struct Channel {
     tx: Vec<Packet>,
     rx: Vec<Packet>,
     audit: String,
+    /// Current ALLOC-ring stock (self-tuned between the configured minimum and maximum).
+    alloc_target: u32,
+    last_active: Instant,
+    trimmed: bool,
 }
 
 impl Channel {
     /// Wraps an endpoint (server role, home of every segment) that has just been set up.
-    pub fn new(id: ChannelId, client: u64, cred: Cred, ep: Endpoint) -> Self {
+    pub fn new(id: ChannelId, client: u64, cred: Cred, ep: Endpoint, cfg: &ChannelConfig) -> Self {
         Self {
             id,
             client,
@@ -58,6 +64,9 @@ impl Channel {
             tx: Vec::new(),
             rx: Vec::new(),
             audit: "ok".into(),
+            alloc_target: cfg.alloc_ring_min,
+            last_active: Instant::now(),
+            trimmed: false,
         }
     }
 
@@ -116,11 +125,38 @@ impl Channel {
                 let _ = self.ep.free([q.buf]);
             }
         }
-        self.ep.supply_to(cfg.alloc_ring_target).map_err(corrupt)?;
+        let moved = n + returned;
+        if moved > 0 {
+            self.last_active = Instant::now();
+            self.trimmed = false;
+        }
+        let supplied = self.ep.supply_to(self.alloc_target).map_err(corrupt)?;
+        if supplied.starved && moved > 0 {
+            self.alloc_target = (self.alloc_target * 2).min(cfg.alloc_ring_max);
+        }
         if self.ep.stats().total_violations() >= cfg.max_strikes {
             return Err(Quarantine::Strikes);
         }
-        Ok(n + returned)
+        Ok(moved)
+    }
+
+    /// Self-tuning when the channel has been idle for `idle_trim_ms`: the ALLOC stock goes
+    /// back to its minimum and every idle pool segment goes back to the OS.
+    pub fn housekeeping(&mut self, cfg: &ChannelConfig, now: Instant) {
+        if self.defunct.is_some() || self.trimmed {
+            return;
+        }
+        if now.saturating_duration_since(self.last_active) < Duration::from_millis(cfg.idle_trim_ms)
+        {
+            return;
+        }
+        self.alloc_target = cfg.alloc_ring_min;
+        let mut released = 0;
+        while let Ok(Some(_)) = self.ep.shrink_pool() {
+            released += 1;
+        }
+        self.trimmed = true;
+        tracing::debug!(channel = self.id, released, "idle channel trimmed");
     }
 
     /// Sets or clears the need-wakeup flags of the rings the nexus consumes. Returns true if
@@ -204,6 +240,8 @@ impl Channel {
             buffers_nexus: c.held,
             buffers_app: c.peer,
             buffers_absent: c.absent,
+            pool_bytes_in_service: u64::from(c.free + c.held + c.peer)
+                * u64::from(self.ep.pool().buf_size()),
             tx_packets: s.received,
             rx_packets: s.sent,
             drops,

@@ -482,7 +482,7 @@ impl Nexus {
                 );
             }
         };
-        let mut ch = Channel::new(channel, id, cred, ep);
+        let mut ch = Channel::new(channel, id, cred, ep, &self.config.channel);
         if let Err(q) = ch.service(&self.config.channel, 0) {
             tracing::warn!(channel, ?q, "a new channel failed its first pass");
         }
