@@ -166,9 +166,55 @@ pub const DOUBLE_PAYLOAD: &[u8] = b"submitted twice";
 /// Payload of the packets the listener sends to a `sender` peer during a stream.
 pub const CONTROL_PAYLOAD: &[u8] = b"control packet from the listener";
 
+/// A tiny seeded pseudo-random generator (xorshift64*), for reproducible random choices in
+/// the tests and their peers without a dependency.
+#[derive(Debug, Clone)]
+pub struct XorShift(u64);
+
+impl XorShift {
+    /// A generator from `seed` (any value; zero is replaced by a fixed constant).
+    pub fn new(seed: u64) -> Self {
+        Self(if seed == 0 {
+            0x9e37_79b9_7f4a_7c15
+        } else {
+            seed
+        })
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A value in `0..n` (`0` when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 { 0 } else { self.next_u64() % n }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn xorshift_is_reproducible_and_spread() {
+        let (mut a, mut b) = (XorShift::new(7), XorShift::new(7));
+        let xs: Vec<u64> = (0..1000).map(|_| a.below(10)).collect();
+        let ys: Vec<u64> = (0..1000).map(|_| b.below(10)).collect();
+        assert_eq!(xs, ys);
+        for v in 0..10 {
+            assert!(
+                xs.iter().filter(|&&x| x == v).count() > 50,
+                "value {v} is rare"
+            );
+        }
+        assert_eq!(XorShift::new(0).below(0), 0);
+    }
 
     #[test]
     fn lengths_cover_the_range() {

@@ -7,6 +7,8 @@
 //! * [`channel`]: each channel as the nexus serves it (its datapath, defunct, reclamation);
 //! * [`daemon`]: the event loop that ties them together, and [`pacer`], which decides when it
 //!   polls and when it sleeps;
+//! * [`flowswitch`]: parsing, the flow table and anti-spoofing validation (not yet wired to an
+//!   interface);
 //! * [`config`]: the TOML configuration (every setting has a default).
 //!
 //! The flowswitch, the interface backends and the host-stack port space come next (see
@@ -18,6 +20,7 @@ pub mod channel;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod flowswitch;
 pub mod pacer;
 
 pub use config::Config;

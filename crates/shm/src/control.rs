@@ -198,6 +198,9 @@ pub enum DecodeError {
         /// Version we speak.
         expected: u16,
     },
+    /// The reserved header bytes are not zero.
+    #[error("reserved bytes of the control header must be zero")]
+    Reserved,
     /// The body is not a valid message.
     #[error("malformed control message: {0}")]
     Body(String),
@@ -228,6 +231,9 @@ pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], max: usize) -> Result<
             found: version,
             expected: VERSION,
         });
+    }
+    if bytes[6..8] != [0, 0] {
+        return Err(DecodeError::Reserved);
     }
     serde_json::from_slice(&bytes[8..]).map_err(|e| DecodeError::Body(e.to_string()))
 }
@@ -280,5 +286,9 @@ mod tests {
             decode::<Request>(b"NCTL\x01\x00\x00\x00\xff\xfe", MAX_REQUEST),
             Err(DecodeError::Body(_))
         ));
+        assert_eq!(
+            decode::<Request>(b"NCTL\x01\x00\xff\x01{\"op\":\"status\"}", MAX_REQUEST),
+            Err(DecodeError::Reserved)
+        );
     }
 }

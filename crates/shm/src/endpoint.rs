@@ -243,6 +243,8 @@ pub struct Endpoint {
     /// Peer buffers released by our user that did not fit the return ring yet.
     pending_return: Vec<u32>,
     broken: Option<(RingKind, u32, u32, u32)>,
+    /// Consecutive `recv` calls that found nothing.
+    idle_polls: u32,
     stats: Stats,
     policy: WaitPolicy,
     watch: Option<OwnedFd>,
@@ -366,6 +368,7 @@ impl Endpoint {
             ledger,
             pending_return: Vec::new(),
             broken: None,
+            idle_polls: 0,
             stats: Stats::default(),
             policy: WaitPolicy::default(),
             watch: None,
@@ -614,22 +617,21 @@ impl Endpoint {
     /// and counted (see [`Stats::violations`]); the count of accepted packets is returned.
     #[inline]
     pub fn recv(&mut self, out: &mut Vec<Packet>, max: usize) -> Result<usize, Error> {
-        if let Some((ring, claimed, valid, size)) = self.broken {
-            return Err(Error::RingIndexOob {
-                ring,
-                claimed,
-                valid,
-                size,
-            });
-        }
+        // Once revoked, what is left on the ring belongs to the server again.
+        self.check()?;
         let avail = self
             .data_in
             .available()
             .map_err(|e| self.note_ring_error(e))?;
         if avail == 0 {
-            self.check()?;
+            // A busy-polling caller never waits, so notice a vanished peer here now and then.
+            self.idle_polls = self.idle_polls.wrapping_add(1);
+            if self.idle_polls.is_multiple_of(IDLE_POLLS_PER_PEER_CHECK) && self.peer_gone() {
+                return Err(Error::PeerGone);
+            }
             return Ok(0);
         }
+        self.idle_polls = 0;
         let kind = self.data_in.kind();
         let mut got = 0;
         for _ in 0..avail.min(max as u32) {
@@ -637,6 +639,7 @@ impl Endpoint {
             match self
                 .pool
                 .check(&d)
+                .and_then(|()| non_empty(&d, self.pool.buf_size()))
                 .and_then(|()| self.ledger.receive(d.buf))
             {
                 Ok(()) => {
@@ -735,6 +738,14 @@ impl Endpoint {
         })
     }
 
+    /// Drops this process's page-table references to the whole pool. The contents stay in the
+    /// shared memfd (the peer still holds buffers); this process's resident size no longer
+    /// counts them, and pages fault back in on the next access. For servers whose channel is
+    /// idle.
+    pub fn forget_pool_pages(&self) -> Result<(), Error> {
+        self.pool.forget_pages()
+    }
+
     /// Puts one more home segment in service. Returns the segment.
     pub fn grow_pool(&mut self) -> Option<u32> {
         self.ledger.grow()
@@ -795,13 +806,14 @@ impl Endpoint {
     pub fn wait(&mut self, interest: Interest, timeout: Option<Duration>) -> Result<(), Error> {
         let start = Instant::now();
         let deadline = timeout.map(|t| start + t);
+        // A revoked or corrupt channel is never "ready", whatever its rings show.
+        self.check()?;
         if interest == Interest::Buffers {
             self.flush()?;
         }
         if self.ready(interest)? {
             return Ok(());
         }
-        self.check()?;
         let spin_end = start + self.policy.spin;
         let mut spins = 0u32;
         while !self.policy.spin.is_zero() {
@@ -836,8 +848,10 @@ impl Endpoint {
             let slept = self.sleep(left);
             self.arm(interest, false);
             if let Err(e) = slept {
-                // The peer may have published its last packets before it went away: deliver
+                // A server that shut down in order said so in the schema before it left; and
+                // the peer may have published its last packets before it went away: deliver
                 // them first, report its departure once nothing is left.
+                self.check()?;
                 return match self.ready(interest) {
                     Ok(true) => Ok(()),
                     _ => Err(e),
@@ -1003,6 +1017,21 @@ impl Endpoint {
         (map_err, write_err)
     }
 }
+
+/// A packet on a data ring carries at least one byte.
+fn non_empty(d: &Desc, buf_size: u32) -> Result<(), Violation> {
+    if d.len == 0 {
+        return Err(Violation::BadDesc {
+            offset: d.offset,
+            len: d.len,
+            buf_size,
+        });
+    }
+    Ok(())
+}
+
+/// Empty `recv` calls between two checks that the peer is still there.
+const IDLE_POLLS_PER_PEER_CHECK: u32 = 4096;
 
 /// What [`Endpoint::supply_to`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -165,6 +165,12 @@ impl Pool {
         ok
     }
 
+    /// Drops this process's mappings of the pool's pages (`MADV_DONTNEED`); see
+    /// [`Region::forget_pages`].
+    pub fn forget_pages(&self) -> Result<(), Error> {
+        self.region.forget_pages()
+    }
+
     /// Returns the pages of segment `seg` to the OS. Its bytes read as zeros afterwards.
     pub fn release_segment(&self, seg: u32) -> Result<(), Error> {
         let bytes = self.geometry.segment_bytes();

@@ -107,6 +107,23 @@ impl Region {
         self.map.writable
     }
 
+    /// Drops this process's page-table entries for the whole mapping (`MADV_DONTNEED`). The
+    /// region is a shared memfd, so its contents are kept (in the memfd) and the next access
+    /// faults them back in: only this process's resident size changes.
+    pub fn forget_pages(&self) -> Result<(), Error> {
+        // SAFETY: the range is exactly our own mapping; on a MAP_SHARED memfd mapping
+        // MADV_DONTNEED drops page-table entries only, never contents, so no value any Rust
+        // code can observe changes.
+        unsafe {
+            rustix::mm::madvise(
+                self.map.ptr.as_ptr().cast(),
+                self.map.len,
+                rustix::mm::Advice::LinuxDontNeed,
+            )
+        }
+        .map_err(|e| Error::sys("madvise(MADV_DONTNEED)", e))
+    }
+
     /// Gives the pages of `[offset, offset + len)` back to the OS (`FALLOC_FL_PUNCH_HOLE`): the
     /// range reads as zeros afterwards, in every mapping, and no longer counts in anyone's
     /// resident size. Both bounds must be page-aligned and inside the region.
@@ -219,6 +236,18 @@ mod tests {
             Region::attach(raw, 4096, true),
             Err(Error::Unsealed)
         ));
+    }
+
+    #[test]
+    fn forgetting_pages_keeps_contents() {
+        let r = Region::create("t", 64 * page_size(), Access::Shared).unwrap();
+        let dup = r.fd().try_clone_to_owned().unwrap();
+        let other = Region::attach(dup, r.len(), true).unwrap();
+        // SAFETY: in bounds of a writable mapping.
+        unsafe { other.base().as_ptr().add(5 * page_size()).write(42) };
+        r.forget_pages().unwrap();
+        // SAFETY: in bounds.
+        assert_eq!(unsafe { r.base().as_ptr().add(5 * page_size()).read() }, 42);
     }
 
     #[test]

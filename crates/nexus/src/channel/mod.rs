@@ -114,7 +114,11 @@ impl Channel {
             }
             let sent = match self.ep.send(&self.rx) {
                 Ok(s) => s,
-                Err(SendError::Channel(e)) => return Err(corrupt(e)),
+                Err(SendError::Channel(e)) => {
+                    // The batch never reached the app: its buffers stay home.
+                    let _ = self.ep.free(self.rx.iter().map(|q| q.buf));
+                    return Err(corrupt(e));
+                }
                 Err(SendError::Invalid(v)) => {
                     tracing::error!(channel = self.id, violation = %v, "nexus built an invalid RX packet");
                     0
@@ -154,6 +158,11 @@ impl Channel {
         let mut released = 0;
         while let Ok(Some(_)) = self.ep.shrink_pool() {
             released += 1;
+        }
+        // Buffers still out with the app keep their segments in service; the nexus at least
+        // stops holding their pages resident.
+        if let Err(e) = self.ep.forget_pool_pages() {
+            tracing::warn!(channel = self.id, error = %e, "could not drop the idle pool's pages");
         }
         self.trimmed = true;
         tracing::debug!(channel = self.id, released, "idle channel trimmed");

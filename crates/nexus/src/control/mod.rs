@@ -277,7 +277,7 @@ impl Nexus {
         fds: Vec<OwnedFd>,
         truncated: bool,
     ) -> (Reply, Vec<OwnedFd>) {
-        if truncated {
+        if truncated || bytes.len() > MAX_REQUEST {
             self.errors.count("oversized");
             return (
                 refuse(
@@ -296,7 +296,7 @@ impl Nexus {
                     DecodeError::Size(_) => "truncated",
                     DecodeError::Magic => "bad_magic",
                     DecodeError::Version { .. } => "bad_version",
-                    DecodeError::Body(_) => "malformed",
+                    DecodeError::Body(_) | DecodeError::Reserved => "malformed",
                 });
                 let code = if matches!(e, DecodeError::Version { .. }) {
                     ErrorCode::Version

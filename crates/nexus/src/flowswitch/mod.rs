@@ -1,0 +1,21 @@
+//! The flowswitch: classifies packets into flows and flows into channels.
+//!
+//! * [`parse`]: one pass over L2/L3/L4 with validated lengths and software checksums;
+//! * [`table`]: the flow table, exact 5-tuples first, then listeners;
+//! * [`tx`]: validation of what an app sends (anti-spoofing).
+//!
+//! Everything here is a plain function of (table, bytes): no I/O, so the whole classification
+//! path is tested in-process and benchmarked with criterion (`benches/flow_lookup.rs`).
+//!
+//! **Fragment policy.** The flowswitch does not reassemble. An IP fragment (first or not) is
+//! never delivered to an app: a non-first fragment carries no ports, and classifying it by
+//! guesswork could hand one app's data to another. Fragments are dropped and counted
+//! (`rx_fragment`); apps are told the path MTU instead. Apps may not send fragments either.
+
+pub mod parse;
+pub mod table;
+pub mod tx;
+
+pub use parse::{Parsed, Proto, RxDrop};
+pub use table::{FlowId, FlowKey, FlowSpec, FlowTable, Hit, TableError};
+pub use tx::TxDrop;

@@ -1,0 +1,297 @@
+//! One-pass parsing of frames (from the wire) and IP packets (from apps).
+//!
+//! The header walk is etherparse's (validated lengths, no panics, a bounded IPv6 extension
+//! chain); on top of it the flowswitch enforces its own policy: IPv4 options, fragments and
+//! protocols other than UDP and TCP are refused, and the IPv4 header checksum and the UDP/TCP
+//! checksums are verified in software (copy-mode AF_XDP gives no guarantee).
+
+use std::net::IpAddr;
+
+use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+
+/// The transport protocols the flowswitch switches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Proto {
+    /// TCP (IP protocol 6).
+    Tcp = 6,
+    /// UDP (IP protocol 17).
+    Udp = 17,
+}
+
+/// What a packet is, after parsing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parsed {
+    /// UDP or TCP.
+    pub proto: Proto,
+    /// Source address and port.
+    pub src: (IpAddr, u16),
+    /// Destination address and port.
+    pub dst: (IpAddr, u16),
+    /// Offset of the IP header in the buffer (14 for an Ethernet frame, 0 for an IP packet).
+    pub ip_offset: usize,
+    /// Length of the IP packet (header and payload) as its headers say.
+    pub ip_len: usize,
+}
+
+/// Why a packet was not classified. Each maps to one counter (`rx_<name>` / `tx_<name>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RxDrop {
+    /// Shorter than its headers say (at any layer).
+    Truncated,
+    /// A header field is invalid (bad IHL, bad version, inconsistent lengths).
+    BadHeader,
+    /// Not IPv4 or IPv6 (ARP, other EtherTypes): not for apps.
+    NotIp,
+    /// IPv4 with options.
+    IpOptions,
+    /// An IP fragment (see the fragment policy in the module docs).
+    Fragment,
+    /// Neither UDP nor TCP.
+    Protocol,
+    /// The IPv4 header checksum is wrong.
+    BadL3Checksum,
+    /// The UDP or TCP checksum is wrong (or a zero UDP checksum on IPv6).
+    BadL4Checksum,
+    /// No flow claims the packet.
+    NoFlow,
+}
+
+impl RxDrop {
+    /// Counter suffix.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Truncated => "truncated",
+            Self::BadHeader => "bad_header",
+            Self::NotIp => "not_ip",
+            Self::IpOptions => "ip_options",
+            Self::Fragment => "fragment",
+            Self::Protocol => "protocol",
+            Self::BadL3Checksum => "bad_l3_checksum",
+            Self::BadL4Checksum => "bad_l4_checksum",
+            Self::NoFlow => "no_flow",
+        }
+    }
+}
+
+fn slice_error(e: &etherparse::err::packet::SliceError) -> RxDrop {
+    match e {
+        etherparse::err::packet::SliceError::Len(_) => RxDrop::Truncated,
+        _ => RxDrop::BadHeader,
+    }
+}
+
+/// Parses an Ethernet frame.
+pub fn parse_frame(frame: &[u8]) -> Result<Parsed, RxDrop> {
+    let sliced = SlicedPacket::from_ethernet(frame).map_err(|e| slice_error(&e))?;
+    if !sliced.link_exts.is_empty() {
+        return Err(RxDrop::NotIp); // VLAN-tagged traffic is not switched to apps
+    }
+    finish(&sliced, frame, 14)
+}
+
+/// Parses an IP packet (what apps send and receive).
+pub fn parse_ip(packet: &[u8]) -> Result<Parsed, RxDrop> {
+    let sliced = SlicedPacket::from_ip(packet).map_err(|e| slice_error(&e))?;
+    finish(&sliced, packet, 0)
+}
+
+fn finish(s: &SlicedPacket<'_>, buf: &[u8], ip_offset: usize) -> Result<Parsed, RxDrop> {
+    let (src_ip, dst_ip, fragmented, ip_len) = match &s.net {
+        Some(NetSlice::Ipv4(v4)) => {
+            let h = v4.header();
+            if h.ihl() != 5 {
+                return Err(RxDrop::IpOptions);
+            }
+            if checksum(&[h.slice()], 0) != 0 {
+                return Err(RxDrop::BadL3Checksum);
+            }
+            (
+                IpAddr::V4(h.source_addr()),
+                IpAddr::V4(h.destination_addr()),
+                v4.payload().fragmented,
+                usize::from(h.total_len()),
+            )
+        }
+        Some(NetSlice::Ipv6(v6)) => {
+            let h = v6.header();
+            let len = 40 + usize::from(h.payload_length());
+            (
+                IpAddr::V6(h.source_addr()),
+                IpAddr::V6(h.destination_addr()),
+                v6.payload().fragmented,
+                len,
+            )
+        }
+        Some(NetSlice::Arp(_)) | None => return Err(RxDrop::NotIp),
+    };
+    if fragmented {
+        return Err(RxDrop::Fragment);
+    }
+    if ip_offset + ip_len > buf.len() {
+        return Err(RxDrop::Truncated);
+    }
+    let (proto, l4, sport, dport) = match &s.transport {
+        Some(TransportSlice::Udp(u)) => {
+            if u.checksum() == 0 && src_ip.is_ipv6() {
+                return Err(RxDrop::BadL4Checksum);
+            }
+            if usize::from(u.length()) != u.slice().len() {
+                return Err(RxDrop::BadHeader);
+            }
+            (Proto::Udp, u.slice(), u.source_port(), u.destination_port())
+        }
+        Some(TransportSlice::Tcp(t)) => {
+            (Proto::Tcp, t.slice(), t.source_port(), t.destination_port())
+        }
+        Some(_) => return Err(RxDrop::Protocol),
+        None => return Err(RxDrop::Protocol),
+    };
+    let zero_udp_v4 = proto == Proto::Udp && src_ip.is_ipv4() && l4.get(6..8) == Some(&[0, 0]);
+    if !zero_udp_v4 && l4_checksum(proto, src_ip, dst_ip, l4) != 0 {
+        return Err(RxDrop::BadL4Checksum);
+    }
+    Ok(Parsed {
+        proto,
+        src: (src_ip, sport),
+        dst: (dst_ip, dport),
+        ip_offset,
+        ip_len,
+    })
+}
+
+/// The one's-complement sum of 16-bit words over `parts` plus `initial`, folded and inverted:
+/// 0 over data that includes a correct checksum.
+pub fn checksum(parts: &[&[u8]], initial: u32) -> u16 {
+    let mut sum = u64::from(initial);
+    for p in parts {
+        let mut chunks = p.chunks_exact(2);
+        for c in &mut chunks {
+            sum += u64::from(u16::from_be_bytes([c[0], c[1]]));
+        }
+        if let [last] = chunks.remainder() {
+            sum += u64::from(u16::from_be_bytes([*last, 0]));
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The UDP/TCP checksum over the pseudo-header and `l4` (0 when `l4` carries a correct one).
+pub fn l4_checksum(proto: Proto, src: IpAddr, dst: IpAddr, l4: &[u8]) -> u16 {
+    let mut pseudo = [0u8; 40];
+    let n = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            pseudo[..4].copy_from_slice(&s.octets());
+            pseudo[4..8].copy_from_slice(&d.octets());
+            8
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            pseudo[..16].copy_from_slice(&s.octets());
+            pseudo[16..32].copy_from_slice(&d.octets());
+            32
+        }
+        _ => return 1,
+    };
+    let initial = u32::from(proto as u8) + (l4.len() as u32 & 0xffff) + (l4.len() as u32 >> 16);
+    checksum(&[&pseudo[..n], l4], initial)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use etherparse::PacketBuilder;
+
+    pub(crate) fn udp4(
+        src: [u8; 4],
+        sport: u16,
+        dst: [u8; 4],
+        dport: u16,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv4(src, dst, 64)
+            .udp(sport, dport);
+        let mut out = Vec::new();
+        b.write(&mut out, payload).unwrap();
+        out
+    }
+
+    pub(crate) fn tcp6(
+        src: [u8; 16],
+        sport: u16,
+        dst: [u8; 16],
+        dport: u16,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv6(src, dst, 64)
+            .tcp(sport, dport, 1000, 4096);
+        let mut out = Vec::new();
+        b.write(&mut out, payload).unwrap();
+        out
+    }
+
+    pub(crate) const A: [u8; 4] = [198, 18, 0, 1];
+    pub(crate) const B: [u8; 4] = [198, 18, 0, 2];
+    pub(crate) const A6: [u8; 16] = [0xfd, 0, 1, 0x98, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    pub(crate) const B6: [u8; 16] = [0xfd, 0, 1, 0x98, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+
+    #[test]
+    fn good_packets_parse() {
+        let p = parse_frame(&udp4(A, 1000, B, 2000, b"hello")).unwrap();
+        assert_eq!(p.proto, Proto::Udp);
+        assert_eq!(p.src, (IpAddr::from(A), 1000));
+        assert_eq!(p.dst, (IpAddr::from(B), 2000));
+        assert_eq!(p.ip_len, 20 + 8 + 5);
+        let p = parse_frame(&tcp6(A6, 5, B6, 6, b"x")).unwrap();
+        assert_eq!((p.proto, p.dst.1), (Proto::Tcp, 6));
+        let ip = &udp4(A, 1, B, 2, b"")[14..];
+        assert_eq!(parse_ip(ip).unwrap().ip_offset, 0);
+    }
+
+    #[test]
+    fn every_truncation_is_refused_and_never_panics() {
+        for frame in [
+            udp4(A, 1000, B, 2000, b"hello world"),
+            tcp6(A6, 5, B6, 6, b"payload"),
+        ] {
+            for cut in 0..frame.len() {
+                let r = parse_frame(&frame[..cut]);
+                assert!(r.is_err(), "prefix of {cut} bytes accepted");
+            }
+        }
+    }
+
+    #[test]
+    fn corrupted_fields_are_refused_with_their_reason() {
+        let good = udp4(A, 1000, B, 2000, b"hello");
+        let mut bad_ip_csum = good.clone();
+        bad_ip_csum[14 + 10] ^= 0xff;
+        assert_eq!(parse_frame(&bad_ip_csum), Err(RxDrop::BadL3Checksum));
+        let mut bad_udp_csum = good.clone();
+        bad_udp_csum[14 + 20 + 6] ^= 0x01;
+        assert_eq!(parse_frame(&bad_udp_csum), Err(RxDrop::BadL4Checksum));
+        let mut bad_payload = good.clone();
+        *bad_payload.last_mut().unwrap() ^= 0x40;
+        assert_eq!(parse_frame(&bad_payload), Err(RxDrop::BadL4Checksum));
+        let mut frag = good.clone();
+        frag[14 + 6] = 0x20; // more fragments
+        frag[14 + 10] = 0;
+        frag[14 + 11] = 0;
+        let c = checksum(&[&frag[14..34]], 0);
+        frag[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+        assert_eq!(parse_frame(&frag), Err(RxDrop::Fragment));
+        let mut arp = good.clone();
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert!(matches!(
+            parse_frame(&arp),
+            Err(RxDrop::NotIp | RxDrop::Truncated | RxDrop::BadHeader)
+        ));
+        let mut long_udp_len = good.clone();
+        long_udp_len[14 + 20 + 5] += 1;
+        assert!(parse_frame(&long_udp_len).is_err());
+    }
+}

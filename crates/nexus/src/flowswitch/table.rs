@@ -1,0 +1,453 @@
+//! The flow table: exact 5-tuples first, then listeners (protocol, local address or wildcard,
+//! local port). Keys hash with a per-process random seed, so a peer cannot pick 5-tuples that
+//! collide on purpose.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use netchannel_shm::control::ChannelId;
+
+use super::parse::Proto;
+
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Index of a flow in the table.
+pub type FlowId = u32;
+
+/// A connected flow, from the nexus host's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// UDP or TCP.
+    pub proto: Proto,
+    /// The host's address and port.
+    pub local: SocketAddr,
+    /// The peer's address and port.
+    pub remote: SocketAddr,
+}
+
+/// What a flow matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowSpec {
+    /// One exact 5-tuple.
+    Exact(FlowKey),
+    /// Every packet to (proto, local), the address possibly unspecified (any local address of
+    /// that family).
+    Listener(Proto, SocketAddr),
+}
+
+/// A flow and its owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flow {
+    /// What it matches.
+    pub spec: FlowSpec,
+    /// The channel that owns it.
+    pub channel: ChannelId,
+}
+
+/// Why a flow cannot be added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TableError {
+    /// Another flow already claims that address and port.
+    #[error("{proto:?} {local} is already claimed by channel {holder}")]
+    InUse {
+        /// Protocol.
+        proto: Proto,
+        /// The address asked for.
+        local: SocketAddr,
+        /// The channel that holds it.
+        holder: ChannelId,
+    },
+    /// The table is full.
+    #[error("the flow table is full ({0} flows)")]
+    Full(usize),
+}
+
+/// A 5-tuple packed into 40 bytes (IPv4 as IPv4-mapped IPv6), hashed in one call: half the
+/// size of `FlowKey`, so a million flows touch fewer cache lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Packed([u8; 40]);
+
+impl Packed {
+    #[inline]
+    fn new(k: &FlowKey) -> Self {
+        let mut b = [0u8; 40];
+        let v6 = |ip: IpAddr| match ip {
+            IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+            IpAddr::V6(a) => a.octets(),
+        };
+        b[..16].copy_from_slice(&v6(k.local.ip()));
+        b[16..32].copy_from_slice(&v6(k.remote.ip()));
+        b[32..34].copy_from_slice(&k.local.port().to_be_bytes());
+        b[34..36].copy_from_slice(&k.remote.port().to_be_bytes());
+        b[36] = k.proto as u8;
+        b[37] = u8::from(k.local.is_ipv4());
+        Self(b)
+    }
+}
+
+/// What a lookup found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hit {
+    /// The flow.
+    pub id: FlowId,
+    /// Its channel.
+    pub channel: ChannelId,
+    /// Whether it is a listener (rather than an exact 5-tuple).
+    pub listener: bool,
+}
+
+fn wildcard(a: &SocketAddr) -> SocketAddr {
+    let ip = match a.ip() {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    SocketAddr::new(ip, a.port())
+}
+
+/// Who uses a local (protocol, address, port): one entry per (address, channel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PortUse {
+    addr: IpAddr,
+    channel: ChannelId,
+    listeners: u32,
+    exacts: u32,
+}
+
+/// The flow table of one flowswitch.
+#[derive(Debug)]
+pub struct FlowTable {
+    flows: Vec<Option<Flow>>,
+    free_ids: Vec<FlowId>,
+    /// Exact flows, with their channel inline so that a hit touches no other memory.
+    exact: Map<Packed, (FlowId, ChannelId)>,
+    listeners: Map<(Proto, SocketAddr), FlowId>,
+    /// Users of each (protocol, local port), for conflict checks and spoofing diagnosis. A
+    /// port has few users (one per address and channel), however many flows share it.
+    ports: Map<(Proto, u16), Vec<PortUse>>,
+    capacity: usize,
+}
+
+fn overlaps(a: IpAddr, b: IpAddr) -> bool {
+    a.is_ipv4() == b.is_ipv4() && (a == b || a.is_unspecified() || b.is_unspecified())
+}
+
+impl FlowTable {
+    /// An empty table that holds at most `capacity` flows.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            flows: Vec::new(),
+            free_ids: Vec::new(),
+            exact: Map::default(),
+            listeners: Map::default(),
+            ports: Map::default(),
+            capacity,
+        }
+    }
+
+    /// Number of flows.
+    pub fn len(&self) -> usize {
+        self.exact.len() + self.listeners.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The flow with id `id`.
+    pub fn get(&self, id: FlowId) -> Option<&Flow> {
+        self.flows.get(id as usize).and_then(Option::as_ref)
+    }
+
+    /// Whether `channel` has any flow on local (proto, port).
+    pub fn channel_uses_port(&self, channel: ChannelId, proto: Proto, port: u16) -> bool {
+        self.ports
+            .get(&(proto, port))
+            .is_some_and(|v| v.iter().any(|u| u.channel == channel))
+    }
+
+    fn local_of(spec: &FlowSpec) -> (Proto, SocketAddr) {
+        match *spec {
+            FlowSpec::Exact(k) => (k.proto, k.local),
+            FlowSpec::Listener(p, a) => (p, a),
+        }
+    }
+
+    /// Adds a flow for `channel`. A listener conflicts with any listener, and with another
+    /// channel's exact flows, on the same protocol and port whose address is equal or where
+    /// either address is the wildcard (same family); an exact flow conflicts with the same
+    /// 5-tuple and with another channel's flows on its local address.
+    pub fn insert(&mut self, channel: ChannelId, spec: FlowSpec) -> Result<FlowId, TableError> {
+        if self.len() >= self.capacity {
+            return Err(TableError::Full(self.capacity));
+        }
+        let (proto, local) = Self::local_of(&spec);
+        if let FlowSpec::Exact(k) = spec
+            && let Some(&(_, holder)) = self.exact.get(&Packed::new(&k))
+        {
+            return Err(TableError::InUse {
+                proto,
+                local,
+                holder,
+            });
+        }
+        let listener = matches!(spec, FlowSpec::Listener(..));
+        for u in self.ports.get(&(proto, local.port())).into_iter().flatten() {
+            if !overlaps(local.ip(), u.addr) {
+                continue;
+            }
+            let clash = if listener {
+                u.listeners > 0 || (u.exacts > 0 && u.channel != channel)
+            } else {
+                u.channel != channel
+            };
+            if clash {
+                return Err(TableError::InUse {
+                    proto,
+                    local,
+                    holder: u.channel,
+                });
+            }
+        }
+        let flow = Flow { spec, channel };
+        let id = match self.free_ids.pop() {
+            Some(id) => {
+                self.flows[id as usize] = Some(flow);
+                id
+            }
+            None => {
+                self.flows.push(Some(flow));
+                (self.flows.len() - 1) as FlowId
+            }
+        };
+        match spec {
+            FlowSpec::Exact(k) => {
+                self.exact.insert(Packed::new(&k), (id, channel));
+            }
+            FlowSpec::Listener(p, a) => {
+                self.listeners.insert((p, a), id);
+            }
+        }
+        let uses = self.ports.entry((proto, local.port())).or_default();
+        let u = match uses
+            .iter_mut()
+            .find(|u| u.addr == local.ip() && u.channel == channel)
+        {
+            Some(u) => u,
+            None => {
+                uses.push(PortUse {
+                    addr: local.ip(),
+                    channel,
+                    listeners: 0,
+                    exacts: 0,
+                });
+                let last = uses.len() - 1;
+                &mut uses[last]
+            }
+        };
+        if listener {
+            u.listeners += 1;
+        } else {
+            u.exacts += 1;
+        }
+        Ok(id)
+    }
+
+    /// Removes a flow.
+    pub fn remove(&mut self, id: FlowId) -> Option<Flow> {
+        let flow = self.flows.get_mut(id as usize)?.take()?;
+        let (proto, local) = Self::local_of(&flow.spec);
+        let listener = match flow.spec {
+            FlowSpec::Exact(k) => {
+                self.exact.remove(&Packed::new(&k));
+                false
+            }
+            FlowSpec::Listener(p, a) => {
+                self.listeners.remove(&(p, a));
+                true
+            }
+        };
+        if let Some(uses) = self.ports.get_mut(&(proto, local.port())) {
+            if let Some(u) = uses
+                .iter_mut()
+                .find(|u| u.addr == local.ip() && u.channel == flow.channel)
+            {
+                let n = if listener {
+                    &mut u.listeners
+                } else {
+                    &mut u.exacts
+                };
+                *n = n.saturating_sub(1);
+            }
+            uses.retain(|u| u.listeners + u.exacts > 0);
+            if uses.is_empty() {
+                self.ports.remove(&(proto, local.port()));
+            }
+        }
+        self.free_ids.push(id);
+        Some(flow)
+    }
+
+    /// Removes every flow of a channel; returns how many.
+    pub fn remove_channel(&mut self, channel: ChannelId) -> usize {
+        let ids: Vec<FlowId> = self
+            .flows
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.is_some_and(|f| f.channel == channel))
+            .map(|(i, _)| i as FlowId)
+            .collect();
+        for &id in &ids {
+            self.remove(id);
+        }
+        ids.len()
+    }
+
+    /// The flow a packet belongs to: the exact 5-tuple, else a listener on its local address,
+    /// else a wildcard listener on its local port.
+    #[inline]
+    pub fn lookup(&self, key: &FlowKey) -> Option<Hit> {
+        if let Some(&(id, channel)) = self.exact.get(&Packed::new(key)) {
+            return Some(Hit {
+                id,
+                channel,
+                listener: false,
+            });
+        }
+        let id = *self
+            .listeners
+            .get(&(key.proto, key.local))
+            .or_else(|| self.listeners.get(&(key.proto, wildcard(&key.local))))?;
+        self.get(id).map(|f| Hit {
+            id,
+            channel: f.channel,
+            listener: true,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn key(p: Proto, l: &str, r: &str) -> FlowKey {
+        FlowKey {
+            proto: p,
+            local: sa(l),
+            remote: sa(r),
+        }
+    }
+
+    #[test]
+    fn exact_first_then_listener_then_wildcard() {
+        let mut t = FlowTable::new(100);
+        let wild = t
+            .insert(1, FlowSpec::Listener(Proto::Udp, sa("0.0.0.0:53")))
+            .unwrap();
+        let exact = t
+            .insert(
+                1,
+                FlowSpec::Exact(key(Proto::Udp, "198.18.0.1:53", "198.18.0.2:999")),
+            )
+            .unwrap();
+        assert_eq!(
+            t.lookup(&key(Proto::Udp, "198.18.0.1:53", "198.18.0.2:999"))
+                .unwrap()
+                .id,
+            exact
+        );
+        assert_eq!(
+            t.lookup(&key(Proto::Udp, "198.18.0.1:53", "198.18.0.3:999"))
+                .unwrap()
+                .id,
+            wild
+        );
+        assert!(
+            t.lookup(&key(Proto::Tcp, "198.18.0.1:53", "198.18.0.3:999"))
+                .is_none(),
+            "TCP is not UDP"
+        );
+        assert!(
+            t.lookup(&key(
+                Proto::Udp,
+                "[fd00:198:18::1]:53",
+                "[fd00:198:18::2]:9"
+            ))
+            .is_none(),
+            "v4 wildcard is not v6"
+        );
+        t.remove(exact);
+        assert_eq!(
+            t.lookup(&key(Proto::Udp, "198.18.0.1:53", "198.18.0.2:999"))
+                .unwrap()
+                .id,
+            wild
+        );
+    }
+
+    #[test]
+    fn conflicts_in_both_orders() {
+        let mut t = FlowTable::new(100);
+        t.insert(1, FlowSpec::Listener(Proto::Udp, sa("198.18.0.1:80")))
+            .unwrap();
+        // wildcard against specific, either order, any channel
+        assert!(matches!(
+            t.insert(2, FlowSpec::Listener(Proto::Udp, sa("0.0.0.0:80"))),
+            Err(TableError::InUse { holder: 1, .. })
+        ));
+        let mut t2 = FlowTable::new(100);
+        t2.insert(2, FlowSpec::Listener(Proto::Udp, sa("0.0.0.0:80")))
+            .unwrap();
+        assert!(
+            t2.insert(1, FlowSpec::Listener(Proto::Udp, sa("198.18.0.1:80")))
+                .is_err()
+        );
+        // other protocol, other family, other address: fine
+        t.insert(2, FlowSpec::Listener(Proto::Tcp, sa("198.18.0.1:80")))
+            .unwrap();
+        t.insert(2, FlowSpec::Listener(Proto::Udp, sa("[::]:80")))
+            .unwrap();
+        t.insert(2, FlowSpec::Listener(Proto::Udp, sa("198.18.0.2:80")))
+            .unwrap();
+        // an exact flow on a listener's address: only its owner (accepted connections)
+        t.insert(
+            1,
+            FlowSpec::Exact(key(Proto::Udp, "198.18.0.1:80", "198.18.0.9:1")),
+        )
+        .unwrap();
+        assert!(
+            t.insert(
+                3,
+                FlowSpec::Exact(key(Proto::Udp, "198.18.0.1:80", "198.18.0.9:2"))
+            )
+            .is_err()
+        );
+        assert!(
+            t.insert(
+                1,
+                FlowSpec::Exact(key(Proto::Udp, "198.18.0.1:80", "198.18.0.9:1"))
+            )
+            .is_err(),
+            "same 5-tuple twice"
+        );
+        assert_eq!(t.remove_channel(2), 3);
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn capacity_is_enforced() {
+        let mut t = FlowTable::new(2);
+        t.insert(1, FlowSpec::Listener(Proto::Udp, sa("0.0.0.0:1")))
+            .unwrap();
+        t.insert(1, FlowSpec::Listener(Proto::Udp, sa("0.0.0.0:2")))
+            .unwrap();
+        assert_eq!(
+            t.insert(1, FlowSpec::Listener(Proto::Udp, sa("0.0.0.0:3"))),
+            Err(TableError::Full(2))
+        );
+    }
+}

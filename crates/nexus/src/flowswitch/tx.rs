@@ -1,0 +1,137 @@
+//! Validation of what an app transmits (anti-spoofing).
+//!
+//! The caller has already copied the packet out of the app's memory, so the app cannot change
+//! it between the check and the send. A packet is accepted only if its 5-tuple belongs to a
+//! flow of the sending channel: an exact flow, or a listener whose address is the packet's
+//! source (a wildcard listener accepts any address the host owns).
+
+use std::net::{IpAddr, SocketAddr};
+
+use netchannel_shm::control::ChannelId;
+
+use super::parse::{RxDrop, parse_ip};
+use super::table::{FlowId, FlowKey, FlowSpec, FlowTable};
+
+/// Why a packet from an app was refused. Each maps to one counter (`tx_<name>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TxDrop {
+    /// The packet did not parse (the reason is the same as on receive).
+    Malformed(RxDrop),
+    /// The source address is not the flow's (or not the host's, for a wildcard flow).
+    SpoofedAddress,
+    /// The source port belongs to no flow of this channel.
+    NoFlow,
+    /// The 5-tuple belongs to another channel's flow.
+    NotOwner,
+}
+
+impl TxDrop {
+    /// Counter suffix.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Malformed(r) => r.name(),
+            Self::SpoofedAddress => "spoofed_address",
+            Self::NoFlow => "no_flow",
+            Self::NotOwner => "not_owner",
+        }
+    }
+}
+
+/// Checks an IP packet sent by `channel`. `host_addrs` are the addresses of the interface.
+pub fn validate(
+    table: &FlowTable,
+    channel: ChannelId,
+    packet: &[u8],
+    host_addrs: &[IpAddr],
+) -> Result<FlowId, TxDrop> {
+    let p = parse_ip(packet).map_err(TxDrop::Malformed)?;
+    let key = FlowKey {
+        proto: p.proto,
+        local: SocketAddr::from(p.src),
+        remote: SocketAddr::from(p.dst),
+    };
+    if let Some(hit) = table.lookup(&key) {
+        if hit.channel != channel {
+            return Err(TxDrop::NotOwner);
+        }
+        if hit.listener
+            && let Some(FlowSpec::Listener(_, a)) = table.get(hit.id).map(|f| f.spec)
+            && a.ip().is_unspecified()
+            && !host_addrs.contains(&key.local.ip())
+        {
+            return Err(TxDrop::SpoofedAddress);
+        }
+        return Ok(hit.id);
+    }
+    // Nothing matches: a flow of this channel on the same port means a forged address.
+    if table.channel_uses_port(channel, p.proto, p.src.1) {
+        Err(TxDrop::SpoofedAddress)
+    } else {
+        Err(TxDrop::NoFlow)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flowswitch::Proto;
+    use crate::flowswitch::parse::tests::{A, B, udp4};
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn every_spoof_is_refused_with_its_reason() {
+        let mut t = FlowTable::new(10);
+        let mine = t
+            .insert(1, FlowSpec::Listener(Proto::Udp, sa("198.18.0.1:5000")))
+            .unwrap();
+        t.insert(2, FlowSpec::Listener(Proto::Udp, sa("198.18.0.1:6000")))
+            .unwrap();
+        let host = [IpAddr::from(A)];
+        let send = |src: [u8; 4], sport, dport| {
+            validate(&t, 1, &udp4(src, sport, B, dport, b"x")[14..], &host)
+        };
+        assert_eq!(send(A, 5000, 9), Ok(mine));
+        assert_eq!(send(A, 5001, 9), Err(TxDrop::NoFlow), "other source port");
+        assert_eq!(
+            send([198, 18, 0, 77], 5000, 9),
+            Err(TxDrop::SpoofedAddress),
+            "other source address"
+        );
+        assert_eq!(
+            send(A, 6000, 9),
+            Err(TxDrop::NotOwner),
+            "another app's flow"
+        );
+        let mut arp_like = udp4(A, 5000, B, 9, b"x")[14..].to_vec();
+        arp_like[0] = 0x00;
+        assert!(
+            matches!(validate(&t, 1, &arp_like, &host), Err(TxDrop::Malformed(_))),
+            "not IP"
+        );
+        let mut tcp_proto = udp4(A, 5000, B, 9, b"x")[14..].to_vec();
+        tcp_proto[9] = 1; // ICMP
+        assert!(
+            matches!(
+                validate(&t, 1, &tcp_proto, &host),
+                Err(TxDrop::Malformed(_))
+            ),
+            "other protocol"
+        );
+    }
+
+    #[test]
+    fn a_wildcard_flow_may_use_only_host_addresses() {
+        let mut t = FlowTable::new(10);
+        t.insert(1, FlowSpec::Listener(Proto::Udp, sa("0.0.0.0:7000")))
+            .unwrap();
+        let host = [IpAddr::from(A)];
+        assert!(validate(&t, 1, &udp4(A, 7000, B, 9, b"x")[14..], &host).is_ok());
+        assert_eq!(
+            validate(&t, 1, &udp4(B, 7000, A, 9, b"x")[14..], &host),
+            Err(TxDrop::SpoofedAddress)
+        );
+    }
+}
