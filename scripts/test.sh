@@ -45,9 +45,11 @@ if [ -z "${QUICK:-}" ]; then
     RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
         cargo test -p netchannel-shm --release --locked --lib loom_tests
 
-    step "smoke run of the main job (bench pipe, 1 short repetition; figures not judged)"
+    step "smoke runs of the benchmarks (1 short repetition each; figures not judged)"
     cargo run --release --locked -q -p netchannel-cli -- bench pipe --reps 1 --duration-ms 100 --rtt-iterations 2000 --json >/dev/null
     echo "bench pipe ran"
+    cargo run --release --locked -q -p netchannel-cli -- bench nexus --reps 1 --duration-ms 100 --rtt-iterations 2000 --json >/dev/null
+    echo "bench nexus ran"
 fi
 
 step "all checks passed"

@@ -149,20 +149,17 @@ fn send(pipe: &mut UserPipe, size: usize, batch: usize, limit: Duration) -> Resu
 
 /// Waits for one packet per the wait mode; `Ok(false)` when the peer has gone.
 fn recv_one(pipe: &mut UserPipe, pkts: &mut Vec<Packet>, mode: WaitMode) -> Result<bool, String> {
-    let mut idle = 0u32;
     loop {
         pkts.clear();
-        if pipe.recv(pkts, 1).map_err(|e| e.to_string())? > 0 {
-            return Ok(true);
+        match pipe.recv(pkts, 1) {
+            Ok(0) => {}
+            Ok(_) => return Ok(true),
+            // A busy poller learns of the peer's departure from `recv` itself.
+            Err(Error::PeerGone) => return Ok(false),
+            Err(e) => return Err(e.to_string()),
         }
         match mode {
-            WaitMode::Busy => {
-                idle = idle.wrapping_add(1);
-                if idle.is_multiple_of(65536) && pipe.peer_gone() {
-                    return Ok(false);
-                }
-                std::hint::spin_loop();
-            }
+            WaitMode::Busy => std::hint::spin_loop(),
             WaitMode::Blocking | WaitMode::Adaptive => {
                 match pipe.wait(Interest::Readable, Some(Duration::from_secs(5))) {
                     Ok(()) => {}
