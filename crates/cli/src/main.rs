@@ -79,39 +79,41 @@ enum Command {
     },
 }
 
+/// How much effort a benchmark spends.
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// Interleaved repetitions (each runs every metric on both paths).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100))]
+    reps: u64,
+    /// Measured window of each throughput trial, in milliseconds (CPU trials last at least 1 s).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    duration_ms: u64,
+    /// Round trips timed per busy-poll latency trial (blocking trials time a quarter as many).
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(100..=10_000_000))]
+    rtt_iterations: u64,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+impl BenchArgs {
+    fn options(&self) -> bench::Options {
+        bench::Options {
+            reps: self.reps as usize,
+            duration_ms: self.duration_ms,
+            rtt_iterations: self.rtt_iterations as usize,
+            json: self.json,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
     /// User pipe between two processes vs kernel UDP over loopback: packets/s, Gbit/s, round trips.
-    Pipe {
-        /// Interleaved repetitions (each runs every metric on both paths).
-        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100))]
-        reps: u64,
-        /// Measured window of each throughput trial, in milliseconds.
-        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
-        duration_ms: u64,
-        /// Round trips timed per busy-poll latency trial (blocking trials time a quarter as many).
-        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(100..=10_000_000))]
-        rtt_iterations: u64,
-        /// Print one JSON object instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    Pipe(BenchArgs),
     /// App → nexus → app (the nexus validates, copies and reflects) vs kernel UDP over loopback:
     /// packets/s, round trips, and CPU per packet at a fixed offered load.
-    Nexus {
-        /// Interleaved repetitions (each runs every metric on both paths).
-        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100))]
-        reps: u64,
-        /// Measured window of each throughput trial, in milliseconds (CPU trials last at least 1 s).
-        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
-        duration_ms: u64,
-        /// Round trips timed per busy-poll latency trial (blocking trials time a quarter as many).
-        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(100..=10_000_000))]
-        rtt_iterations: u64,
-        /// Print one JSON object instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    Nexus(BenchArgs),
 }
 
 fn run_nexus(
@@ -143,33 +145,11 @@ fn main() -> ExitCode {
         Command::Channels { socket, json } => admin::channels(&socket, json),
         Command::Defunct { channel, socket } => admin::defunct(&socket, channel),
         Command::Bench {
-            what:
-                BenchCommand::Pipe {
-                    reps,
-                    duration_ms,
-                    rtt_iterations,
-                    json,
-                },
-        } => bench::pipe(&bench::Options {
-            reps: reps as usize,
-            duration_ms,
-            rtt_iterations: rtt_iterations as usize,
-            json,
-        }),
+            what: BenchCommand::Pipe(a),
+        } => bench::pipe(&a.options()),
         Command::Bench {
-            what:
-                BenchCommand::Nexus {
-                    reps,
-                    duration_ms,
-                    rtt_iterations,
-                    json,
-                },
-        } => bench::nexus(&bench::Options {
-            reps: reps as usize,
-            duration_ms,
-            rtt_iterations: rtt_iterations as usize,
-            json,
-        }),
+            what: BenchCommand::Nexus(a),
+        } => bench::nexus(&a.options()),
         Command::BenchWorker {
             spec,
             server,

@@ -244,6 +244,9 @@ impl Config {
                 "channel.alloc_ring_min must be between 1 and channel.alloc_ring_max".into(),
             ));
         }
+        if !(u64::from(c.buffers_per_segment) * 2048).is_multiple_of(4096) {
+            return Err(ConfigError::Invalid("channel.buffers_per_segment must be even (a segment is whole 4 KiB pages of 2 KiB buffers)".into()));
+        }
         if c.buffers_per_segment == 0 || c.buffers < c.buffers_per_segment {
             return Err(ConfigError::Invalid(
                 "channel.buffers must hold at least one segment".into(),

@@ -453,16 +453,22 @@ impl Endpoint {
         unsafe { base.cast::<Schema>().as_ref() }
     }
 
-    /// Fails if the channel is defunct or a ring was found corrupt.
-    pub fn check(&self) -> Result<(), Error> {
-        if let Some((ring, claimed, valid, size)) = self.broken {
-            return Err(Error::RingIndexOob {
+    /// Fails if a ring was found corrupt (it stays so).
+    fn not_broken(&self) -> Result<(), Error> {
+        match self.broken {
+            Some((ring, claimed, valid, size)) => Err(Error::RingIndexOob {
                 ring,
                 claimed,
                 valid,
                 size,
-            });
+            }),
+            None => Ok(()),
         }
+    }
+
+    /// Fails if the channel is defunct or a ring was found corrupt.
+    pub fn check(&self) -> Result<(), Error> {
+        self.not_broken()?;
         if self.schema().state() == state::DEFUNCT {
             return Err(Error::Defunct {
                 reason: DefunctReason::from_code(self.schema().defunct_reason()),
@@ -764,14 +770,7 @@ impl Endpoint {
 
     /// Whether `interest` is satisfied right now (reads the peer's index at most once).
     pub fn ready(&mut self, interest: Interest) -> Result<bool, Error> {
-        if let Some((ring, claimed, valid, size)) = self.broken {
-            return Err(Error::RingIndexOob {
-                ring,
-                claimed,
-                valid,
-                size,
-            });
-        }
+        self.not_broken()?;
         let r = match interest {
             Interest::Readable => self.data_in.available(),
             Interest::Writable => self.data_out.free(1),
