@@ -9,6 +9,7 @@
 //!   polls and when it sleeps;
 //! * [`flowswitch`]: parsing, the flow table and anti-spoofing validation (not yet wired to an
 //!   interface);
+//! * [`netns`]: one port space with the host (port reservations);
 //! * [`config`]: the TOML configuration (every setting has a default).
 //!
 //! The flowswitch, the interface backends and the host-stack port space come next (see
@@ -21,6 +22,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod flowswitch;
+pub mod netns;
 pub mod pacer;
 
 pub use config::Config;
