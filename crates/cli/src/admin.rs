@@ -103,3 +103,36 @@ pub(crate) fn defunct(socket: &str, channel: u64) -> Result<(), String> {
     println!("channel {channel} is defunct");
     Ok(())
 }
+
+/// `netchannel flows`.
+pub(crate) fn flows(socket: &str, json: bool) -> Result<(), String> {
+    let flows = connect(socket)?.flows().map_err(|e| e.to_string())?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&flows).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    println!(
+        "{:>6} {:>8} {:>8} {:>6} {:<5} {:<40} {:<40} class",
+        "flow", "channel", "pid", "uid", "proto", "local", "remote"
+    );
+    for f in &flows {
+        let remote = f
+            .remote
+            .map_or_else(|| "* (listener)".to_owned(), |r| r.to_string());
+        println!(
+            "{:>6} {:>8} {:>8} {:>6} {:<5} {:<40} {:<40} {}",
+            f.id,
+            f.channel,
+            f.pid,
+            f.uid,
+            format!("{:?}", f.proto).to_lowercase(),
+            f.local.to_string(),
+            remote,
+            f.class
+        );
+    }
+    Ok(())
+}

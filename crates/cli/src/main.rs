@@ -48,6 +48,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Every flow: owner, protocol, local and remote address, class.
+    Flows {
+        /// Control socket of the nexus.
+        #[arg(long, default_value = netchannel_shm::control::DEFAULT_SOCKET)]
+        socket: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Revokes a channel: its app's next call fails with Defunct, its memory is reclaimed.
     Defunct {
         /// The channel id (see `netchannel channels`).
@@ -143,6 +152,7 @@ fn main() -> ExitCode {
         Command::Nexus { config, socket } => run_nexus(config.as_deref(), socket),
         Command::Status { socket, json } => admin::status(&socket, json),
         Command::Channels { socket, json } => admin::channels(&socket, json),
+        Command::Flows { socket, json } => admin::flows(&socket, json),
         Command::Defunct { channel, socket } => admin::defunct(&socket, channel),
         Command::Bench {
             what: BenchCommand::Pipe(a),

@@ -28,19 +28,20 @@
 //! epoll or tokio, register [`Channel::wakeup_fd`] for readability, arm the rings with
 //! [`Endpoint::arm`] before sleeping, and call `clear_bell` after waking.
 
+use std::net::SocketAddr;
 use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
 use netchannel_shm::control::{
-    self, ChannelId, ChannelKind, MAX_REPLY, NexusStatus, Reply, Request,
+    self, ChannelId, ChannelKind, FlowStatus, MAX_REPLY, NexusStatus, Reply, Request,
 };
 use netchannel_shm::endpoint::Home;
 use netchannel_shm::fdpass::{recv_with_fds, send_with_fds};
 use netchannel_shm::{Endpoint, Error};
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 
-pub use netchannel_shm::control::DEFAULT_SOCKET;
+pub use netchannel_shm::control::{DEFAULT_SOCKET, FlowProto};
 
 /// How long a control request may take before the nexus is considered unresponsive.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -169,6 +170,48 @@ impl Nexus {
         match self.request(&Request::Defunct { channel }, &[])?.0 {
             Reply::Done => Ok(()),
             other => Err(Error::Protocol(format!("expected done, got {other:?}"))),
+        }
+    }
+
+    /// Claims a flow for `channel`: a listener when `remote` is `None`, else a connected
+    /// 5-tuple. The nexus also reserves (proto, local) in the host's port space, so a port the
+    /// host uses is refused ([`Error::Refused`] with code `InUse`, naming the holder) and no
+    /// host process can take it while the flow lives; port 0 lets the kernel choose. Returns
+    /// the flow's id and the local address actually held.
+    pub fn add_flow(
+        &mut self,
+        channel: &Channel,
+        proto: FlowProto,
+        local: SocketAddr,
+        remote: Option<SocketAddr>,
+    ) -> Result<(u32, SocketAddr), Error> {
+        let req = Request::AddFlow {
+            channel: channel.id,
+            proto,
+            local,
+            remote,
+        };
+        match self.request(&req, &[])?.0 {
+            Reply::FlowAdded { flow, local } => Ok((flow, local)),
+            other => Err(Error::Protocol(format!(
+                "expected flow_added, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Gives a flow up (and its host-port reservation).
+    pub fn remove_flow(&mut self, flow: u32) -> Result<(), Error> {
+        match self.request(&Request::RemoveFlow { flow }, &[])?.0 {
+            Reply::Done => Ok(()),
+            other => Err(Error::Protocol(format!("expected done, got {other:?}"))),
+        }
+    }
+
+    /// The flows (every flow for root, one's own otherwise).
+    pub fn flows(&mut self) -> Result<Vec<FlowStatus>, Error> {
+        match self.request(&Request::Flows, &[])?.0 {
+            Reply::Flows { flows } => Ok(flows),
+            other => Err(Error::Protocol(format!("expected flows, got {other:?}"))),
         }
     }
 

@@ -17,6 +17,8 @@ use rustix::event::epoll;
 use crate::channel::{Channel, Quarantine};
 use crate::config::Config;
 use crate::control::{Client, ControlErrors};
+use crate::flowswitch::FlowTable;
+use crate::netns::HostPorts;
 use crate::pacer::{Next, Pacer};
 
 /// Why the nexus could not start or keep running.
@@ -46,6 +48,9 @@ impl NexusError {
     }
 }
 
+/// Most flows one nexus holds.
+const MAX_FLOWS: usize = 1 << 20;
+
 /// How often idle channels are looked at for trimming.
 const HOUSEKEEPING: Duration = Duration::from_millis(100);
 
@@ -69,6 +74,11 @@ pub struct Nexus {
     pub(crate) next_id: u64,
     pub(crate) started: Instant,
     pub(crate) errors: ControlErrors,
+    /// Every flow of every channel.
+    pub(crate) flows: FlowTable,
+    /// Host-port reservations, shared by the flows of one channel on one (proto, address,
+    /// port) and released with the last of them.
+    pub(crate) host_ports: HostPorts,
     signals: UnixStream,
     shutting_down: bool,
 }
@@ -112,6 +122,8 @@ impl Nexus {
             next_id: 1,
             started: Instant::now(),
             errors: ControlErrors::default(),
+            flows: FlowTable::new(MAX_FLOWS),
+            host_ports: HostPorts::default(),
             signals,
             shutting_down: false,
         })
@@ -221,6 +233,7 @@ impl Nexus {
             }
         }
         for (id, q) in quarantine {
+            self.release_flows(id);
             if let Some(c) = self.channels.get_mut(&id) {
                 tracing::warn!(channel = id, pid = c.cred.pid, reason = ?q, counters = ?c.endpoint().stats().drop_counters(), "quarantining channel");
                 c.make_defunct(match q {
@@ -263,7 +276,15 @@ impl Nexus {
     }
 
     /// Removes a channel: every buffer comes home, then its memory is unmapped.
+    /// Gives up every flow of a channel and its host-port reservations.
+    pub(crate) fn release_flows(&mut self, channel: ChannelId) {
+        for flow in self.flows.remove_channel(channel) {
+            self.host_ports.release(flow);
+        }
+    }
+
     pub(crate) fn remove_channel(&mut self, id: ChannelId) {
+        self.release_flows(id);
         if let Some(mut c) = self.channels.remove(&id) {
             let _ = epoll::delete(&self.epoll, c.endpoint().bell_fd());
             if let Err(e) = c.reclaim() {
@@ -278,6 +299,10 @@ impl Nexus {
     fn shutdown(&mut self) {
         for c in self.channels.values_mut() {
             c.make_defunct(DefunctReason::ServerShutdown);
+        }
+        let ids: Vec<ChannelId> = self.channels.keys().copied().collect();
+        for id in ids {
+            self.release_flows(id);
         }
         let _ = std::fs::remove_file(&self.config.control.socket);
         tracing::info!(

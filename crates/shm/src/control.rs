@@ -73,6 +73,57 @@ pub enum Request {
         /// The channel.
         channel: ChannelId,
     },
+    /// Claim a flow for one of this app's channels: a listener (no remote) or a connected
+    /// 5-tuple. The nexus reserves (proto, local) in the host's port space; port 0 lets the
+    /// kernel choose.
+    AddFlow {
+        /// The channel that will own the flow.
+        channel: ChannelId,
+        /// UDP or TCP.
+        proto: FlowProto,
+        /// Local address (unspecified for every address of the host) and port.
+        local: std::net::SocketAddr,
+        /// The peer, for a connected flow.
+        remote: Option<std::net::SocketAddr>,
+    },
+    /// Give a flow up.
+    RemoveFlow {
+        /// The flow.
+        flow: u32,
+    },
+    /// List flows (every flow for root, one's own otherwise).
+    Flows,
+}
+
+/// Transport protocols of flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowProto {
+    /// UDP.
+    Udp,
+    /// TCP.
+    Tcp,
+}
+
+/// One flow as `netchannel flows` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowStatus {
+    /// The flow's id.
+    pub id: u32,
+    /// The channel that owns it.
+    pub channel: ChannelId,
+    /// Owner's pid.
+    pub pid: i32,
+    /// Owner's uid.
+    pub uid: u32,
+    /// UDP or TCP.
+    pub proto: FlowProto,
+    /// Local address and port.
+    pub local: std::net::SocketAddr,
+    /// Remote address and port (connected flows).
+    pub remote: Option<std::net::SocketAddr>,
+    /// `best_effort` (the low-latency class comes later).
+    pub class: String,
 }
 
 /// What the nexus answers.
@@ -93,6 +144,18 @@ pub enum Reply {
     Done,
     /// The nexus's state.
     Status(Box<NexusStatus>),
+    /// The flow is claimed.
+    FlowAdded {
+        /// Its id.
+        flow: u32,
+        /// The local address and port actually held (the kernel's choice for port 0).
+        local: std::net::SocketAddr,
+    },
+    /// The flows.
+    Flows {
+        /// Every flow visible to the caller.
+        flows: Vec<FlowStatus>,
+    },
     /// The request was refused.
     Error {
         /// A stable code for programs.
@@ -118,6 +181,8 @@ pub enum ErrorCode {
     Limit,
     /// No such channel (or not yours).
     NoSuchChannel,
+    /// The address and port are held by the host or another app.
+    InUse,
     /// The nexus could not build or attach the channel's memory.
     Resource,
     /// The nexus is shutting down.

@@ -4,6 +4,7 @@
 //! malformed is answered with an error and counted under its reason; fds a client sends unasked
 //! are closed at once; nothing a client sends can make the nexus panic or block.
 
+mod flows;
 pub mod policy;
 
 use std::collections::BTreeMap;
@@ -335,6 +336,14 @@ impl Nexus {
                 )
             }
             Request::Defunct { channel } => (self.defunct(id, channel), vec![]),
+            Request::AddFlow {
+                channel,
+                proto,
+                local,
+                remote,
+            } => (self.add_flow(id, channel, proto, local, remote), vec![]),
+            Request::RemoveFlow { flow } => (self.remove_flow(id, flow), vec![]),
+            Request::Flows => (self.list_flows(id), vec![]),
         }
     }
 
@@ -514,6 +523,7 @@ impl Nexus {
         match self.channels.get_mut(&channel) {
             Some(c) if uid == 0 || c.cred.uid == uid => {
                 c.make_defunct(DefunctReason::Administrative);
+                self.release_flows(channel);
                 Reply::Done
             }
             Some(_) => {

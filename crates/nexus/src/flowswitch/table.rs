@@ -173,14 +173,11 @@ impl FlowTable {
         }
     }
 
-    /// Adds a flow for `channel`. A listener conflicts with any listener, and with another
+    /// Whether `channel` may add `spec`. A listener conflicts with any listener, and with another
     /// channel's exact flows, on the same protocol and port whose address is equal or where
     /// either address is the wildcard (same family); an exact flow conflicts with the same
     /// 5-tuple and with another channel's flows on its local address.
-    pub fn insert(&mut self, channel: ChannelId, spec: FlowSpec) -> Result<FlowId, TableError> {
-        if self.len() >= self.capacity {
-            return Err(TableError::Full(self.capacity));
-        }
+    pub fn check(&self, channel: ChannelId, spec: FlowSpec) -> Result<(), TableError> {
         let (proto, local) = Self::local_of(&spec);
         if let FlowSpec::Exact(k) = spec
             && let Some(&(_, holder)) = self.exact.get(&Packed::new(&k))
@@ -209,6 +206,17 @@ impl FlowTable {
                 });
             }
         }
+        Ok(())
+    }
+
+    /// Adds a flow for `channel` (see [`FlowTable::check`] for what conflicts).
+    pub fn insert(&mut self, channel: ChannelId, spec: FlowSpec) -> Result<FlowId, TableError> {
+        if self.len() >= self.capacity {
+            return Err(TableError::Full(self.capacity));
+        }
+        self.check(channel, spec)?;
+        let (proto, local) = Self::local_of(&spec);
+        let listener = matches!(spec, FlowSpec::Listener(..));
         let flow = Flow { spec, channel };
         let id = match self.free_ids.pop() {
             Some(id) => {
@@ -288,8 +296,8 @@ impl FlowTable {
         Some(flow)
     }
 
-    /// Removes every flow of a channel; returns how many.
-    pub fn remove_channel(&mut self, channel: ChannelId) -> usize {
+    /// Removes every flow of a channel; returns their ids.
+    pub fn remove_channel(&mut self, channel: ChannelId) -> Vec<FlowId> {
         let ids: Vec<FlowId> = self
             .flows
             .iter()
@@ -300,7 +308,15 @@ impl FlowTable {
         for &id in &ids {
             self.remove(id);
         }
-        ids.len()
+        ids
+    }
+
+    /// Every flow, with its id.
+    pub fn iter(&self) -> impl Iterator<Item = (FlowId, &Flow)> {
+        self.flows
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| f.as_ref().map(|f| (i as FlowId, f)))
     }
 
     /// The flow a packet belongs to: the exact 5-tuple, else a listener on its local address,
@@ -434,7 +450,7 @@ mod tests {
             .is_err(),
             "same 5-tuple twice"
         );
-        assert_eq!(t.remove_channel(2), 3);
+        assert_eq!(t.remove_channel(2).len(), 3);
         assert_eq!(t.len(), 2);
     }
 

@@ -8,3 +8,103 @@
 pub mod reserve;
 
 pub use reserve::{Reservation, ReserveError, reserve};
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use netchannel_shm::control::ChannelId;
+
+use crate::flowswitch::{FlowId, Proto};
+
+/// The host-port reservations of every flow. Flows of one channel on one (proto, address,
+/// port), or on an address a reservation of that channel already covers (a wildcard), share
+/// one reservation; it is released with the last of them.
+#[derive(Debug, Default)]
+pub struct HostPorts {
+    held: BTreeMap<u64, Held>,
+    by_flow: BTreeMap<FlowId, u64>,
+    next: u64,
+}
+
+#[derive(Debug)]
+struct Held {
+    channel: ChannelId,
+    res: Reservation,
+    users: u32,
+}
+
+fn covers(held: SocketAddr, want: SocketAddr) -> bool {
+    held.port() == want.port()
+        && held.is_ipv4() == want.is_ipv4()
+        && (held.ip() == want.ip() || held.ip().is_unspecified())
+}
+
+impl HostPorts {
+    /// Finds or makes the reservation for a new flow of `channel`; returns its handle and the
+    /// local address actually held.
+    pub fn acquire(
+        &mut self,
+        channel: ChannelId,
+        proto: Proto,
+        local: SocketAddr,
+    ) -> Result<(u64, SocketAddr), ReserveError> {
+        if local.port() != 0 {
+            let shared = self.held.iter_mut().find(|(_, h)| {
+                h.channel == channel && h.res.proto() == proto && covers(h.res.local(), local)
+            });
+            if let Some((&id, h)) = shared {
+                h.users += 1;
+                return Ok((id, local));
+            }
+        }
+        let res = reserve(proto, local)?;
+        let actual = res.local();
+        let id = self.next;
+        self.next += 1;
+        self.held.insert(
+            id,
+            Held {
+                channel,
+                res,
+                users: 1,
+            },
+        );
+        Ok((id, actual))
+    }
+
+    /// Records that `flow` uses reservation `handle`.
+    pub fn bind(&mut self, flow: FlowId, handle: u64) {
+        self.by_flow.insert(flow, handle);
+    }
+
+    /// Gives up a handle acquired for a flow that was never added.
+    pub fn unacquire(&mut self, handle: u64) {
+        self.drop_user(handle);
+    }
+
+    /// The flow is gone: its reservation loses a user (and is released with the last).
+    pub fn release(&mut self, flow: FlowId) {
+        if let Some(handle) = self.by_flow.remove(&flow) {
+            self.drop_user(handle);
+        }
+    }
+
+    fn drop_user(&mut self, handle: u64) {
+        if let Some(h) = self.held.get_mut(&handle) {
+            h.users = h.users.saturating_sub(1);
+            if h.users == 0 {
+                self.held.remove(&handle);
+            }
+        }
+    }
+
+    /// Reservations held.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+}

@@ -1,0 +1,180 @@
+//! Flow requests: claiming (proto, address, port) for a channel, in the flow table and in the
+//! host's port space at once, within the policy and the per-user limit.
+
+use std::net::SocketAddr;
+
+use netchannel_shm::control::{ChannelId, ErrorCode, FlowProto, FlowStatus, Reply};
+
+use super::{policy, refuse};
+use crate::daemon::Nexus;
+use crate::flowswitch::table::{FlowKey, FlowSpec, TableError};
+use crate::flowswitch::{FlowId, Proto};
+use crate::netns::ReserveError;
+
+fn proto(p: FlowProto) -> Proto {
+    match p {
+        FlowProto::Udp => Proto::Udp,
+        FlowProto::Tcp => Proto::Tcp,
+    }
+}
+
+fn wire(p: Proto) -> FlowProto {
+    match p {
+        Proto::Udp => FlowProto::Udp,
+        Proto::Tcp => FlowProto::Tcp,
+    }
+}
+
+fn spec(p: Proto, local: SocketAddr, remote: Option<SocketAddr>) -> FlowSpec {
+    match remote {
+        Some(remote) => FlowSpec::Exact(FlowKey {
+            proto: p,
+            local,
+            remote,
+        }),
+        None => FlowSpec::Listener(p, local),
+    }
+}
+
+impl Nexus {
+    pub(super) fn add_flow(
+        &mut self,
+        client: u64,
+        channel: ChannelId,
+        fp: FlowProto,
+        local: SocketAddr,
+        remote: Option<SocketAddr>,
+    ) -> Reply {
+        let Some(c) = self.channels.get(&channel).filter(|c| c.client == client) else {
+            return refuse(
+                ErrorCode::NoSuchChannel,
+                format!("you have no channel {channel}"),
+            );
+        };
+        if !c.is_active() {
+            return refuse(
+                ErrorCode::NoSuchChannel,
+                format!("channel {channel} is defunct"),
+            );
+        }
+        let cred = c.cred.clone();
+        let p = proto(fp);
+        let addr = (!local.ip().is_unspecified()).then_some(local.ip());
+        if local.port() != 0
+            && !policy::may_claim_port(&self.config.policy, &cred, local.port(), addr)
+        {
+            self.errors.count("not_permitted");
+            return refuse(
+                ErrorCode::NotPermitted,
+                format!(
+                    "uid {} may not claim port {} (policy.privileged_ports_below / policy.ports)",
+                    cred.uid,
+                    local.port()
+                ),
+            );
+        }
+        let owned = self
+            .flows
+            .iter()
+            .filter(|(_, f)| {
+                self.channels
+                    .get(&f.channel)
+                    .is_some_and(|c| c.cred.uid == cred.uid)
+            })
+            .count();
+        let limit = self.config.limits.flows_per_user;
+        if cred.uid != 0 && owned >= limit {
+            self.errors.count("limit_flows");
+            return refuse(
+                ErrorCode::Limit,
+                format!(
+                    "uid {} has {owned} flows; the limit is limits.flows_per_user = {limit}",
+                    cred.uid
+                ),
+            );
+        }
+        // Clashes between apps are named by the flow table (the host would only name the nexus).
+        if local.port() != 0
+            && let Err(e) = self.flows.check(channel, spec(p, local, remote))
+        {
+            self.errors.count("port_in_use");
+            return refuse(ErrorCode::InUse, e.to_string());
+        }
+        let (handle, local) = match self.host_ports.acquire(channel, p, local) {
+            Ok(h) => h,
+            Err(ReserveError::InUse {
+                proto,
+                local,
+                holder,
+            }) => {
+                self.errors.count("port_in_use");
+                let by = holder.map(|h| format!(" by {h}")).unwrap_or_default();
+                return refuse(
+                    ErrorCode::InUse,
+                    format!("{proto:?} {local} is already in use{by}"),
+                );
+            }
+            Err(e) => return refuse(ErrorCode::Resource, e.to_string()),
+        };
+        let id: FlowId = match self.flows.insert(channel, spec(p, local, remote)) {
+            Ok(id) => id,
+            Err(e) => {
+                self.host_ports.unacquire(handle);
+                let code = match e {
+                    TableError::InUse { .. } => {
+                        self.errors.count("port_in_use");
+                        ErrorCode::InUse
+                    }
+                    TableError::Full(_) => ErrorCode::Limit,
+                };
+                return refuse(code, e.to_string());
+            }
+        };
+        self.host_ports.bind(id, handle);
+        tracing::debug!(channel, flow = id, %local, ?remote, "flow added");
+        Reply::FlowAdded { flow: id, local }
+    }
+
+    pub(super) fn remove_flow(&mut self, client: u64, flow: FlowId) -> Reply {
+        let mine = self
+            .flows
+            .get(flow)
+            .and_then(|f| self.channels.get(&f.channel))
+            .is_some_and(|c| c.client == client);
+        if !mine {
+            return refuse(ErrorCode::NoSuchChannel, format!("you have no flow {flow}"));
+        }
+        self.flows.remove(flow);
+        self.host_ports.release(flow);
+        Reply::Done
+    }
+
+    pub(super) fn list_flows(&self, client: u64) -> Reply {
+        let uid = self.clients.get(&client).map_or(u32::MAX, |c| c.cred.uid);
+        let flows = self
+            .flows
+            .iter()
+            .filter_map(|(id, f)| {
+                let c = self.channels.get(&f.channel)?;
+                if uid != 0 && c.cred.uid != uid {
+                    return None;
+                }
+                let (p, local, remote) = match f.spec {
+                    FlowSpec::Exact(k) => (k.proto, k.local, Some(k.remote)),
+                    FlowSpec::Listener(p, a) => (p, a, None),
+                };
+                Some(FlowStatus {
+                    id,
+                    channel: f.channel,
+                    pid: c.cred.pid,
+                    uid: c.cred.uid,
+                    proto: wire(p),
+                    local,
+                    remote,
+                    class: "best_effort".into(),
+                })
+            })
+            .collect();
+        Reply::Flows { flows }
+    }
+}
