@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use netchannel_shm::DefunctReason;
@@ -17,7 +19,7 @@ use rustix::event::epoll;
 use crate::channel::{Channel, Quarantine};
 use crate::config::Config;
 use crate::control::{Client, ControlErrors};
-use crate::flowswitch::FlowTable;
+use crate::flowswitch::{FlowTable, Switch};
 use crate::netns::HostPorts;
 use crate::pacer::{Next, Pacer};
 
@@ -48,6 +50,9 @@ impl NexusError {
     }
 }
 
+/// Most frames taken from the interface per pass.
+const RX_BUDGET: usize = 256;
+
 /// Most flows one nexus holds.
 const MAX_FLOWS: usize = 1 << 20;
 
@@ -58,6 +63,7 @@ const HOUSEKEEPING: Duration = Duration::from_millis(100);
 pub(crate) mod token {
     pub(crate) const LISTENER: u64 = 0;
     pub(crate) const SIGNAL: u64 = 1;
+    pub(crate) const NETIF: u64 = 2;
     pub(crate) const CLIENT: u64 = 1 << 56;
     pub(crate) const CHANNEL: u64 = 2 << 56;
     pub(crate) const ID_MASK: u64 = (1 << 56) - 1;
@@ -79,6 +85,9 @@ pub struct Nexus {
     /// Host-port reservations, shared by the flows of one channel on one (proto, address,
     /// port) and released with the last of them.
     pub(crate) host_ports: HostPorts,
+    /// The flowswitch of the interface, if the nexus serves one (else channels reflect).
+    pub(crate) switch: Option<Switch>,
+    stop: Arc<AtomicBool>,
     signals: UnixStream,
     shutting_down: bool,
 }
@@ -124,9 +133,32 @@ impl Nexus {
             errors: ControlErrors::default(),
             flows: FlowTable::new(MAX_FLOWS),
             host_ports: HostPorts::default(),
+            switch: None,
+            stop: Arc::new(AtomicBool::new(false)),
             signals,
             shutting_down: false,
         })
+    }
+
+    /// Serves an interface through a flowswitch instead of reflecting packets.
+    pub fn with_switch(config: Config, switch: Switch) -> Result<Self, NexusError> {
+        let mut n = Self::new(config)?;
+        if let Some(fd) = switch.netif().wake_fd() {
+            epoll::add(
+                &n.epoll,
+                fd,
+                epoll::EventData::new_u64(token::NETIF),
+                epoll::EventFlags::IN,
+            )
+            .map_err(|e| NexusError::sys("epoll_ctl(interface)", e))?;
+        }
+        n.switch = Some(switch);
+        Ok(n)
+    }
+
+    /// A flag that stops [`Nexus::run`] (as SIGTERM does) when set, within a second.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
     }
 
     /// Serves until SIGTERM or SIGINT; then marks every channel DEFUNCT ("server shutting down")
@@ -144,7 +176,7 @@ impl Nexus {
         let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
         let mut last_housekeeping = Instant::now();
         tracing::info!(socket = %self.config.control.socket.display(), "nexus serving");
-        while !self.shutting_down {
+        while !self.shutting_down && !self.stop.load(Ordering::Relaxed) {
             let moved = self.service_channels();
             passes = passes.wrapping_add(1);
             let now = Instant::now();
@@ -226,10 +258,34 @@ impl Nexus {
         let (cfg, batch) = (&self.config.channel, self.config.datapath.batch);
         let mut moved = 0;
         let mut quarantine = Vec::new();
-        for c in self.channels.values_mut() {
-            match c.service(cfg, batch) {
-                Ok(n) => moved += n,
-                Err(q) => quarantine.push((c.id, q)),
+        match &mut self.switch {
+            // With an interface: the flowswitch moves packets between it and the channels.
+            Some(sw) => {
+                let (n, broken) = sw.rx_pass(&self.flows, &mut self.channels, RX_BUDGET);
+                moved += n;
+                quarantine.extend(broken.into_iter().map(|id| (id, Quarantine::RingCorrupt)));
+                for c in self.channels.values_mut() {
+                    let sent = match sw.tx_pass(&self.flows, c, batch) {
+                        Ok(k) => k,
+                        Err(q) => {
+                            quarantine.push((c.id, q));
+                            continue;
+                        }
+                    };
+                    match c.service_buffers(cfg, sent) {
+                        Ok(r) => moved += sent + r,
+                        Err(q) => quarantine.push((c.id, q)),
+                    }
+                }
+            }
+            // Without one: each channel's packets are reflected back to it.
+            None => {
+                for c in self.channels.values_mut() {
+                    match c.service(cfg, batch) {
+                        Ok(n) => moved += n,
+                        Err(q) => quarantine.push((c.id, q)),
+                    }
+                }
             }
         }
         for (id, q) in quarantine {
@@ -328,6 +384,21 @@ impl Nexus {
                 .unwrap_or(0),
             rss_bytes: rss_bytes(),
             control_errors: self.errors.list(),
+            interface: self
+                .switch
+                .as_ref()
+                .map(|sw| {
+                    let st = sw.stats();
+                    let mut v = vec![
+                        ("rx_frames".to_owned(), st.rx_frames),
+                        ("rx_switched".to_owned(), st.rx_switched),
+                        ("tx_frames".to_owned(), st.tx_frames),
+                        ("tx_netif_errors".to_owned(), st.tx_netif_errors),
+                    ];
+                    v.extend(st.rx_drops.iter().map(|(k, n)| (format!("rx_{k}"), *n)));
+                    v
+                })
+                .unwrap_or_default(),
             channels,
         }
     }

@@ -9,6 +9,7 @@
 //!   polls and when it sleeps;
 //! * [`flowswitch`]: parsing, the flow table and anti-spoofing validation (not yet wired to an
 //!   interface);
+//! * [`netif`]: interface backends (an in-memory pair today);
 //! * [`netns`]: one port space with the host (port reservations);
 //! * [`config`]: the TOML configuration (every setting has a default).
 //!
@@ -22,6 +23,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod flowswitch;
+pub mod netif;
 pub mod netns;
 pub mod pacer;
 

@@ -204,6 +204,9 @@ pub struct NexusStatus {
     pub rss_bytes: u64,
     /// Requests refused or messages dropped on the control socket, by reason.
     pub control_errors: Vec<(String, u64)>,
+    /// Interface counters (frames in and out, drops by reason), when the nexus serves one.
+    #[serde(default)]
+    pub interface: Vec<(String, u64)>,
     /// Channels.
     pub channels: Vec<ChannelStatus>,
 }

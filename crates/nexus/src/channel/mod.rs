@@ -22,12 +22,16 @@ pub enum Quarantine {
 }
 
 /// Nexus-side drop counters of a channel (the app's violations are counted by its endpoint).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Drops {
     /// The channel's RX ring was full.
     pub rx_ring_full: u64,
     /// The channel's pool had no free buffer for an incoming packet.
     pub rx_no_buf: u64,
+    /// An incoming packet was larger than a buffer.
+    pub rx_too_big: u64,
+    /// Packets the app sent that the flowswitch refused, by reason (`tx_<reason>`).
+    pub tx: std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// One channel in service (or revoked and waiting for its app to close it).
@@ -168,6 +172,105 @@ impl Channel {
         tracing::debug!(channel = self.id, released, "idle channel trimmed");
     }
 
+    /// Stages one incoming IP packet for delivery: copies it into a fresh buffer of this
+    /// channel's pool (the copy is the isolation boundary). Counted as `rx_no_buf` when the
+    /// pool is exhausted. Call [`Channel::flush_rx`] after the batch.
+    pub fn stage(&mut self, packet: &[u8]) {
+        if self.defunct.is_some() {
+            return;
+        }
+        let Some(buf) = self.ep.alloc() else {
+            self.drops.rx_no_buf += 1;
+            return;
+        };
+        match self.ep.buffer_mut(buf) {
+            Some(bytes) if packet.len() <= bytes.len() => {
+                bytes[..packet.len()].copy_from_slice(packet);
+                self.rx.push(Packet {
+                    buf,
+                    offset: 0,
+                    len: packet.len() as u32,
+                });
+            }
+            _ => {
+                self.drops.rx_too_big += 1;
+                let _ = self.ep.free([buf]);
+            }
+        }
+    }
+
+    /// Delivers the staged packets on the RX ring; what does not fit is dropped and counted
+    /// (`rx_ring_full`).
+    pub fn flush_rx(&mut self) -> Result<usize, Quarantine> {
+        if self.rx.is_empty() {
+            return Ok(0);
+        }
+        let Ok(sent) = self.ep.send(&self.rx) else {
+            let _ = self.ep.free(self.rx.iter().map(|q| q.buf));
+            self.rx.clear();
+            return Err(Quarantine::RingCorrupt);
+        };
+        for q in &self.rx[sent..] {
+            self.drops.rx_ring_full += 1;
+            let _ = self.ep.free([q.buf]);
+        }
+        self.rx.clear();
+        Ok(sent)
+    }
+
+    /// Takes up to `budget` packets from the TX ring and hands each payload to `f`, which
+    /// must copy it before looking at it and returns the drop reason if it refuses it. The
+    /// buffers go back to the pool either way. Returns the packets taken.
+    pub fn drain_tx(
+        &mut self,
+        budget: usize,
+        mut f: impl FnMut(&[u8]) -> Result<(), &'static str>,
+    ) -> Result<usize, Quarantine> {
+        if self.defunct.is_some() {
+            return Ok(0);
+        }
+        self.tx.clear();
+        let n = self
+            .ep
+            .recv(&mut self.tx, budget)
+            .map_err(|_| Quarantine::RingCorrupt)?;
+        for p in &self.tx {
+            if let Err(reason) = f(self.ep.payload(p)) {
+                *self.drops.tx.entry(reason).or_default() += 1;
+            }
+        }
+        let _ = self.ep.free(self.tx.iter().map(|p| p.buf));
+        Ok(n)
+    }
+
+    /// The housekeeping half of a pass when a flowswitch moves the packets: take back returned
+    /// buffers, top up the ALLOC ring, enforce the strike limit.
+    pub fn service_buffers(
+        &mut self,
+        cfg: &ChannelConfig,
+        moved: usize,
+    ) -> Result<usize, Quarantine> {
+        if self.defunct.is_some() {
+            return Ok(0);
+        }
+        let returned = self.ep.refill().map_err(|_| Quarantine::RingCorrupt)? as usize;
+        if moved + returned > 0 {
+            self.last_active = Instant::now();
+            self.trimmed = false;
+        }
+        let supplied = self
+            .ep
+            .supply_to(self.alloc_target)
+            .map_err(|_| Quarantine::RingCorrupt)?;
+        if supplied.starved && moved + returned > 0 {
+            self.alloc_target = (self.alloc_target * 2).min(cfg.alloc_ring_max);
+        }
+        if self.ep.stats().total_violations() >= cfg.max_strikes {
+            return Err(Quarantine::Strikes);
+        }
+        Ok(returned)
+    }
+
     /// Sets or clears the need-wakeup flags of the rings the nexus consumes. Returns true if
     /// there is already work (so the caller must not sleep).
     pub fn arm(&mut self, on: bool) -> bool {
@@ -224,10 +327,14 @@ impl Channel {
         for (name, n) in [
             ("rx_ring_full", self.drops.rx_ring_full),
             ("rx_no_buf", self.drops.rx_no_buf),
+            ("rx_too_big", self.drops.rx_too_big),
         ] {
             if n > 0 {
                 drops.push((name.into(), n));
             }
+        }
+        for (reason, n) in &self.drops.tx {
+            drops.push((format!("tx_{reason}"), *n));
         }
         if self.defunct.is_none() {
             self.audit = match self.ep.audit() {

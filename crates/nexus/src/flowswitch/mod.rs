@@ -2,7 +2,8 @@
 //!
 //! * [`parse`]: one pass over L2/L3/L4 with validated lengths and software checksums;
 //! * [`table`]: the flow table, exact 5-tuples first, then listeners;
-//! * [`tx`]: validation of what an app sends (anti-spoofing).
+//! * [`tx`]: validation of what an app sends (anti-spoofing);
+//! * [`datapath`]: the switch between an interface and the channels.
 //!
 //! Everything here is a plain function of (table, bytes): no I/O, so the whole classification
 //! path is tested in-process and benchmarked with criterion (`benches/flow_lookup.rs`).
@@ -12,10 +13,12 @@
 //! guesswork could hand one app's data to another. Fragments are dropped and counted
 //! (`rx_fragment`); apps are told the path MTU instead. Apps may not send fragments either.
 
+pub mod datapath;
 pub mod parse;
 pub mod table;
 pub mod tx;
 
+pub use datapath::{Switch, SwitchStats};
 pub use parse::{Parsed, Proto, RxDrop};
 pub use table::{FlowId, FlowKey, FlowSpec, FlowTable, Hit, TableError};
 pub use tx::TxDrop;

@@ -1,0 +1,166 @@
+//! The flowswitch datapath between an interface and the channels.
+//!
+//! * **RX**: each frame is parsed once, looked up (exact flow, then listener), and its IP packet
+//!   (Ethernet stripped) is copied into the owning channel's pool; a batch per channel is then
+//!   published with one ring update. Every frame that reaches no app is counted under one
+//!   reason.
+//! * **TX**: each packet an app sends is copied out of its memory into the switch's own buffer
+//!   *before* it is inspected, validated against the sending channel's flows (anti-spoofing),
+//!   given an Ethernet header and sent.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use netchannel_shm::control::ChannelId;
+
+use super::parse::{RxDrop, parse_frame};
+use super::table::{FlowKey, FlowTable};
+use super::tx;
+use crate::channel::Channel;
+use crate::netif::Netif;
+
+/// Interface-level counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SwitchStats {
+    /// Frames received from the interface.
+    pub rx_frames: u64,
+    /// Frames delivered to a channel (staged; the channel counts ring-full drops).
+    pub rx_switched: u64,
+    /// Frames dropped before reaching a channel, by reason.
+    pub rx_drops: BTreeMap<&'static str, u64>,
+    /// Frames sent on the interface.
+    pub tx_frames: u64,
+    /// Frames the interface refused (queue full, too large).
+    pub tx_netif_errors: u64,
+}
+
+/// The flowswitch of one interface.
+#[derive(Debug)]
+pub struct Switch {
+    netif: Box<dyn Netif>,
+    host_addrs: Vec<IpAddr>,
+    next_hop: [u8; 6],
+    frame: Vec<u8>,
+    touched: Vec<ChannelId>,
+    stats: SwitchStats,
+}
+
+const ETH: usize = 14;
+
+impl Switch {
+    /// A flowswitch on `netif`, whose host addresses are `host_addrs`, sending every frame to
+    /// `next_hop` (until neighbours come from netlink).
+    pub fn new(netif: Box<dyn Netif>, host_addrs: Vec<IpAddr>, next_hop: [u8; 6]) -> Self {
+        Self {
+            netif,
+            host_addrs,
+            next_hop,
+            frame: vec![0; ETH + 65_535],
+            touched: Vec::new(),
+            stats: SwitchStats::default(),
+        }
+    }
+
+    /// The interface (for its wake-up fd).
+    pub fn netif(&self) -> &dyn Netif {
+        self.netif.as_ref()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &SwitchStats {
+        &self.stats
+    }
+
+    /// Moves up to `budget` frames from the interface to their channels. Returns the channels
+    /// that must be quarantined (their RX ring is corrupt) and the frames handled.
+    pub fn rx_pass(
+        &mut self,
+        table: &FlowTable,
+        channels: &mut BTreeMap<ChannelId, Channel>,
+        budget: usize,
+    ) -> (usize, Vec<ChannelId>) {
+        let Self {
+            netif,
+            stats,
+            touched,
+            ..
+        } = self;
+        touched.clear();
+        let n = netif.recv(budget, &mut |frame| {
+            stats.rx_frames += 1;
+            let verdict = parse_frame(frame).and_then(|p| {
+                let key = FlowKey {
+                    proto: p.proto,
+                    local: SocketAddr::from(p.dst),
+                    remote: SocketAddr::from(p.src),
+                };
+                let hit = table.lookup(&key).ok_or(RxDrop::NoFlow)?;
+                Ok((hit.channel, p.ip_offset, p.ip_len))
+            });
+            match verdict {
+                Ok((ch, off, len)) => match channels.get_mut(&ch) {
+                    Some(c) if c.is_active() => {
+                        c.stage(&frame[off..off + len]);
+                        if !touched.contains(&ch) {
+                            touched.push(ch);
+                        }
+                        stats.rx_switched += 1;
+                    }
+                    _ => *stats.rx_drops.entry("channel_gone").or_default() += 1,
+                },
+                Err(d) => *stats.rx_drops.entry(d.name()).or_default() += 1,
+            }
+        });
+        let mut broken = Vec::new();
+        for id in touched.iter() {
+            if let Some(c) = channels.get_mut(id)
+                && c.flush_rx().is_err()
+            {
+                broken.push(*id);
+            }
+        }
+        (n, broken)
+    }
+
+    /// Sends up to `budget` packets of one channel, each validated against its flows.
+    pub fn tx_pass(
+        &mut self,
+        table: &FlowTable,
+        channel: &mut Channel,
+        budget: usize,
+    ) -> Result<usize, crate::channel::Quarantine> {
+        let id = channel.id;
+        let Self {
+            netif,
+            host_addrs,
+            next_hop,
+            frame,
+            stats,
+            ..
+        } = self;
+        let src_mac = netif.mac();
+        channel.drain_tx(budget, |pkt| {
+            // Copy first: the app may still be writing its buffer.
+            let len = pkt.len();
+            if len == 0 || ETH + len > frame.len() {
+                return Err("bad_len");
+            }
+            frame[ETH..ETH + len].copy_from_slice(pkt);
+            tx::validate(table, id, &frame[ETH..ETH + len], host_addrs).map_err(|d| d.name())?;
+            frame[..6].copy_from_slice(next_hop);
+            frame[6..12].copy_from_slice(&src_mac);
+            let ethertype: u16 = if frame[ETH] >> 4 == 6 { 0x86dd } else { 0x0800 };
+            frame[12..14].copy_from_slice(&ethertype.to_be_bytes());
+            match netif.send(&frame[..ETH + len]) {
+                Ok(()) => {
+                    stats.tx_frames += 1;
+                    Ok(())
+                }
+                Err(_) => {
+                    stats.tx_netif_errors += 1;
+                    Err("netif")
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,228 @@
+//! The flowswitch end to end in one process: a real nexus (control socket, channels, flow
+//! table, host-port reservations) serving an in-memory interface pair, an app on a channel,
+//! and a "wire peer" holding the other end of the pair.
+
+use std::time::{Duration, Instant};
+
+use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
+use netchannel::nexus::{ChannelOptions, FlowProto, Nexus};
+use netchannel::{Interest, Packet};
+use netchannel_nexus::flowswitch::Switch;
+use netchannel_nexus::netif::Netif;
+use netchannel_nexus::netif::pair::{PairEnd, pair};
+
+const NEXUS_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const PEER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
+const HOST: [u8; 4] = [198, 18, 0, 1];
+const PEER: [u8; 4] = [198, 18, 0, 2];
+
+fn udp_frame(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(PEER_MAC, NEXUS_MAC)
+        .ipv4(src, dst, 64)
+        .udp(sport, dport)
+        .write(&mut out, payload)
+        .expect("writing into a Vec cannot fail");
+    out
+}
+
+fn udp_ip(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ipv4(src, dst, 64)
+        .udp(sport, dport)
+        .write(&mut out, payload)
+        .expect("writing into a Vec cannot fail");
+    out
+}
+
+struct Running {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    socket: String,
+    wire: PairEnd,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn start(name: &str) -> Running {
+    let (nexus_end, wire) = pair(NEXUS_MAC, PEER_MAC).expect("an interface pair");
+    let socket = format!("/tmp/netchannel-fsw-{}-{name}.sock", std::process::id());
+    let mut cfg = netchannel_nexus::Config::default();
+    cfg.control.socket = socket.clone().into();
+    let sw = Switch::new(Box::new(nexus_end), vec![HOST.into()], PEER_MAC);
+    let mut nexus = netchannel_nexus::Nexus::with_switch(cfg, sw).expect("a nexus on the pair");
+    let stop = nexus.stop_flag();
+    let thread = std::thread::spawn(move || nexus.run().expect("the nexus runs"));
+    let t0 = Instant::now();
+    while Nexus::connect(&socket).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Running {
+        stop,
+        thread: Some(thread),
+        socket,
+        wire,
+    }
+}
+
+/// Waits for frames on the wire side, up to `n` or 500 ms.
+fn wire_frames(wire: &mut PairEnd, n: usize) -> Vec<Vec<u8>> {
+    let mut got = Vec::new();
+    let t0 = Instant::now();
+    while got.len() < n && t0.elapsed() < Duration::from_millis(500) {
+        wire.recv(64, &mut |f| got.push(f.to_vec()));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    got
+}
+
+fn counter(list: &[(String, u64)], name: &str) -> u64 {
+    list.iter().find(|(k, _)| k == name).map_or(0, |(_, v)| *v)
+}
+
+#[test]
+fn udp_crosses_the_flowswitch_both_ways_and_spoofs_are_dropped() {
+    let mut r = start("udp");
+    let mut nexus = Nexus::connect(&r.socket).unwrap();
+    let mut ch = nexus.open_channel(ChannelOptions::default()).unwrap();
+    let (_, local) = nexus
+        .add_flow(&ch, FlowProto::Udp, "0.0.0.0:0".parse().unwrap(), None)
+        .unwrap();
+    let port = local.port();
+
+    // Wire → app: only the claimed port arrives, as an IP packet.
+    r.wire
+        .send(&udp_frame(PEER, 999, HOST, port, b"to the app"))
+        .unwrap();
+    r.wire
+        .send(&udp_frame(
+            PEER,
+            999,
+            HOST,
+            port.wrapping_add(1),
+            b"unclaimed",
+        ))
+        .unwrap();
+    let mut bad = udp_frame(PEER, 999, HOST, port, b"corrupt");
+    *bad.last_mut().unwrap() ^= 1;
+    r.wire.send(&bad).unwrap();
+    let mut got = Vec::new();
+    let t0 = Instant::now();
+    while got.is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "nothing delivered");
+        ch.wait(Interest::Readable, Some(Duration::from_millis(100)))
+            .ok();
+        ch.recv(&mut got, 8).unwrap();
+    }
+    let ip = ch.payload(&got[0]).to_vec();
+    let sliced = SlicedPacket::from_ip(&ip).unwrap();
+    let Some(TransportSlice::Udp(u)) = sliced.transport else {
+        panic!("not UDP")
+    };
+    assert_eq!(
+        (u.source_port(), u.destination_port(), u.payload()),
+        (999, port, &b"to the app"[..])
+    );
+    ch.free(got.iter().map(|p| p.buf)).unwrap();
+
+    // App → wire: a valid reply goes out with an Ethernet header; spoofs do not.
+    let send = |ch: &mut netchannel::nexus::Channel, pkt: Vec<u8>| {
+        let buf = loop {
+            if let Some(b) = ch.alloc() {
+                break b;
+            }
+            ch.wait(Interest::Buffers, Some(Duration::from_secs(1)))
+                .unwrap();
+        };
+        ch.buffer_mut(buf).unwrap()[..pkt.len()].copy_from_slice(&pkt);
+        ch.send(&[Packet {
+            buf,
+            offset: 0,
+            len: pkt.len() as u32,
+        }])
+        .unwrap();
+    };
+    send(&mut ch, udp_ip(HOST, port, PEER, 999, b"reply"));
+    send(
+        &mut ch,
+        udp_ip(HOST, port.wrapping_add(7), PEER, 999, b"other source port"),
+    );
+    send(
+        &mut ch,
+        udp_ip([198, 18, 0, 77], port, PEER, 999, b"other source address"),
+    );
+    let frames = wire_frames(&mut r.wire, 3);
+    assert_eq!(
+        frames.len(),
+        1,
+        "only the valid reply may leave: {frames:?}"
+    );
+    let f = SlicedPacket::from_ethernet(&frames[0]).unwrap();
+    assert_eq!(&frames[0][..12], &[PEER_MAC, NEXUS_MAC].concat()[..]);
+    let Some(TransportSlice::Udp(u)) = f.transport else {
+        panic!("not UDP")
+    };
+    assert_eq!(u.payload(), b"reply");
+
+    let s = nexus.status().unwrap();
+    let c = s.channels.iter().find(|c| c.id == ch.id()).unwrap();
+    assert_eq!(counter(&c.drops, "tx_no_flow"), 1, "{:?}", c.drops);
+    assert_eq!(counter(&c.drops, "tx_spoofed_address"), 1, "{:?}", c.drops);
+    assert_eq!(counter(&s.interface, "rx_no_flow"), 1, "{:?}", s.interface);
+    assert_eq!(
+        counter(&s.interface, "rx_bad_l4_checksum"),
+        1,
+        "{:?}",
+        s.interface
+    );
+    assert_eq!(counter(&s.interface, "rx_switched"), 1);
+    assert_eq!(counter(&s.interface, "tx_frames"), 1);
+}
+
+#[test]
+fn two_channels_get_only_their_own_flows() {
+    let mut r = start("two");
+    let mut nexus = Nexus::connect(&r.socket).unwrap();
+    let mut a = nexus.open_channel(ChannelOptions::default()).unwrap();
+    let mut b = nexus.open_channel(ChannelOptions::default()).unwrap();
+    let (_, la) = nexus
+        .add_flow(&a, FlowProto::Udp, "0.0.0.0:0".parse().unwrap(), None)
+        .unwrap();
+    let (_, lb) = nexus
+        .add_flow(&b, FlowProto::Udp, "0.0.0.0:0".parse().unwrap(), None)
+        .unwrap();
+    for i in 0..20u8 {
+        let port = if i % 2 == 0 { la.port() } else { lb.port() };
+        r.wire
+            .send(&udp_frame(PEER, 1000 + u16::from(i), HOST, port, &[i]))
+            .unwrap();
+    }
+    for (ch, parity) in [(&mut a, 0u8), (&mut b, 1u8)] {
+        let mut got = Vec::new();
+        let t0 = Instant::now();
+        while got.len() < 10 && t0.elapsed() < Duration::from_secs(5) {
+            ch.wait(Interest::Readable, Some(Duration::from_millis(50)))
+                .ok();
+            ch.recv(&mut got, 32).unwrap();
+        }
+        assert_eq!(got.len(), 10);
+        for p in &got {
+            let ip = ch.payload(p);
+            assert_eq!(
+                ip.last().copied().unwrap() % 2,
+                parity,
+                "a packet of the other channel arrived"
+            );
+        }
+        ch.free(got.iter().map(|p| p.buf)).unwrap();
+    }
+}
