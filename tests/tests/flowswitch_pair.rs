@@ -186,6 +186,12 @@ fn udp_crosses_the_flowswitch_both_ways_and_spoofs_are_dropped() {
     );
     assert_eq!(counter(&s.interface, "rx_switched"), 1);
     assert_eq!(counter(&s.interface, "tx_frames"), 1);
+    let flows = nexus.flows().unwrap();
+    assert_eq!(
+        (flows[0].rx_packets, flows[0].tx_packets),
+        (1, 1),
+        "{flows:?}"
+    );
 }
 
 #[test]

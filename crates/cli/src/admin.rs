@@ -115,15 +115,15 @@ pub(crate) fn flows(socket: &str, json: bool) -> Result<(), String> {
         return Ok(());
     }
     println!(
-        "{:>6} {:>8} {:>8} {:>6} {:<5} {:<40} {:<40} class",
-        "flow", "channel", "pid", "uid", "proto", "local", "remote"
+        "{:>6} {:>8} {:>8} {:>6} {:<5} {:<40} {:<40} {:<12} {:>10} {:>10}",
+        "flow", "channel", "pid", "uid", "proto", "local", "remote", "class", "rx pkts", "tx pkts"
     );
     for f in &flows {
         let remote = f
             .remote
             .map_or_else(|| "* (listener)".to_owned(), |r| r.to_string());
         println!(
-            "{:>6} {:>8} {:>8} {:>6} {:<5} {:<40} {:<40} {}",
+            "{:>6} {:>8} {:>8} {:>6} {:<5} {:<40} {:<40} {:<12} {:>10} {:>10}",
             f.id,
             f.channel,
             f.pid,
@@ -131,7 +131,9 @@ pub(crate) fn flows(socket: &str, json: bool) -> Result<(), String> {
             format!("{:?}", f.proto).to_lowercase(),
             f.local.to_string(),
             remote,
-            f.class
+            f.class,
+            f.rx_packets,
+            f.tx_packets
         );
     }
     Ok(())

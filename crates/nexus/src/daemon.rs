@@ -261,11 +261,11 @@ impl Nexus {
         match &mut self.switch {
             // With an interface: the flowswitch moves packets between it and the channels.
             Some(sw) => {
-                let (n, broken) = sw.rx_pass(&self.flows, &mut self.channels, RX_BUDGET);
+                let (n, broken) = sw.rx_pass(&mut self.flows, &mut self.channels, RX_BUDGET);
                 moved += n;
                 quarantine.extend(broken.into_iter().map(|id| (id, Quarantine::RingCorrupt)));
                 for c in self.channels.values_mut() {
-                    let sent = match sw.tx_pass(&self.flows, c, batch) {
+                    let sent = match sw.tx_pass(&mut self.flows, c, batch) {
                         Ok(k) => k,
                         Err(q) => {
                             quarantine.push((c.id, q));

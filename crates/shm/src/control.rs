@@ -124,6 +124,12 @@ pub struct FlowStatus {
     pub remote: Option<std::net::SocketAddr>,
     /// `best_effort` (the low-latency class comes later).
     pub class: String,
+    /// Packets the flowswitch delivered to the flow's channel.
+    #[serde(default)]
+    pub rx_packets: u64,
+    /// Packets of the flow the flowswitch sent.
+    #[serde(default)]
+    pub tx_packets: u64,
 }
 
 /// What the nexus answers.

@@ -163,6 +163,7 @@ impl Nexus {
                     FlowSpec::Exact(k) => (k.proto, k.local, Some(k.remote)),
                     FlowSpec::Listener(p, a) => (p, a, None),
                 };
+                let (rx_packets, tx_packets) = self.flows.counters(id);
                 Some(FlowStatus {
                     id,
                     channel: f.channel,
@@ -172,6 +173,8 @@ impl Nexus {
                     local,
                     remote,
                     class: "best_effort".into(),
+                    rx_packets,
+                    tx_packets,
                 })
             })
             .collect();

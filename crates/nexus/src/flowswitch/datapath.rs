@@ -75,7 +75,7 @@ impl Switch {
     /// that must be quarantined (their RX ring is corrupt) and the frames handled.
     pub fn rx_pass(
         &mut self,
-        table: &FlowTable,
+        table: &mut FlowTable,
         channels: &mut BTreeMap<ChannelId, Channel>,
         budget: usize,
     ) -> (usize, Vec<ChannelId>) {
@@ -95,11 +95,13 @@ impl Switch {
                     remote: SocketAddr::from(p.src),
                 };
                 let hit = table.lookup(&key).ok_or(RxDrop::NoFlow)?;
-                Ok((hit.channel, p.ip_offset, p.ip_len))
+                Ok((hit, p.ip_offset, p.ip_len))
             });
             match verdict {
-                Ok((ch, off, len)) => match channels.get_mut(&ch) {
+                Ok((hit, off, len)) => match channels.get_mut(&hit.channel) {
                     Some(c) if c.is_active() => {
+                        let ch = hit.channel;
+                        table.count(hit.id, false);
                         c.stage(&frame[off..off + len]);
                         if !touched.contains(&ch) {
                             touched.push(ch);
@@ -125,7 +127,7 @@ impl Switch {
     /// Sends up to `budget` packets of one channel, each validated against its flows.
     pub fn tx_pass(
         &mut self,
-        table: &FlowTable,
+        table: &mut FlowTable,
         channel: &mut Channel,
         budget: usize,
     ) -> Result<usize, crate::channel::Quarantine> {
@@ -146,7 +148,8 @@ impl Switch {
                 return Err("bad_len");
             }
             frame[ETH..ETH + len].copy_from_slice(pkt);
-            tx::validate(table, id, &frame[ETH..ETH + len], host_addrs).map_err(|d| d.name())?;
+            let flow = tx::validate(table, id, &frame[ETH..ETH + len], host_addrs)
+                .map_err(|d| d.name())?;
             frame[..6].copy_from_slice(next_hop);
             frame[6..12].copy_from_slice(&src_mac);
             let ethertype: u16 = if frame[ETH] >> 4 == 6 { 0x86dd } else { 0x0800 };
@@ -154,6 +157,7 @@ impl Switch {
             match netif.send(&frame[..ETH + len]) {
                 Ok(()) => {
                     stats.tx_frames += 1;
+                    table.count(flow, true);
                     Ok(())
                 }
                 Err(_) => {

@@ -117,6 +117,8 @@ struct PortUse {
 #[derive(Debug)]
 pub struct FlowTable {
     flows: Vec<Option<Flow>>,
+    /// Packets received and sent per flow, by [`FlowId`].
+    counters: Vec<[u64; 2]>,
     free_ids: Vec<FlowId>,
     /// Exact flows, with their channel inline so that a hit touches no other memory.
     exact: Map<Packed, (FlowId, ChannelId)>,
@@ -136,6 +138,7 @@ impl FlowTable {
     pub fn new(capacity: usize) -> Self {
         Self {
             flows: Vec::new(),
+            counters: Vec::new(),
             free_ids: Vec::new(),
             exact: Map::default(),
             listeners: Map::default(),
@@ -221,10 +224,12 @@ impl FlowTable {
         let id = match self.free_ids.pop() {
             Some(id) => {
                 self.flows[id as usize] = Some(flow);
+                self.counters[id as usize] = [0, 0];
                 id
             }
             None => {
                 self.flows.push(Some(flow));
+                self.counters.push([0, 0]);
                 (self.flows.len() - 1) as FlowId
             }
         };
@@ -309,6 +314,21 @@ impl FlowTable {
             self.remove(id);
         }
         ids
+    }
+
+    /// Counts a packet received (`tx = false`) or sent on a flow.
+    #[inline]
+    pub fn count(&mut self, id: FlowId, tx: bool) {
+        if let Some(c) = self.counters.get_mut(id as usize) {
+            c[usize::from(tx)] += 1;
+        }
+    }
+
+    /// Packets received and sent on a flow.
+    pub fn counters(&self, id: FlowId) -> (u64, u64) {
+        self.counters
+            .get(id as usize)
+            .map_or((0, 0), |c| (c[0], c[1]))
     }
 
     /// Every flow, with its id.
