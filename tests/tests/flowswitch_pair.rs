@@ -79,7 +79,7 @@ fn wire_frames(wire: &mut PairEnd, n: usize) -> Vec<Vec<u8>> {
     let mut got = Vec::new();
     let t0 = Instant::now();
     while got.len() < n && t0.elapsed() < Duration::from_millis(500) {
-        wire.recv(64, &mut |f| got.push(f.to_vec()));
+        wire.recv(64, &mut |fs| got.extend(fs.iter().map(|f| f.to_vec())));
         std::thread::sleep(Duration::from_millis(1));
     }
     got

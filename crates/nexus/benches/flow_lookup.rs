@@ -1,14 +1,15 @@
 //! Flow-table lookups per second, in-process, with 10 k and 1 M flows.
 //!
 //! `cargo bench -p netchannel-nexus --bench flow_lookup`. Criterion reports elements/s: each
-//! iteration looks up 4096 keys of existing flows in random order (every lookup hits).
+//! iteration looks up 4096 keys of existing flows in random order (every lookup hits), one at
+//! a time (`single`) and in batches of 32 as the datapath classifies a receive batch (`batch`).
 
 use std::hint::black_box;
 use std::net::{Ipv4Addr, SocketAddr};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use netchannel_nexus::flowswitch::Proto;
-use netchannel_nexus::flowswitch::table::{FlowKey, FlowSpec, FlowTable};
+use netchannel_nexus::flowswitch::table::{BatchScratch, FlowKey, FlowSpec, FlowTable};
 
 /// A deterministic xorshift, so every run looks up the same keys.
 fn rng(seed: &mut u64) -> u64 {
@@ -51,7 +52,19 @@ fn lookups(c: &mut Criterion) {
             .map(|_| keys[(rng(&mut seed) % n as u64) as usize])
             .collect();
         g.throughput(Throughput::Elements(probe.len() as u64));
-        g.bench_function(format!("{n}_flows"), |b| {
+        g.bench_function(format!("batch/{n}_flows"), |b| {
+            let (mut scratch, mut out) = (BatchScratch::default(), Vec::with_capacity(32));
+            b.iter(|| {
+                let mut hits = 0u32;
+                for chunk in probe.chunks(32) {
+                    t.lookup_batch(black_box(chunk), &mut scratch, &mut out);
+                    hits += out.iter().filter(|h| h.is_some()).count() as u32;
+                }
+                assert_eq!(hits as usize, probe.len());
+                hits
+            })
+        });
+        g.bench_function(format!("single/{n}_flows"), |b| {
             b.iter(|| {
                 let mut hits = 0u32;
                 for k in &probe {

@@ -24,6 +24,7 @@ pub mod doorbell;
 pub mod endpoint;
 mod error;
 pub mod fdpass;
+pub mod hint;
 pub mod layout;
 pub mod ledger;
 pub mod pool;

@@ -14,7 +14,7 @@ use std::net::{IpAddr, SocketAddr};
 use netchannel_shm::control::ChannelId;
 
 use super::parse::{RxDrop, parse_frame};
-use super::table::{FlowKey, FlowTable};
+use super::table::{BatchScratch, FlowKey, FlowTable, Hit};
 use super::tx;
 use crate::channel::Channel;
 use crate::netif::Netif;
@@ -42,6 +42,10 @@ pub struct Switch {
     next_hop: [u8; 6],
     frame: Vec<u8>,
     touched: Vec<ChannelId>,
+    keys: Vec<FlowKey>,
+    parsed: Vec<(usize, usize, usize)>,
+    hits: Vec<Option<Hit>>,
+    scratch: BatchScratch,
     stats: SwitchStats,
 }
 
@@ -57,6 +61,10 @@ impl Switch {
             next_hop,
             frame: vec![0; ETH + 65_535],
             touched: Vec::new(),
+            keys: Vec::new(),
+            parsed: Vec::new(),
+            hits: Vec::new(),
+            scratch: BatchScratch::default(),
             stats: SwitchStats::default(),
         }
     }
@@ -71,8 +79,8 @@ impl Switch {
         &self.stats
     }
 
-    /// Moves up to `budget` frames from the interface to their channels. Returns the channels
-    /// that must be quarantined (their RX ring is corrupt) and the frames handled.
+    /// Moves up to `budget` frames from the interface to their channels. Returns the frames
+    /// handled and the channels that must be quarantined (their RX ring is corrupt).
     pub fn rx_pass(
         &mut self,
         table: &mut FlowTable,
@@ -83,34 +91,48 @@ impl Switch {
             netif,
             stats,
             touched,
+            keys,
+            parsed,
+            hits,
+            scratch,
             ..
         } = self;
         touched.clear();
-        let n = netif.recv(budget, &mut |frame| {
-            stats.rx_frames += 1;
-            let verdict = parse_frame(frame).and_then(|p| {
-                let key = FlowKey {
-                    proto: p.proto,
-                    local: SocketAddr::from(p.dst),
-                    remote: SocketAddr::from(p.src),
+        let n = netif.recv(budget, &mut |frames| {
+            // Parse the whole batch, look it up in one go (the misses overlap), then deliver.
+            stats.rx_frames += frames.len() as u64;
+            parsed.clear();
+            keys.clear();
+            for (j, frame) in frames.iter().enumerate() {
+                match parse_frame(frame) {
+                    Ok(p) => {
+                        keys.push(FlowKey {
+                            proto: p.proto,
+                            local: SocketAddr::from(p.dst),
+                            remote: SocketAddr::from(p.src),
+                        });
+                        parsed.push((j, p.ip_offset, p.ip_len));
+                    }
+                    Err(d) => *stats.rx_drops.entry(d.name()).or_default() += 1,
+                }
+            }
+            table.lookup_batch(keys, scratch, hits);
+            for (&(j, off, len), hit) in parsed.iter().zip(hits.iter()) {
+                let Some(hit) = hit else {
+                    *stats.rx_drops.entry(RxDrop::NoFlow.name()).or_default() += 1;
+                    continue;
                 };
-                let hit = table.lookup(&key).ok_or(RxDrop::NoFlow)?;
-                Ok((hit, p.ip_offset, p.ip_len))
-            });
-            match verdict {
-                Ok((hit, off, len)) => match channels.get_mut(&hit.channel) {
+                match channels.get_mut(&hit.channel) {
                     Some(c) if c.is_active() => {
-                        let ch = hit.channel;
+                        c.stage(&frames[j][off..off + len]);
                         table.count(hit.id, false);
-                        c.stage(&frame[off..off + len]);
-                        if !touched.contains(&ch) {
-                            touched.push(ch);
+                        if !touched.contains(&hit.channel) {
+                            touched.push(hit.channel);
                         }
                         stats.rx_switched += 1;
                     }
                     _ => *stats.rx_drops.entry("channel_gone").or_default() += 1,
-                },
-                Err(d) => *stats.rx_drops.entry(d.name()).or_default() += 1,
+                }
             }
         });
         let mut broken = Vec::new();

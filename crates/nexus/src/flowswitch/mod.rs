@@ -14,6 +14,7 @@
 //! (`rx_fragment`); apps are told the path MTU instead. Apps may not send fragments either.
 
 pub mod datapath;
+pub mod index;
 pub mod parse;
 pub mod table;
 pub mod tx;

@@ -7,6 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use netchannel_shm::control::ChannelId;
 
+use super::index::ExactIndex;
 use super::parse::Proto;
 
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -85,6 +86,13 @@ impl Packed {
     }
 }
 
+/// Buffers reused by [`FlowTable::lookup_batch`].
+#[derive(Debug, Default)]
+pub struct BatchScratch {
+    packed: Vec<[u8; 40]>,
+    found: Vec<Option<(u32, u64)>>,
+}
+
 /// What a lookup found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hit {
@@ -120,8 +128,8 @@ pub struct FlowTable {
     /// Packets received and sent per flow, by [`FlowId`].
     counters: Vec<[u64; 2]>,
     free_ids: Vec<FlowId>,
-    /// Exact flows, with their channel inline so that a hit touches no other memory.
-    exact: Map<Packed, (FlowId, ChannelId)>,
+    /// Exact flows, with their channel beside the key so that a hit touches no other memory.
+    exact: ExactIndex,
     listeners: Map<(Proto, SocketAddr), FlowId>,
     /// Users of each (protocol, local port), for conflict checks and spoofing diagnosis. A
     /// port has few users (one per address and channel), however many flows share it.
@@ -140,7 +148,7 @@ impl FlowTable {
             flows: Vec::new(),
             counters: Vec::new(),
             free_ids: Vec::new(),
-            exact: Map::default(),
+            exact: ExactIndex::new(),
             listeners: Map::default(),
             ports: Map::default(),
             capacity,
@@ -183,7 +191,7 @@ impl FlowTable {
     pub fn check(&self, channel: ChannelId, spec: FlowSpec) -> Result<(), TableError> {
         let (proto, local) = Self::local_of(&spec);
         if let FlowSpec::Exact(k) = spec
-            && let Some(&(_, holder)) = self.exact.get(&Packed::new(&k))
+            && let Some((_, holder)) = self.exact.get(&Packed::new(&k).0)
         {
             return Err(TableError::InUse {
                 proto,
@@ -235,7 +243,7 @@ impl FlowTable {
         };
         match spec {
             FlowSpec::Exact(k) => {
-                self.exact.insert(Packed::new(&k), (id, channel));
+                self.exact.insert(Packed::new(&k).0, id, channel);
             }
             FlowSpec::Listener(p, a) => {
                 self.listeners.insert((p, a), id);
@@ -272,7 +280,7 @@ impl FlowTable {
         let (proto, local) = Self::local_of(&flow.spec);
         let listener = match flow.spec {
             FlowSpec::Exact(k) => {
-                self.exact.remove(&Packed::new(&k));
+                self.exact.remove(&Packed::new(&k).0);
                 false
             }
             FlowSpec::Listener(p, a) => {
@@ -316,6 +324,30 @@ impl FlowTable {
         ids
     }
 
+    /// Looks up a batch of keys, overlapping the exact index's cache misses;
+    /// `out[j]` is the flow of `keys[j]`. `scratch` is reused between calls.
+    pub fn lookup_batch(
+        &self,
+        keys: &[FlowKey],
+        scratch: &mut BatchScratch,
+        out: &mut Vec<Option<Hit>>,
+    ) {
+        scratch.packed.clear();
+        scratch.packed.extend(keys.iter().map(|k| Packed::new(k).0));
+        self.exact.get_batch(&scratch.packed, &mut scratch.found);
+        out.clear();
+        for (k, f) in keys.iter().zip(&scratch.found) {
+            out.push(match *f {
+                Some((id, channel)) => Some(Hit {
+                    id,
+                    channel,
+                    listener: false,
+                }),
+                None => self.lookup_listener(k),
+            });
+        }
+    }
+
     /// Counts a packet received (`tx = false`) or sent on a flow.
     #[inline]
     pub fn count(&mut self, id: FlowId, tx: bool) {
@@ -343,13 +375,17 @@ impl FlowTable {
     /// else a wildcard listener on its local port.
     #[inline]
     pub fn lookup(&self, key: &FlowKey) -> Option<Hit> {
-        if let Some(&(id, channel)) = self.exact.get(&Packed::new(key)) {
+        if let Some((id, channel)) = self.exact.get(&Packed::new(key).0) {
             return Some(Hit {
                 id,
                 channel,
                 listener: false,
             });
         }
+        self.lookup_listener(key)
+    }
+
+    fn lookup_listener(&self, key: &FlowKey) -> Option<Hit> {
         let id = *self
             .listeners
             .get(&(key.proto, key.local))

@@ -24,9 +24,9 @@ pub enum NetifError {
 
 /// An interface the flowswitch serves.
 pub trait Netif: std::fmt::Debug + Send {
-    /// Receives up to `max` frames, handing each to `f` (the slice is valid during the call
-    /// only). Returns how many.
-    fn recv(&mut self, max: usize, f: &mut dyn FnMut(&[u8])) -> usize;
+    /// Receives up to `max` frames and hands them to `f` as one batch (the slices are valid
+    /// during the call only), so the flowswitch can classify them together. Returns how many.
+    fn recv(&mut self, max: usize, f: &mut dyn FnMut(&[&[u8]])) -> usize;
     /// Transmits one Ethernet frame.
     fn send(&mut self, frame: &[u8]) -> Result<(), NetifError>;
     /// The interface's MAC address (the source of every frame the nexus sends).

@@ -53,7 +53,7 @@ pub fn pair(mac_a: [u8; 6], mac_b: [u8; 6]) -> std::io::Result<(PairEnd, PairEnd
 }
 
 impl Netif for PairEnd {
-    fn recv(&mut self, max: usize, f: &mut dyn FnMut(&[u8])) -> usize {
+    fn recv(&mut self, max: usize, f: &mut dyn FnMut(&[&[u8]])) -> usize {
         let batch: Vec<Vec<u8>> = {
             let Ok(mut q) = self.inbox.frames.lock() else {
                 return 0;
@@ -62,8 +62,9 @@ impl Netif for PairEnd {
             q.drain(..n).collect()
         };
         self.inbox.bell.drain();
-        for frame in &batch {
-            f(frame);
+        if !batch.is_empty() {
+            let slices: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
+            f(&slices);
         }
         batch.len()
     }
@@ -105,8 +106,11 @@ mod tests {
             Err(NetifError::TooLarge(_))
         ));
         let mut got = Vec::new();
-        assert_eq!(b.recv(10, &mut |f| got.push(f.to_vec())), 2);
+        assert_eq!(
+            b.recv(10, &mut |fs| got.extend(fs.iter().map(|f| f.to_vec()))),
+            2
+        );
         assert_eq!(got, vec![b"one".to_vec(), b"two".to_vec()]);
-        assert_eq!(a.recv(10, &mut |_| {}), 0);
+        assert_eq!(a.recv(10, &mut |_: &[&[u8]]| {}), 0);
     }
 }
