@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use netchannel_shm::control::{ChannelId, ChannelStatus};
-use netchannel_shm::{DefunctReason, Endpoint, Error, Interest, Packet, SendError};
+use netchannel_shm::{DefunctReason, Endpoint, Interest, Packet};
 
 use crate::config::ChannelConfig;
 use crate::control::policy::Cred;
@@ -91,11 +91,11 @@ impl Channel {
         if self.defunct.is_some() {
             return Ok(0);
         }
-        // Every error of a served, active channel's rings is a corrupt index.
-        let corrupt = |_: Error| Quarantine::RingCorrupt;
-        let returned = self.ep.refill().map_err(corrupt)? as usize;
         self.tx.clear();
-        let n = self.ep.recv(&mut self.tx, batch).map_err(corrupt)?;
+        let n = self
+            .ep
+            .recv(&mut self.tx, batch)
+            .map_err(|_| Quarantine::RingCorrupt)?;
         if n > 0 {
             self.rx.clear();
             for p in &self.tx {
@@ -112,40 +112,13 @@ impl Channel {
                 }
             }
             // The app's TX buffers come home to the nexus's free list.
-            let tx_bufs = self.tx.iter().map(|p| p.buf);
-            if let Err(e) = self.ep.free(tx_bufs) {
+            if let Err(e) = self.ep.free(self.tx.iter().map(|p| p.buf)) {
                 tracing::error!(channel = self.id, error = %e, "ledger refused a validated TX buffer");
             }
-            let sent = match self.ep.send(&self.rx) {
-                Ok(s) => s,
-                Err(SendError::Channel(e)) => {
-                    // The batch never reached the app: its buffers stay home.
-                    let _ = self.ep.free(self.rx.iter().map(|q| q.buf));
-                    return Err(corrupt(e));
-                }
-                Err(SendError::Invalid(v)) => {
-                    tracing::error!(channel = self.id, violation = %v, "nexus built an invalid RX packet");
-                    0
-                }
-            };
-            for q in &self.rx[sent..] {
-                self.drops.rx_ring_full += 1;
-                let _ = self.ep.free([q.buf]);
-            }
+            self.flush_rx()?;
         }
-        let moved = n + returned;
-        if moved > 0 {
-            self.last_active = Instant::now();
-            self.trimmed = false;
-        }
-        let supplied = self.ep.supply_to(self.alloc_target).map_err(corrupt)?;
-        if supplied.starved && moved > 0 {
-            self.alloc_target = (self.alloc_target * 2).min(cfg.alloc_ring_max);
-        }
-        if self.ep.stats().total_violations() >= cfg.max_strikes {
-            return Err(Quarantine::Strikes);
-        }
-        Ok(moved)
+        let returned = self.service_buffers(cfg, n)?;
+        Ok(n + returned)
     }
 
     /// Self-tuning when the channel has been idle for `idle_trim_ms`: the ALLOC stock goes
