@@ -483,7 +483,8 @@ pub(crate) mod heap {
     }
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(test)]
+#[cfg(not(loom))]
 mod tests {
     use super::heap::HeapRing;
     use super::*;
@@ -656,7 +657,8 @@ mod tests {
     }
 }
 
-#[cfg(all(test, loom))]
+#[cfg(test)]
+#[cfg(loom)]
 mod loom_tests {
     use super::heap::HeapRing;
     use super::*;
