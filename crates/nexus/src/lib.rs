@@ -9,14 +9,14 @@
 //!   polls and when it sleeps;
 //! * [`flowswitch`]: parsing, the flow table and anti-spoofing validation (not yet wired to an
 //!   interface);
-//! * [`netif`]: interface backends (an in-memory pair today);
+//! * [`netif`]: interface backends (TAP, and an in-memory pair for tests);
 //! * [`netns`]: one port space with the host (port reservations);
 //! * [`config`]: the TOML configuration (every setting has a default).
 //!
 //! The flowswitch, the interface backends and the host-stack port space come next (see
 //! `DESIGN.md` §5); until then each channel's datapath is a reflector.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // the one exception: the TAP ioctl in `netif::tap`
 
 pub mod channel;
 pub mod config;

@@ -1,10 +1,11 @@
 //! Interface backends: where the flowswitch's frames come from and go to.
 //!
 //! Every backend is a [`Netif`]: a batch receive, a send, the interface's MAC address and an fd
-//! to sleep on. Backends: [`pair`], an in-memory pair of interfaces for in-process tests; AF_XDP
-//! (with its XDP program) and TAP are next.
+//! to sleep on. Backends: [`tap`], a TAP device; [`pair`], an in-memory pair of interfaces for
+//! in-process tests; AF_XDP (with its XDP program) is next.
 
 pub mod pair;
+pub mod tap;
 
 use std::os::fd::BorrowedFd;
 

@@ -1,0 +1,172 @@
+//! A nexus on a TAP device, a kernel UDP peer in its own network namespace on the other side
+//! of it (198.18.0.0/15 only), and an app on a channel answering it. Needs root; without root
+//! the test says it skipped.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use netchannel::nexus::{ChannelOptions, FlowProto, Nexus};
+use netchannel::{Interest, Packet};
+use netchannel_nexus::flowswitch::Switch;
+use netchannel_nexus::netif::tap::Tap;
+
+const NEXUS_MAC: [u8; 6] = [2, 0x4e, 0x43, 0, 0, 1];
+
+fn ip(args: &[&str]) {
+    let st = Command::new("ip")
+        .args(args)
+        .status()
+        .expect("the ip command (iproute2)");
+    assert!(st.success(), "ip {args:?} failed");
+}
+
+/// Deletes the namespace (and the TAP in it) however the test ends.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+#[test]
+fn a_kernel_peer_in_a_namespace_talks_udp_to_an_app_through_a_tap() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root (TAP device and network namespace)");
+        return;
+    }
+    let pid = std::process::id();
+    let ns = Netns(format!("nc-tap-{pid}"));
+    let tap = Tap::create(&format!("nct{}", pid % 100_000), NEXUS_MAC).expect("a TAP device");
+    let dev = tap.name().to_owned();
+    ip(&["netns", "add", &ns.0]);
+    ip(&["link", "set", &dev, "netns", &ns.0]);
+    let nsx = |args: &[&str]| {
+        let mut full = vec!["netns", "exec", ns.0.as_str(), "ip"];
+        full.extend_from_slice(args);
+        ip(&full);
+    };
+    nsx(&["addr", "add", "198.18.0.2/24", "dev", &dev]);
+    nsx(&["link", "set", &dev, "up"]);
+    // The nexus answers no ARP yet: give the peer its neighbour entry.
+    nsx(&[
+        "neigh",
+        "add",
+        "198.18.0.1",
+        "lladdr",
+        "02:4e:43:00:00:01",
+        "dev",
+        &dev,
+    ]);
+    let mac_text = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.0,
+            "cat",
+            &format!("/sys/class/net/{dev}/address"),
+        ])
+        .output()
+        .expect("reading the peer's MAC");
+    let peer_mac: Vec<u8> = String::from_utf8_lossy(&mac_text.stdout)
+        .trim()
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).expect("a MAC address"))
+        .collect();
+    let peer_mac: [u8; 6] = peer_mac.try_into().expect("six bytes");
+
+    let socket = format!("/tmp/netchannel-tap-{pid}.sock");
+    let mut cfg = netchannel_nexus::Config::default();
+    cfg.control.socket = socket.clone().into();
+    let sw = Switch::new(Box::new(tap), vec!["198.18.0.1".parse().unwrap()], peer_mac);
+    let mut nexus = netchannel_nexus::Nexus::with_switch(cfg, sw).unwrap();
+    let stop = nexus.stop_flag();
+    let daemon = std::thread::spawn(move || nexus.run().unwrap());
+    let t0 = Instant::now();
+    while Nexus::connect(&socket).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut control = Nexus::connect(&socket).unwrap();
+    let mut ch = control.open_channel(ChannelOptions::default()).unwrap();
+    let (_, local) = control
+        .add_flow(&ch, FlowProto::Udp, "0.0.0.0:0".parse().unwrap(), None)
+        .unwrap();
+
+    // The kernel peer: send a datagram to the app, print the answer.
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.settimeout(3)\n\
+         s.sendto(b'ping from the kernel', ('198.18.0.1', {}))\n\
+         data, addr = s.recvfrom(2048)\n\
+         print(data.decode(), addr[0], addr[1])\n",
+        local.port()
+    );
+    let peer = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "python3", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 in the namespace");
+
+    // The app: answer the first datagram, echoing its payload with a suffix.
+    let mut got = Vec::new();
+    let t0 = Instant::now();
+    while got.is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "no datagram from the kernel peer"
+        );
+        let _ = ch.wait(Interest::Readable, Some(Duration::from_millis(100)));
+        ch.recv(&mut got, 8).unwrap();
+    }
+    let req = ch.payload(&got[0]).to_vec();
+    ch.free(got.iter().map(|p| p.buf)).unwrap();
+    let sliced = etherparse::SlicedPacket::from_ip(&req).unwrap();
+    let Some(etherparse::TransportSlice::Udp(u)) = sliced.transport else {
+        panic!("not UDP")
+    };
+    assert_eq!(u.payload(), b"ping from the kernel");
+    let mut reply = Vec::new();
+    etherparse::PacketBuilder::ipv4([198, 18, 0, 1], [198, 18, 0, 2], 64)
+        .udp(local.port(), u.source_port())
+        .write(&mut reply, b"pong from the app")
+        .unwrap();
+    let buf = loop {
+        if let Some(b) = ch.alloc() {
+            break b;
+        }
+        ch.wait(Interest::Buffers, Some(Duration::from_secs(1)))
+            .unwrap();
+    };
+    ch.buffer_mut(buf).unwrap()[..reply.len()].copy_from_slice(&reply);
+    ch.send(&[Packet {
+        buf,
+        offset: 0,
+        len: reply.len() as u32,
+    }])
+    .unwrap();
+
+    let out = peer.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "peer failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        text.trim(),
+        format!("pong from the app 198.18.0.1 {}", local.port())
+    );
+
+    let flows = control.flows().unwrap();
+    assert_eq!((flows[0].rx_packets, flows[0].tx_packets), (1, 1));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    daemon.join().unwrap();
+    let _ = std::fs::remove_file(&socket);
+}
