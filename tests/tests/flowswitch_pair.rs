@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 use netchannel::nexus::{ChannelOptions, FlowProto, Nexus};
 use netchannel::{Interest, Packet};
-use netchannel_nexus::flowswitch::Switch;
+use netchannel_nexus::flowswitch::{NextHop, Switch};
 use netchannel_nexus::netif::Netif;
 use netchannel_nexus::netif::pair::{PairEnd, pair};
 
@@ -57,7 +57,11 @@ fn start(name: &str) -> Running {
     let socket = format!("/tmp/netchannel-fsw-{}-{name}.sock", std::process::id());
     let mut cfg = netchannel_nexus::Config::default();
     cfg.control.socket = socket.clone().into();
-    let sw = Switch::new(Box::new(nexus_end), vec![HOST.into()], PEER_MAC);
+    let sw = Switch::new(
+        Box::new(nexus_end),
+        vec![HOST.into()],
+        NextHop::Fixed(PEER_MAC),
+    );
     let mut nexus = netchannel_nexus::Nexus::with_switch(cfg, sw).expect("a nexus on the pair");
     let stop = nexus.stop_flag();
     let thread = std::thread::spawn(move || nexus.run().expect("the nexus runs"));

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use netchannel::nexus::{ChannelOptions, FlowProto, Nexus};
 use netchannel::{Interest, Packet};
-use netchannel_nexus::flowswitch::Switch;
+use netchannel_nexus::flowswitch::{NextHop, Switch};
 use netchannel_nexus::netif::tap::Tap;
 
 const NEXUS_MAC: [u8; 6] = [2, 0x4e, 0x43, 0, 0, 1];
@@ -52,37 +52,15 @@ fn a_kernel_peer_in_a_namespace_talks_udp_to_an_app_through_a_tap() {
     };
     nsx(&["addr", "add", "198.18.0.2/24", "dev", &dev]);
     nsx(&["link", "set", &dev, "up"]);
-    // The nexus answers no ARP yet: give the peer its neighbour entry.
-    nsx(&[
-        "neigh",
-        "add",
-        "198.18.0.1",
-        "lladdr",
-        "02:4e:43:00:00:01",
-        "dev",
-        &dev,
-    ]);
-    let mac_text = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.0,
-            "cat",
-            &format!("/sys/class/net/{dev}/address"),
-        ])
-        .output()
-        .expect("reading the peer's MAC");
-    let peer_mac: Vec<u8> = String::from_utf8_lossy(&mac_text.stdout)
-        .trim()
-        .split(':')
-        .map(|h| u8::from_str_radix(h, 16).expect("a MAC address"))
-        .collect();
-    let peer_mac: [u8; 6] = peer_mac.try_into().expect("six bytes");
-
+    // No static neighbour: the peer must ARP for 198.18.0.1 and the nexus must answer.
     let socket = format!("/tmp/netchannel-tap-{pid}.sock");
     let mut cfg = netchannel_nexus::Config::default();
     cfg.control.socket = socket.clone().into();
-    let sw = Switch::new(Box::new(tap), vec!["198.18.0.1".parse().unwrap()], peer_mac);
+    let sw = Switch::new(
+        Box::new(tap),
+        vec!["198.18.0.1".parse().unwrap()],
+        NextHop::Arp,
+    );
     let mut nexus = netchannel_nexus::Nexus::with_switch(cfg, sw).unwrap();
     let stop = nexus.stop_flag();
     let daemon = std::thread::spawn(move || nexus.run().unwrap());
@@ -166,6 +144,13 @@ fn a_kernel_peer_in_a_namespace_talks_udp_to_an_app_through_a_tap() {
 
     let flows = control.flows().unwrap();
     assert_eq!((flows[0].rx_packets, flows[0].tx_packets), (1, 1));
+    let st = control.status().unwrap();
+    let arp = st
+        .interface
+        .iter()
+        .find(|(k, _)| k == "rx_arp")
+        .map_or(0, |(_, v)| *v);
+    assert!(arp >= 1, "the peer resolved us by ARP: {:?}", st.interface);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     daemon.join().unwrap();
     let _ = std::fs::remove_file(&socket);

@@ -9,10 +9,11 @@
 //!   given an Ethernet header and sent.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use netchannel_shm::control::ChannelId;
 
+use super::neighbour::{ArpAction, Neighbours};
 use super::parse::{RxDrop, parse_frame};
 use super::table::{BatchScratch, FlowKey, FlowTable, Hit};
 use super::tx;
@@ -26,7 +27,7 @@ pub struct SwitchStats {
     pub rx_frames: u64,
     /// Frames delivered to a channel (staged; the channel counts ring-full drops).
     pub rx_switched: u64,
-    /// Frames dropped before reaching a channel, by reason.
+    /// Frames that reached no channel, by reason (`arp`: ARP handled by the nexus itself).
     pub rx_drops: BTreeMap<&'static str, u64>,
     /// Frames sent on the interface.
     pub tx_frames: u64,
@@ -34,12 +35,24 @@ pub struct SwitchStats {
     pub tx_netif_errors: u64,
 }
 
+/// How the switch finds the destination MAC of what it sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextHop {
+    /// Every frame goes to this MAC (a point-to-point link, or a test).
+    Fixed([u8; 6]),
+    /// The nexus is a host of its own on the link (TAP): it answers ARP for its addresses and
+    /// learns its neighbours from theirs; a packet to an unknown IPv4 neighbour is dropped
+    /// (`tx_no_neighbour`) after an ARP request goes out.
+    Arp,
+}
+
 /// The flowswitch of one interface.
 #[derive(Debug)]
 pub struct Switch {
     netif: Box<dyn Netif>,
     host_addrs: Vec<IpAddr>,
-    next_hop: [u8; 6],
+    next_hop: NextHop,
+    neighbours: Neighbours,
     frame: Vec<u8>,
     touched: Vec<ChannelId>,
     keys: Vec<FlowKey>,
@@ -52,13 +65,14 @@ pub struct Switch {
 const ETH: usize = 14;
 
 impl Switch {
-    /// A flowswitch on `netif`, whose host addresses are `host_addrs`, sending every frame to
-    /// `next_hop` (until neighbours come from netlink).
-    pub fn new(netif: Box<dyn Netif>, host_addrs: Vec<IpAddr>, next_hop: [u8; 6]) -> Self {
+    /// A flowswitch on `netif`, whose host addresses are `host_addrs`, finding each frame's
+    /// destination MAC as `next_hop` says.
+    pub fn new(netif: Box<dyn Netif>, host_addrs: Vec<IpAddr>, next_hop: NextHop) -> Self {
         Self {
             netif,
             host_addrs,
             next_hop,
+            neighbours: Neighbours::default(),
             frame: vec![0; ETH + 65_535],
             touched: Vec::new(),
             keys: Vec::new(),
@@ -95,15 +109,27 @@ impl Switch {
             parsed,
             hits,
             scratch,
+            neighbours,
+            next_hop,
+            host_addrs,
             ..
         } = self;
         touched.clear();
+        let our_mac = netif.mac();
+        let mut replies: Vec<Vec<u8>> = Vec::new();
         let n = netif.recv(budget, &mut |frames| {
             // Parse the whole batch, look it up in one go (the misses overlap), then deliver.
             stats.rx_frames += frames.len() as u64;
             parsed.clear();
             keys.clear();
             for (j, frame) in frames.iter().enumerate() {
+                if *next_hop == NextHop::Arp && frame.get(12..14) == Some(&[0x08, 0x06]) {
+                    *stats.rx_drops.entry("arp").or_default() += 1;
+                    if let ArpAction::Reply(r) = neighbours.on_arp(frame, our_mac, host_addrs) {
+                        replies.push(r);
+                    }
+                    continue;
+                }
                 match parse_frame(frame) {
                     Ok(p) => {
                         keys.push(FlowKey {
@@ -135,6 +161,11 @@ impl Switch {
                 }
             }
         });
+        for r in replies {
+            if netif.send(&r).is_ok() {
+                stats.tx_frames += 1;
+            }
+        }
         let mut broken = Vec::new();
         for id in touched.iter() {
             if let Some(c) = channels.get_mut(id)
@@ -158,6 +189,7 @@ impl Switch {
             netif,
             host_addrs,
             next_hop,
+            neighbours,
             frame,
             stats,
             ..
@@ -172,7 +204,34 @@ impl Switch {
             frame[ETH..ETH + len].copy_from_slice(pkt);
             let flow = tx::validate(table, id, &frame[ETH..ETH + len], host_addrs)
                 .map_err(|d| d.name())?;
-            frame[..6].copy_from_slice(next_hop);
+            let dst_mac = match *next_hop {
+                NextHop::Fixed(mac) => mac,
+                NextHop::Arp => {
+                    let v4 = frame[ETH] >> 4 == 4;
+                    let dst = Ipv4Addr::new(
+                        frame[ETH + 16],
+                        frame[ETH + 17],
+                        frame[ETH + 18],
+                        frame[ETH + 19],
+                    );
+                    match neighbours.get(dst).filter(|_| v4) {
+                        Some(mac) => mac,
+                        None => {
+                            let src = Ipv4Addr::new(
+                                frame[ETH + 12],
+                                frame[ETH + 13],
+                                frame[ETH + 14],
+                                frame[ETH + 15],
+                            );
+                            if v4 && netif.send(&Neighbours::request(src_mac, src, dst)).is_ok() {
+                                stats.tx_frames += 1;
+                            }
+                            return Err("no_neighbour");
+                        }
+                    }
+                }
+            };
+            frame[..6].copy_from_slice(&dst_mac);
             frame[6..12].copy_from_slice(&src_mac);
             let ethertype: u16 = if frame[ETH] >> 4 == 6 { 0x86dd } else { 0x0800 };
             frame[12..14].copy_from_slice(&ethertype.to_be_bytes());

@@ -15,11 +15,12 @@
 
 pub mod datapath;
 pub mod index;
+pub mod neighbour;
 pub mod parse;
 pub mod table;
 pub mod tx;
 
-pub use datapath::{Switch, SwitchStats};
+pub use datapath::{NextHop, Switch, SwitchStats};
 pub use parse::{Parsed, Proto, RxDrop};
 pub use table::{FlowId, FlowKey, FlowSpec, FlowTable, Hit, TableError};
 pub use tx::TxDrop;
