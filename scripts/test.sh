@@ -12,9 +12,9 @@ step() { printf '\n== %s\n' "$*"; }
 
 # --- set-up -------------------------------------------------------------------------------
 if [ "$(id -u)" -eq 0 ]; then
-    # Packages the suite uses (iproute2 for network namespaces in later suites; procps for ps).
+    # Packages the suite uses: iproute2 (network namespaces), procps, python3 (kernel peers).
     need=()
-    for pkg in iproute2 procps; do
+    for pkg in iproute2 procps python3; do
         dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
     done
     if [ ${#need[@]} -gt 0 ]; then
@@ -50,6 +50,11 @@ if [ -z "${QUICK:-}" ]; then
     echo "bench pipe ran"
     cargo run --release --locked -q -p netchannel-cli -- bench nexus --reps 1 --duration-ms 100 --rtt-iterations 2000 --json >/dev/null
     echo "bench nexus ran"
+    if [ "$(id -u)" -eq 0 ]; then
+        cargo run --release --locked -q -p netchannel-cli -- demo --count 200
+    else
+        echo "SKIPPED: netchannel demo needs root (network namespace and TAP device)"
+    fi
 fi
 
 step "all checks passed"

@@ -2,6 +2,7 @@
 
 mod admin;
 mod bench;
+mod demo;
 
 use std::process::ExitCode;
 
@@ -64,6 +65,24 @@ enum Command {
         /// Control socket of the nexus.
         #[arg(long, default_value = netchannel_shm::control::DEFAULT_SOCKET)]
         socket: String,
+    },
+    /// The main job: a nexus on a test interface (TAP, in a network namespace of its own on
+    /// 198.18.0.0/15) serving a UDP echo app to a kernel peer; prints what happened and removes
+    /// everything it made. Needs root, no configuration.
+    Demo {
+        /// Datagrams the kernel peer sends.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        count: u32,
+    },
+    /// The kernel peer of the demo (started by `demo` inside its namespace).
+    #[command(hide = true)]
+    DemoPeer {
+        /// Where to send.
+        #[arg(long)]
+        target: String,
+        /// How many datagrams.
+        #[arg(long)]
+        count: u32,
     },
     /// Benchmarks against the kernel path, measured side by side in the same run.
     Bench {
@@ -141,15 +160,24 @@ fn run_nexus(
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The daemon says what it does; the other commands speak only of trouble.
+    let default_level = if matches!(cli.command, Command::Nexus { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_level.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Nexus { config, socket } => run_nexus(config.as_deref(), socket),
+        Command::Demo { count } => demo::run(count),
+        Command::DemoPeer { target, count } => demo::peer(&target, count),
         Command::Status { socket, json } => admin::status(&socket, json),
         Command::Channels { socket, json } => admin::channels(&socket, json),
         Command::Flows { socket, json } => admin::flows(&socket, json),

@@ -1,0 +1,301 @@
+//! `netchannel demo`: a nexus on a built-in test interface serving real traffic to a kernel
+//! peer, with no configuration.
+//!
+//! It makes a network namespace and a TAP device (198.18.0.1 for the nexus, 198.18.0.2 for the
+//! kernel peer in the namespace), runs a nexus on the TAP in this process and a UDP echo app on
+//! a channel, drives the app from a kernel UDP socket inside the namespace, prints what
+//! happened, and removes everything it made, also on Ctrl-C or failure.
+
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use netchannel::nexus::{ChannelOptions, FlowProto, Nexus};
+use netchannel::{Interest, Packet};
+use netchannel_nexus::flowswitch::{NextHop, Switch};
+use netchannel_nexus::netif::tap::Tap;
+
+const NEXUS_IP: &str = "198.18.0.1";
+const PEER_IP: &str = "198.18.0.2";
+const NEXUS_MAC: [u8; 6] = [0x02, 0x4e, 0x43, 0x00, 0x00, 0x01];
+
+/// Deletes what the demo made, however it ends.
+struct Cleanup {
+    netns: String,
+    socket: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let st = Command::new("ip")
+        .args(args)
+        .status()
+        .map_err(|e| format!("running ip (install iproute2): {e}"))?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(format!("`ip {}` failed", args.join(" ")))
+    }
+}
+
+/// `netchannel demo`.
+pub(crate) fn run(count: u32) -> Result<(), String> {
+    if !rustix::process::geteuid().is_root() {
+        return Err("the demo makes a network namespace and a TAP device: run it as root".into());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).map_err(|e| e.to_string())?;
+    }
+    let pid = std::process::id();
+    let cleanup = Cleanup {
+        netns: format!("netchannel-demo-{pid}"),
+        socket: format!("/tmp/netchannel-demo-{pid}.sock"),
+    };
+    let tap =
+        Tap::create(&format!("ncdemo{}", pid % 100_000), NEXUS_MAC).map_err(|e| e.to_string())?;
+    let dev = tap.name().to_owned();
+    println!(
+        "1. test network: namespace {} with {dev} at {PEER_IP}/24 (kernel peer); the nexus behind it at {NEXUS_IP}",
+        cleanup.netns
+    );
+    ip(&["netns", "add", &cleanup.netns])?;
+    ip(&["link", "set", &dev, "netns", &cleanup.netns])?;
+    let ns = cleanup.netns.clone();
+    let in_ns = |args: &[&str]| {
+        let mut full = vec!["netns", "exec", ns.as_str(), "ip"];
+        full.extend_from_slice(args);
+        ip(&full)
+    };
+    in_ns(&["link", "set", "lo", "up"])?;
+    in_ns(&["addr", "add", &format!("{PEER_IP}/24"), "dev", &dev])?;
+    in_ns(&["link", "set", &dev, "up"])?;
+
+    let mut cfg = netchannel_nexus::Config::default();
+    cfg.control.socket = cleanup.socket.clone().into();
+    let host = NEXUS_IP.parse().map_err(|_| "bad address")?;
+    let mut nexus = netchannel_nexus::Nexus::with_switch(
+        cfg,
+        Switch::new(Box::new(tap), vec![host], NextHop::Arp),
+    )
+    .map_err(|e| e.to_string())?;
+    let nexus_stop = nexus.stop_flag();
+    let daemon = std::thread::spawn(move || nexus.run().map_err(|e| e.to_string()));
+    println!("2. nexus serving {dev} (control socket {})", cleanup.socket);
+
+    let mut control = connect(&cleanup.socket)?;
+    let mut ch = control
+        .open_channel(ChannelOptions::default())
+        .map_err(|e| e.to_string())?;
+    let (_, local) = control
+        .add_flow(
+            &ch,
+            FlowProto::Udp,
+            "0.0.0.0:7".parse().map_err(|_| "bad address")?,
+            None,
+        )
+        .or_else(|_| {
+            control.add_flow(
+                &ch,
+                FlowProto::Udp,
+                "0.0.0.0:0".parse().expect("literal"),
+                None,
+            )
+        })
+        .map_err(|e| e.to_string())?;
+    println!(
+        "3. UDP echo app on channel {} owns UDP port {} (reserved in the host's port space too)",
+        ch.id(),
+        local.port()
+    );
+
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let target = format!("{NEXUS_IP}:{}", local.port());
+    let mut peer = Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(&exe)
+        .args([
+            "demo-peer",
+            "--target",
+            &target,
+            "--count",
+            &count.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting the kernel peer: {e}"))?;
+    println!("4. kernel UDP client in {ns} sends {count} datagrams to {target}, one at a time");
+
+    let app_stop = stop.clone();
+    let echoed = echo(&mut ch, &app_stop, &mut peer)?;
+    let mut summary = String::new();
+    if let Some(out) = peer.stdout.take() {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            summary = line;
+        }
+    }
+    let ok = peer.wait().map_err(|e| e.to_string())?.success();
+    println!("5. the app echoed {echoed} datagrams; the kernel peer says: {summary}");
+
+    let st = control.status().map_err(|e| e.to_string())?;
+    let list = |v: &[(String, u64)]| {
+        v.iter()
+            .map(|(k, n)| format!("{k}={n}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!("6. nexus counters: interface {}", list(&st.interface));
+    for c in &st.channels {
+        println!(
+            "   channel {}: {} packets in, {} out, drops [{}], ledger audit {}",
+            c.id,
+            c.rx_packets,
+            c.tx_packets,
+            list(&c.drops),
+            c.audit
+        );
+    }
+    for f in control.flows().map_err(|e| e.to_string())? {
+        println!(
+            "   flow {}: udp {} → {} packets in, {} out",
+            f.id, f.local, f.rx_packets, f.tx_packets
+        );
+    }
+    drop(ch);
+    drop(control);
+    nexus_stop.store(true, Ordering::Relaxed);
+    let _ = daemon.join();
+    drop(cleanup);
+    println!("7. removed the namespace, the TAP device and the socket");
+    if stop.load(Ordering::Relaxed) {
+        return Err("interrupted".into());
+    }
+    if !ok || echoed < count {
+        return Err(format!("the kernel peer got {echoed} of {count} echoes"));
+    }
+    Ok(())
+}
+
+fn connect(socket: &str) -> Result<Nexus, String> {
+    let t0 = Instant::now();
+    loop {
+        match Nexus::connect(socket) {
+            Ok(n) => return Ok(n),
+            Err(e) if t0.elapsed() > Duration::from_secs(5) => return Err(e.to_string()),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// Echoes UDP datagrams (swapping addresses and ports) until the peer process exits.
+fn echo(
+    ch: &mut netchannel::nexus::Channel,
+    stop: &AtomicBool,
+    peer: &mut std::process::Child,
+) -> Result<u32, String> {
+    let mut echoed = 0;
+    let mut got = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        if matches!(peer.try_wait(), Ok(Some(_))) {
+            break;
+        }
+        got.clear();
+        if ch.recv(&mut got, 32).map_err(|e| e.to_string())? == 0 {
+            match ch.wait(Interest::Readable, Some(Duration::from_millis(50))) {
+                Ok(()) | Err(netchannel::Error::TimedOut) => continue,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        let requests: Vec<Vec<u8>> = got.iter().map(|p| ch.payload(p).to_vec()).collect();
+        ch.free(got.iter().map(|p| p.buf))
+            .map_err(|e| e.to_string())?;
+        for req in requests {
+            let Some(reply) = udp_reply(&req) else {
+                continue;
+            };
+            let Some(buf) = ch.alloc() else { continue };
+            let Some(bytes) = ch.buffer_mut(buf) else {
+                continue;
+            };
+            let len = reply.len().min(bytes.len());
+            bytes[..len].copy_from_slice(&reply[..len]);
+            if ch
+                .send(&[Packet {
+                    buf,
+                    offset: 0,
+                    len: len as u32,
+                }])
+                .map_err(|e| e.to_string())?
+                == 1
+            {
+                echoed += 1;
+            }
+        }
+    }
+    Ok(echoed)
+}
+
+/// The echo of an IPv4 UDP datagram: addresses and ports swapped, payload kept.
+fn udp_reply(req: &[u8]) -> Option<Vec<u8>> {
+    let s = etherparse::SlicedPacket::from_ip(req).ok()?;
+    let Some(etherparse::NetSlice::Ipv4(v4)) = s.net else {
+        return None;
+    };
+    let Some(etherparse::TransportSlice::Udp(u)) = s.transport else {
+        return None;
+    };
+    let h = v4.header();
+    let mut out = Vec::with_capacity(req.len());
+    etherparse::PacketBuilder::ipv4(h.destination(), h.source(), 64)
+        .udp(u.destination_port(), u.source_port())
+        .write(&mut out, u.payload())
+        .ok()?;
+    Some(out)
+}
+
+/// `netchannel demo-peer`: the kernel side, run inside the namespace. Sends `count` datagrams
+/// one at a time and prints one summary line.
+pub(crate) fn peer(target: &str, count: u32) -> Result<(), String> {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    sock.connect(target).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .map_err(|e| e.to_string())?;
+    let (mut rtts, mut lost) = (Vec::with_capacity(count as usize), 0u32);
+    let mut buf = [0u8; 2048];
+    for i in 0..count {
+        let msg = format!("netchannel demo datagram {i}");
+        let t0 = Instant::now();
+        sock.send(msg.as_bytes()).map_err(|e| e.to_string())?;
+        match sock.recv(&mut buf) {
+            Ok(n) if &buf[..n] == msg.as_bytes() => rtts.push(t0.elapsed().as_micros() as u64),
+            _ => lost += 1,
+        }
+    }
+    rtts.sort_unstable();
+    let pct = |p: f64| {
+        rtts.get(((rtts.len().max(1) - 1) as f64 * p) as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    println!(
+        "{} of {count} echoed intact, {lost} lost; round trip p50 {} µs, p99 {} µs",
+        rtts.len(),
+        pct(0.5),
+        pct(0.99)
+    );
+    if lost > 0 {
+        Err(format!("{lost} datagrams lost"))
+    } else {
+        Ok(())
+    }
+}
