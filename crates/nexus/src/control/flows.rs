@@ -73,15 +73,12 @@ impl Nexus {
                 ),
             );
         }
-        let owned = self
-            .flows
-            .iter()
-            .filter(|(_, f)| {
-                self.channels
-                    .get(&f.channel)
-                    .is_some_and(|c| c.cred.uid == cred.uid)
-            })
-            .count();
+        let owned: usize = self
+            .channels
+            .values()
+            .filter(|c| c.cred.uid == cred.uid)
+            .map(|c| self.flows.flows_of(c.id))
+            .sum();
         let limit = self.config.limits.flows_per_user;
         if cred.uid != 0 && owned >= limit {
             self.errors.count("limit_flows");

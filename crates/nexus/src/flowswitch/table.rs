@@ -134,6 +134,9 @@ pub struct FlowTable {
     /// Users of each (protocol, local port), for conflict checks and spoofing diagnosis. A
     /// port has few users (one per address and channel), however many flows share it.
     ports: Map<(Proto, u16), Vec<PortUse>>,
+    /// The flows of each channel, so that counting and removing them costs the channel's
+    /// flows, not the whole table.
+    by_channel: Map<ChannelId, std::collections::HashSet<FlowId, foldhash::fast::RandomState>>,
     capacity: usize,
 }
 
@@ -151,6 +154,7 @@ impl FlowTable {
             exact: ExactIndex::new(),
             listeners: Map::default(),
             ports: Map::default(),
+            by_channel: Map::default(),
             capacity,
         }
     }
@@ -241,6 +245,7 @@ impl FlowTable {
                 (self.flows.len() - 1) as FlowId
             }
         };
+        self.by_channel.entry(channel).or_default().insert(id);
         match spec {
             FlowSpec::Exact(k) => {
                 self.exact.insert(Packed::new(&k).0, id, channel);
@@ -305,6 +310,12 @@ impl FlowTable {
                 self.ports.remove(&(proto, local.port()));
             }
         }
+        if let Some(set) = self.by_channel.get_mut(&flow.channel) {
+            set.remove(&id);
+            if set.is_empty() {
+                self.by_channel.remove(&flow.channel);
+            }
+        }
         self.free_ids.push(id);
         Some(flow)
     }
@@ -312,12 +323,9 @@ impl FlowTable {
     /// Removes every flow of a channel; returns their ids.
     pub fn remove_channel(&mut self, channel: ChannelId) -> Vec<FlowId> {
         let ids: Vec<FlowId> = self
-            .flows
-            .iter()
-            .enumerate()
-            .filter(|(_, f)| f.is_some_and(|f| f.channel == channel))
-            .map(|(i, _)| i as FlowId)
-            .collect();
+            .by_channel
+            .get(&channel)
+            .map_or_else(Vec::new, |set| set.iter().copied().collect());
         for &id in &ids {
             self.remove(id);
         }
@@ -361,6 +369,11 @@ impl FlowTable {
         self.counters
             .get(id as usize)
             .map_or((0, 0), |c| (c[0], c[1]))
+    }
+
+    /// Number of flows of a channel.
+    pub fn flows_of(&self, channel: ChannelId) -> usize {
+        self.by_channel.get(&channel).map_or(0, |set| set.len())
     }
 
     /// Every flow, with its id.
@@ -506,7 +519,10 @@ mod tests {
             .is_err(),
             "same 5-tuple twice"
         );
+        assert_eq!(t.flows_of(2), 3);
         assert_eq!(t.remove_channel(2).len(), 3);
+        assert_eq!(t.flows_of(2), 0);
+        assert_eq!(t.flows_of(1), 2);
         assert_eq!(t.len(), 2);
     }
 
