@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use netchannel::nexus::{ChannelOptions, FlowProto, Nexus};
 use netchannel::{Interest, Packet};
 use netchannel_nexus::flowswitch::{NextHop, Switch};
+use netchannel_nexus::netif::afxdp::{AfXdp, AfXdpOptions};
 use netchannel_nexus::netif::tap::Tap;
 
 const NEXUS_IP: &str = "198.18.0.1";
@@ -25,6 +26,8 @@ const NEXUS_MAC: [u8; 6] = [0x02, 0x4e, 0x43, 0x00, 0x00, 0x01];
 struct Cleanup {
     netns: String,
     socket: String,
+    /// The host end of the veth pair (gone with the namespace anyway; deleted to be sure).
+    link: Option<String>,
 }
 
 impl Drop for Cleanup {
@@ -32,6 +35,12 @@ impl Drop for Cleanup {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.netns])
             .status();
+        if let Some(link) = &self.link {
+            let _ = Command::new("ip")
+                .args(["link", "del", link])
+                .stderr(Stdio::null())
+                .status();
+        }
         let _ = std::fs::remove_file(&self.socket);
     }
 }
@@ -48,50 +57,97 @@ fn ip(args: &[&str]) -> Result<(), String> {
     }
 }
 
-/// `netchannel demo`.
-pub(crate) fn run(count: u32) -> Result<(), String> {
-    if !rustix::process::geteuid().is_root() {
-        return Err("the demo makes a network namespace and a TAP device: run it as root".into());
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone()).map_err(|e| e.to_string())?;
-    }
-    let pid = std::process::id();
-    let cleanup = Cleanup {
-        netns: format!("netchannel-demo-{pid}"),
-        socket: format!("/tmp/netchannel-demo-{pid}.sock"),
-    };
-    let tap =
-        Tap::create(&format!("ncdemo{}", pid % 100_000), NEXUS_MAC).map_err(|e| e.to_string())?;
-    let dev = tap.name().to_owned();
-    println!(
-        "1. test network: namespace {} with {dev} at {PEER_IP}/24 (kernel peer); the nexus behind it at {NEXUS_IP}",
-        cleanup.netns
-    );
-    ip(&["netns", "add", &cleanup.netns])?;
-    ip(&["link", "set", &dev, "netns", &cleanup.netns])?;
+/// The interface the demo's nexus serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum DemoBackend {
+    /// A veth pair, the host end shared with the kernel through AF_XDP and the XDP program.
+    Afxdp,
+    /// A TAP device, the nexus a host of its own behind it.
+    Tap,
+}
+
+/// Builds the test network and the flowswitch of its nexus.
+fn network(backend: DemoBackend, cleanup: &mut Cleanup) -> Result<Switch, String> {
     let ns = cleanup.netns.clone();
     let in_ns = |args: &[&str]| {
         let mut full = vec!["netns", "exec", ns.as_str(), "ip"];
         full.extend_from_slice(args);
         ip(&full)
     };
+    let host: std::net::IpAddr = NEXUS_IP.parse().map_err(|_| "bad address")?;
+    let pid = std::process::id() % 100_000;
+    ip(&["netns", "add", &ns])?;
     in_ns(&["link", "set", "lo", "up"])?;
-    in_ns(&["addr", "add", &format!("{PEER_IP}/24"), "dev", &dev])?;
-    in_ns(&["link", "set", &dev, "up"])?;
+    match backend {
+        DemoBackend::Afxdp => {
+            let (dev, peer_dev) = (format!("ncd{pid}h"), format!("ncd{pid}p"));
+            ip(&[
+                "link", "add", &dev, "type", "veth", "peer", "name", &peer_dev, "netns", &ns,
+            ])?;
+            cleanup.link = Some(dev.clone());
+            ip(&["addr", "add", &format!("{NEXUS_IP}/24"), "dev", &dev])?;
+            ip(&["link", "set", &dev, "up"])?;
+            in_ns(&["addr", "add", &format!("{PEER_IP}/24"), "dev", &peer_dev])?;
+            in_ns(&["link", "set", &peer_dev, "up"])?;
+            // Software checksums on the wire: a veth would otherwise hand the nexus packets
+            // whose checksum the (absent) hardware was meant to fill in.
+            netchannel_nexus::netns::offload::disable_offloads_in(&ns, &peer_dev)
+                .map_err(|e| e.to_string())?;
+            println!(
+                "1. test network: namespace {ns}, veth {dev} ({NEXUS_IP}, this host) <-> {peer_dev} ({PEER_IP}, kernel peer); peer offloads off"
+            );
+            let xsk = AfXdp::open(&dev, AfXdpOptions::default()).map_err(|e| e.to_string())?;
+            let ifindex = xsk.ifindex();
+            println!(
+                "2. nexus on {dev}: XDP program attached ({:?}), AF_XDP socket in {} mode; \
+                 ARP, ICMP and other ports stay with the kernel",
+                xsk.mode(),
+                if xsk.zerocopy() { "zero-copy" } else { "copy" }
+            );
+            Ok(Switch::new(
+                Box::new(xsk),
+                vec![host],
+                NextHop::Kernel(ifindex),
+            ))
+        }
+        DemoBackend::Tap => {
+            let tap = Tap::create(&format!("ncdemo{pid}"), NEXUS_MAC).map_err(|e| e.to_string())?;
+            let dev = tap.name().to_owned();
+            ip(&["link", "set", &dev, "netns", &ns])?;
+            in_ns(&["addr", "add", &format!("{PEER_IP}/24"), "dev", &dev])?;
+            in_ns(&["link", "set", &dev, "up"])?;
+            println!(
+                "1. test network: namespace {ns} with {dev} at {PEER_IP}/24 (kernel peer); the nexus behind it at {NEXUS_IP}"
+            );
+            println!("2. nexus on the TAP device {dev}, answering ARP itself");
+            Ok(Switch::new(Box::new(tap), vec![host], NextHop::Arp))
+        }
+    }
+}
+
+/// `netchannel demo`.
+pub(crate) fn run(count: u32, backend: DemoBackend) -> Result<(), String> {
+    if !rustix::process::geteuid().is_root() {
+        return Err("the demo makes a network namespace and interfaces: run it as root".into());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).map_err(|e| e.to_string())?;
+    }
+    let pid = std::process::id();
+    let mut cleanup = Cleanup {
+        netns: format!("netchannel-demo-{pid}"),
+        socket: format!("/tmp/netchannel-demo-{pid}.sock"),
+        link: None,
+    };
+    let switch = network(backend, &mut cleanup)?;
+    let ns = cleanup.netns.clone();
 
     let mut cfg = netchannel_nexus::Config::default();
     cfg.control.socket = cleanup.socket.clone().into();
-    let host = NEXUS_IP.parse().map_err(|_| "bad address")?;
-    let mut nexus = netchannel_nexus::Nexus::with_switch(
-        cfg,
-        Switch::new(Box::new(tap), vec![host], NextHop::Arp),
-    )
-    .map_err(|e| e.to_string())?;
+    let mut nexus = netchannel_nexus::Nexus::with_switch(cfg, switch).map_err(|e| e.to_string())?;
     let nexus_stop = nexus.stop_flag();
     let daemon = std::thread::spawn(move || nexus.run().map_err(|e| e.to_string()));
-    println!("2. nexus serving {dev} (control socket {})", cleanup.socket);
 
     let mut control = connect(&cleanup.socket)?;
     let mut ch = control
@@ -176,7 +232,7 @@ pub(crate) fn run(count: u32) -> Result<(), String> {
     nexus_stop.store(true, Ordering::Relaxed);
     let _ = daemon.join();
     drop(cleanup);
-    println!("7. removed the namespace, the TAP device and the socket");
+    println!("7. removed the namespace, its interfaces and the socket");
     if stop.load(Ordering::Relaxed) {
         return Err("interrupted".into());
     }

@@ -73,6 +73,9 @@ enum Command {
         /// Datagrams the kernel peer sends.
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         count: u32,
+        /// The interface: a veth pair shared with the kernel over AF_XDP, or a TAP device.
+        #[arg(long, value_enum, default_value = "afxdp")]
+        backend: demo::DemoBackend,
     },
     /// The kernel peer of the demo (started by `demo` inside its namespace).
     #[command(hide = true)]
@@ -176,7 +179,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Nexus { config, socket } => run_nexus(config.as_deref(), socket),
-        Command::Demo { count } => demo::run(count),
+        Command::Demo { count, backend } => demo::run(count, backend),
         Command::DemoPeer { target, count } => demo::peer(&target, count),
         Command::Status { socket, json } => admin::status(&socket, json),
         Command::Channels { socket, json } => admin::channels(&socket, json),

@@ -152,6 +152,9 @@ impl Nexus {
             )
             .map_err(|e| NexusError::sys("epoll_ctl(interface)", e))?;
         }
+        if let Some(steering) = switch.netif().steering() {
+            n.host_ports.set_steering(steering);
+        }
         n.switch = Some(switch);
         Ok(n)
     }
@@ -277,6 +280,7 @@ impl Nexus {
                         Err(q) => quarantine.push((c.id, q)),
                     }
                 }
+                sw.flush();
             }
             // Without one: each channel's packets are reflected back to it.
             None => {
@@ -396,6 +400,11 @@ impl Nexus {
                         ("tx_netif_errors".to_owned(), st.tx_netif_errors),
                     ];
                     v.extend(st.rx_drops.iter().map(|(k, n)| (format!("rx_{k}"), *n)));
+                    v.extend(
+                        sw.netif_counters()
+                            .into_iter()
+                            .map(|(k, n)| (k.to_owned(), n)),
+                    );
                     v
                 })
                 .unwrap_or_default(),

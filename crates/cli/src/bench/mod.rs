@@ -5,6 +5,7 @@
 //! and the report gives per-repetition ratios and their median: only ratios measured side by
 //! side mean anything on a noisy two-core machine.
 
+pub(crate) mod afpacket;
 pub(crate) mod nexus_path;
 pub(crate) mod pipe_path;
 pub(crate) mod sys;

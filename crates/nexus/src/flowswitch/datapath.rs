@@ -13,7 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use netchannel_shm::control::ChannelId;
 
-use super::neighbour::{ArpAction, Neighbours};
+use super::neighbour::{ArpAction, KernelNeighbours, Neighbours, NoHop};
 use super::parse::{RxDrop, parse_frame};
 use super::table::{BatchScratch, FlowKey, FlowTable, Hit};
 use super::tx;
@@ -44,6 +44,10 @@ pub enum NextHop {
     /// learns its neighbours from theirs; a packet to an unknown IPv4 neighbour is dropped
     /// (`tx_no_neighbour`) after an ARP request goes out.
     Arp,
+    /// The interface is shared with the kernel (AF_XDP on interface `ifindex`): routes and
+    /// neighbours come from the kernel over netlink; a packet to a neighbour the kernel has
+    /// not resolved yet is dropped (`tx_no_neighbour`) while the kernel resolves it.
+    Kernel(u32),
 }
 
 /// The flowswitch of one interface.
@@ -53,6 +57,7 @@ pub struct Switch {
     host_addrs: Vec<IpAddr>,
     next_hop: NextHop,
     neighbours: Neighbours,
+    kernel: Option<KernelNeighbours>,
     frame: Vec<u8>,
     touched: Vec<ChannelId>,
     keys: Vec<FlowKey>,
@@ -73,6 +78,10 @@ impl Switch {
             host_addrs,
             next_hop,
             neighbours: Neighbours::default(),
+            kernel: match next_hop {
+                NextHop::Kernel(ifindex) => Some(KernelNeighbours::new(ifindex)),
+                _ => None,
+            },
             frame: vec![0; ETH + 65_535],
             touched: Vec::new(),
             keys: Vec::new(),
@@ -161,10 +170,13 @@ impl Switch {
                 }
             }
         });
-        for r in replies {
-            if netif.send(&r).is_ok() {
+        for r in &replies {
+            if netif.send(r).is_ok() {
                 stats.tx_frames += 1;
             }
+        }
+        if !replies.is_empty() {
+            netif.flush();
         }
         let mut broken = Vec::new();
         for id in touched.iter() {
@@ -175,6 +187,16 @@ impl Switch {
             }
         }
         (n, broken)
+    }
+
+    /// Pushes out every frame queued by the passes so far (one kick per service round).
+    pub fn flush(&mut self) {
+        self.netif.flush();
+    }
+
+    /// The backend's own counters.
+    pub fn netif_counters(&self) -> Vec<(&'static str, u64)> {
+        self.netif.counters()
     }
 
     /// Sends up to `budget` packets of one channel, each validated against its flows.
@@ -190,11 +212,13 @@ impl Switch {
             host_addrs,
             next_hop,
             neighbours,
+            kernel,
             frame,
             stats,
             ..
         } = self;
         let src_mac = netif.mac();
+        let now = kernel.as_ref().map(|_| std::time::Instant::now());
         channel.drain_tx(budget, |pkt| {
             // Copy first: the app may still be writing its buffer.
             let len = pkt.len();
@@ -206,6 +230,28 @@ impl Switch {
                 .map_err(|d| d.name())?;
             let dst_mac = match *next_hop {
                 NextHop::Fixed(mac) => mac,
+                NextHop::Kernel(_) => {
+                    let dst = if frame[ETH] >> 4 == 6 {
+                        let mut a = [0u8; 16];
+                        a.copy_from_slice(&frame[ETH + 24..ETH + 40]);
+                        IpAddr::from(a)
+                    } else {
+                        IpAddr::from([
+                            frame[ETH + 16],
+                            frame[ETH + 17],
+                            frame[ETH + 18],
+                            frame[ETH + 19],
+                        ])
+                    };
+                    let (Some(k), Some(now)) = (kernel.as_mut(), now) else {
+                        return Err("no_neighbour");
+                    };
+                    match k.lookup(dst, now) {
+                        Ok(mac) => mac,
+                        Err(NoHop::Unresolved) => return Err("no_neighbour"),
+                        Err(NoHop::OtherInterface) => return Err("other_interface"),
+                    }
+                }
                 NextHop::Arp => {
                     let v4 = frame[ETH] >> 4 == 4;
                     let dst = Ipv4Addr::new(

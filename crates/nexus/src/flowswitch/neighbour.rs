@@ -1,9 +1,16 @@
-//! Neighbours of a nexus that stands behind a TAP device as a host of its own: it answers ARP
-//! for its addresses and learns its peers' MAC addresses from their ARP traffic. (On AF_XDP the
-//! kernel keeps answering ARP and the neighbours come from netlink.)
+//! Where the flowswitch finds the MAC address of a packet's next hop.
+//!
+//! * [`Neighbours`]: a nexus that stands behind a TAP device is a host of its own: it answers
+//!   ARP for its addresses and learns its peers' MAC addresses from their ARP traffic.
+//! * [`KernelNeighbours`]: on an interface shared with the kernel (AF_XDP) the kernel keeps
+//!   answering ARP and NDP; the nexus asks it for the route and the neighbour over netlink,
+//!   caches the answer, and asks the kernel to resolve a neighbour it lacks.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use crate::netns::netlink::Rtnl;
 
 /// Most neighbours remembered.
 const CAPACITY: usize = 4096;
@@ -61,6 +68,87 @@ impl Neighbours {
     /// An ARP request for `target`, from `(our_mac, our_ip)`.
     pub fn request(our_mac: [u8; 6], our_ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
         arp_frame(1, our_mac, our_ip, [0; 6], target, [0xff; 6])
+    }
+}
+
+/// How long a kernel answer is trusted before it is asked again.
+const FRESH: Duration = Duration::from_secs(5);
+/// How soon a neighbour the kernel lacked is asked for again.
+const RETRY: Duration = Duration::from_millis(10);
+
+/// Next hops from the kernel's routing and neighbour tables, cached.
+#[derive(Debug)]
+pub struct KernelNeighbours {
+    ifindex: u32,
+    rtnl: Option<Rtnl>,
+    cache: HashMap<IpAddr, (Option<[u8; 6]>, Instant)>,
+}
+
+/// Why a packet has no next hop yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoHop {
+    /// The kernel is resolving the neighbour (or cannot).
+    Unresolved,
+    /// The kernel routes the destination out of another interface.
+    OtherInterface,
+}
+
+impl KernelNeighbours {
+    /// Next hops on interface `ifindex`.
+    pub fn new(ifindex: u32) -> Self {
+        Self {
+            ifindex,
+            rtnl: None,
+            cache: HashMap::new(),
+        }
+    }
+
+    /// The MAC address to send a packet for `dst` to: the route's gateway, or `dst` itself
+    /// when it is on the link.
+    pub fn lookup(&mut self, dst: IpAddr, now: Instant) -> Result<[u8; 6], NoHop> {
+        if let Some(&(mac, at)) = self.cache.get(&dst) {
+            let age = now.saturating_duration_since(at);
+            match mac {
+                Some(mac) if age < FRESH => return Ok(mac),
+                None if age < RETRY => return Err(NoHop::Unresolved),
+                _ => {}
+            }
+        }
+        let answer = self.ask(dst);
+        if self.cache.len() >= CAPACITY {
+            self.cache.clear();
+        }
+        self.cache.insert(dst, (answer.ok(), now));
+        answer
+    }
+
+    fn ask(&mut self, dst: IpAddr) -> Result<[u8; 6], NoHop> {
+        if self.rtnl.is_none() {
+            match Rtnl::open() {
+                Ok(r) => self.rtnl = Some(r),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no netlink socket for next hops");
+                    return Err(NoHop::Unresolved);
+                }
+            }
+        }
+        let Some(nl) = self.rtnl.as_mut() else {
+            return Err(NoHop::Unresolved);
+        };
+        let route = nl.route(dst).map_err(|_| NoHop::Unresolved)?;
+        if route.oif.is_some_and(|o| o != self.ifindex) {
+            return Err(NoHop::OtherInterface);
+        }
+        let hop = route.gateway.unwrap_or(dst);
+        match nl.neighbour(self.ifindex, hop) {
+            Ok(Some(mac)) => Ok(mac),
+            _ => {
+                if let Err(e) = nl.resolve(self.ifindex, hop) {
+                    tracing::debug!(%hop, error = %e, "asking the kernel to resolve a neighbour");
+                }
+                Err(NoHop::Unresolved)
+            }
+        }
     }
 }
 

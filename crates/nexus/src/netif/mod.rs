@@ -1,11 +1,14 @@
 //! Interface backends: where the flowswitch's frames come from and go to.
 //!
 //! Every backend is a [`Netif`]: a batch receive, a send, the interface's MAC address and an fd
-//! to sleep on. Backends: [`tap`], a TAP device; [`pair`], an in-memory pair of interfaces for
-//! in-process tests; AF_XDP (with its XDP program) is next.
+//! to sleep on. Backends: [`afxdp`], a kernel interface shared with the kernel's stack through
+//! an AF_XDP socket and the [`xdp`] steering program; [`tap`], a TAP device; [`pair`], an
+//! in-memory pair of interfaces for in-process tests.
 
+pub mod afxdp;
 pub mod pair;
 pub mod tap;
+pub mod xdp;
 
 use std::os::fd::BorrowedFd;
 
@@ -28,10 +31,21 @@ pub trait Netif: std::fmt::Debug + Send {
     /// Receives up to `max` frames and hands them to `f` as one batch (the slices are valid
     /// during the call only), so the flowswitch can classify them together. Returns how many.
     fn recv(&mut self, max: usize, f: &mut dyn FnMut(&[&[u8]])) -> usize;
-    /// Transmits one Ethernet frame.
+    /// Queues one Ethernet frame for transmission (sent by [`Netif::flush`] at the latest).
     fn send(&mut self, frame: &[u8]) -> Result<(), NetifError>;
+    /// Pushes out what [`Netif::send`] queued (one kick per batch, not per frame).
+    fn flush(&mut self) {}
     /// The interface's MAC address (the source of every frame the nexus sends).
     fn mac(&self) -> [u8; 6];
     /// An fd that is readable when frames are waiting, for the event loop to sleep on.
     fn wake_fd(&self) -> Option<BorrowedFd<'_>>;
+    /// The backend's own counters (drops the flowswitch cannot see), for `netchannel status`.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+    /// What keeps the backend's steering in step with the port reservations (AF_XDP's claims
+    /// map); `None` when every frame reaches the nexus anyway.
+    fn steering(&self) -> Option<Box<dyn crate::netns::Steering>> {
+        None
+    }
 }

@@ -5,6 +5,8 @@
 //! uses is refused with the name of its holder. Addresses, routes and neighbours (netlink)
 //! will live here too.
 
+pub mod netlink;
+pub mod offload;
 pub mod reserve;
 
 pub use reserve::{Reservation, ReserveError, reserve};
@@ -24,6 +26,17 @@ pub struct HostPorts {
     held: BTreeMap<u64, Held>,
     by_flow: BTreeMap<FlowId, u64>,
     next: u64,
+    steering: Option<Box<dyn Steering>>,
+}
+
+/// Steers the traffic of reserved ports to the nexus (on AF_XDP, the XDP program's claims
+/// map). A reservation is claimed when made and released with it.
+pub trait Steering: std::fmt::Debug + Send {
+    /// From now on, `proto` traffic to `local` (an unspecified address: any address of the
+    /// family) goes to the nexus.
+    fn claim(&mut self, proto: Proto, local: SocketAddr) -> std::io::Result<()>;
+    /// It goes to the kernel again.
+    fn release(&mut self, proto: Proto, local: SocketAddr);
 }
 
 #[derive(Debug)]
@@ -40,6 +53,11 @@ fn covers(held: SocketAddr, want: SocketAddr) -> bool {
 }
 
 impl HostPorts {
+    /// Keeps `steering` in step with the reservations from now on.
+    pub fn set_steering(&mut self, steering: Box<dyn Steering>) {
+        self.steering = Some(steering);
+    }
+
     /// Finds or makes the reservation for a new flow of `channel`; returns its handle and the
     /// local address actually held.
     pub fn acquire(
@@ -59,6 +77,13 @@ impl HostPorts {
         }
         let res = reserve(proto, local)?;
         let actual = res.local();
+        if let Some(s) = self.steering.as_mut() {
+            s.claim(proto, actual)
+                .map_err(|source| ReserveError::Steering {
+                    local: actual,
+                    source,
+                })?;
+        }
         let id = self.next;
         self.next += 1;
         self.held.insert(
@@ -92,8 +117,11 @@ impl HostPorts {
     fn drop_user(&mut self, handle: u64) {
         if let Some(h) = self.held.get_mut(&handle) {
             h.users = h.users.saturating_sub(1);
-            if h.users == 0 {
-                self.held.remove(&handle);
+            if h.users == 0
+                && let Some(h) = self.held.remove(&handle)
+                && let Some(s) = self.steering.as_mut()
+            {
+                s.release(h.res.proto(), h.res.local());
             }
         }
     }

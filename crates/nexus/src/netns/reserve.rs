@@ -52,6 +52,14 @@ pub enum ReserveError {
     /// The address is not one of the host's.
     #[error("{0} is not an address of this host")]
     NotLocal(SocketAddr),
+    /// The port was reserved but its traffic could not be steered to the nexus.
+    #[error("steering {local} to the nexus: {source}")]
+    Steering {
+        /// The address reserved.
+        local: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// Another system error.
     #[error("reserving {local}: {op}: {source}")]
     Sys {
