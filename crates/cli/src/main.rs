@@ -30,6 +30,18 @@ enum Command {
         /// Control socket (overrides control.socket of the config).
         #[arg(long)]
         socket: Option<std::path::PathBuf>,
+        /// Interface to serve (overrides interface.name); without one, channels reflect.
+        #[arg(long)]
+        interface: Option<String>,
+        /// Backend of the interface (overrides interface.backend).
+        #[arg(long, value_enum, requires = "interface")]
+        backend: Option<BackendArg>,
+        /// AF_XDP: force native or generic XDP (default: native when the driver can).
+        #[arg(long, value_enum, requires = "interface")]
+        xdp_mode: Option<XdpModeArg>,
+        /// TAP: an address of the nexus behind the device (repeatable).
+        #[arg(long = "address", requires = "interface")]
+        addresses: Vec<std::net::IpAddr>,
     },
     /// The running nexus: pid, uptime, clients, channels, control-socket error counters.
     Status {
@@ -92,6 +104,32 @@ enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+    /// The AF_PACKET generator of `bench veth` (run by it inside its namespace).
+    #[command(hide = true)]
+    BenchGen {
+        #[arg(long)]
+        ifname: String,
+        #[arg(long)]
+        dst_mac: String,
+        #[arg(long)]
+        src: std::net::SocketAddrV4,
+        #[arg(long)]
+        dst: std::net::SocketAddrV4,
+        #[arg(long)]
+        size: usize,
+        #[arg(long)]
+        duration_ms: u64,
+        #[arg(long)]
+        rate: Option<u64>,
+    },
+    /// The UDP sink of `bench veth` (run by it inside its namespace).
+    #[command(hide = true)]
+    BenchSink {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        duration_ms: u64,
+    },
     /// One side of a benchmark trial (started by `bench`; not for direct use).
     #[command(hide = true)]
     BenchWorker {
@@ -108,6 +146,33 @@ enum Command {
         #[arg(long)]
         cpu: Option<usize>,
     },
+}
+
+/// `--backend`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum BackendArg {
+    /// AF_XDP on an existing interface, shared with the kernel.
+    Afxdp,
+    /// A TAP device created by the nexus.
+    Tap,
+}
+
+/// `--xdp-mode`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum XdpModeArg {
+    /// In the driver.
+    Native,
+    /// In the kernel's generic path.
+    Generic,
+}
+
+/// What `netchannel nexus` was asked to serve.
+#[derive(Debug)]
+struct InterfaceArgs {
+    interface: Option<String>,
+    backend: Option<BackendArg>,
+    xdp_mode: Option<XdpModeArg>,
+    addresses: Vec<std::net::IpAddr>,
 }
 
 /// How much effort a benchmark spends.
@@ -145,12 +210,29 @@ enum BenchCommand {
     /// App → nexus → app (the nexus validates, copies and reflects) vs kernel UDP over loopback:
     /// packets/s, round trips, and CPU per packet at a fixed offered load.
     Nexus(BenchArgs),
+    /// UDP across a veth pair (root): an app on a channel of a nexus on AF_XDP vs a kernel UDP
+    /// socket, fed by an AF_PACKET generator in a namespace; receive and transmit packets/s and
+    /// the machine's CPU per packet.
+    Veth {
+        #[command(flatten)]
+        args: BenchArgs,
+        /// Offered packets/s of the CPU-per-packet trials.
+        #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1_000..=10_000_000))]
+        cpu_rate: u64,
+        /// Run only this metric (repeatable): pps_64, gbps_1400, cpu_per_packet, tx_pps_64,
+        /// tx_cpu_per_packet.
+        #[arg(long = "metric")]
+        only: Vec<String>,
+    },
 }
 
 fn run_nexus(
     config: Option<&std::path::Path>,
     socket: Option<std::path::PathBuf>,
+    iface: InterfaceArgs,
 ) -> Result<(), String> {
+    use netchannel_nexus::config::{Backend, InterfaceConfig};
+    use netchannel_nexus::netif::xdp::XdpMode;
     let mut cfg = match config {
         Some(path) => netchannel_nexus::Config::load(path).map_err(|e| e.to_string())?,
         None => netchannel_nexus::Config::default(),
@@ -158,7 +240,31 @@ fn run_nexus(
     if let Some(s) = socket {
         cfg.control.socket = s;
     }
-    let mut nexus = netchannel_nexus::Nexus::new(cfg).map_err(|e| e.to_string())?;
+    if let Some(name) = iface.interface {
+        let i = cfg.interface.get_or_insert(InterfaceConfig {
+            name: name.clone(),
+            backend: Backend::Afxdp,
+            xdp_mode: None,
+            addresses: Vec::new(),
+        });
+        i.name = name;
+        if let Some(b) = iface.backend {
+            i.backend = match b {
+                BackendArg::Afxdp => Backend::Afxdp,
+                BackendArg::Tap => Backend::Tap,
+            };
+        }
+        if let Some(m) = iface.xdp_mode {
+            i.xdp_mode = Some(match m {
+                XdpModeArg::Native => XdpMode::Native,
+                XdpModeArg::Generic => XdpMode::Generic,
+            });
+        }
+        if !iface.addresses.is_empty() {
+            i.addresses = iface.addresses;
+        }
+    }
+    let mut nexus = netchannel_nexus::Nexus::from_config(cfg).map_err(|e| e.to_string())?;
     nexus.run().map_err(|e| e.to_string())
 }
 
@@ -178,7 +284,23 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Nexus { config, socket } => run_nexus(config.as_deref(), socket),
+        Command::Nexus {
+            config,
+            socket,
+            interface,
+            backend,
+            xdp_mode,
+            addresses,
+        } => run_nexus(
+            config.as_deref(),
+            socket,
+            InterfaceArgs {
+                interface,
+                backend,
+                xdp_mode,
+                addresses,
+            },
+        ),
         Command::Demo { count, backend } => demo::run(count, backend),
         Command::DemoPeer { target, count } => demo::peer(&target, count),
         Command::Status { socket, json } => admin::status(&socket, json),
@@ -191,6 +313,28 @@ fn main() -> ExitCode {
         Command::Bench {
             what: BenchCommand::Nexus(a),
         } => bench::nexus(&a.options()),
+        Command::Bench {
+            what:
+                BenchCommand::Veth {
+                    args,
+                    cpu_rate,
+                    only,
+                },
+        } => bench::veth::veth(&bench::veth::VethOptions {
+            common: args.options(),
+            cpu_rate,
+            only,
+        }),
+        Command::BenchGen {
+            ifname,
+            dst_mac,
+            src,
+            dst,
+            size,
+            duration_ms,
+            rate,
+        } => bench::veth::generator(&ifname, &dst_mac, src, dst, size, duration_ms, rate),
+        Command::BenchSink { port, duration_ms } => bench::veth::sink_main(port, duration_ms),
         Command::BenchWorker {
             spec,
             server,

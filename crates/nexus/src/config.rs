@@ -42,6 +42,36 @@ pub struct Config {
     pub channel: ChannelConfig,
     /// How the datapath polls and sleeps.
     pub datapath: DatapathConfig,
+    /// The interface the flowswitch serves; none: channels reflect (a loopback nexus).
+    pub interface: Option<InterfaceConfig>,
+}
+
+/// Which backend serves the interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// AF_XDP on a kernel interface, shared with the kernel's stack by the XDP program.
+    #[default]
+    Afxdp,
+    /// A TAP device the nexus creates and stands behind as a host of its own.
+    Tap,
+}
+
+/// The interface section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterfaceConfig {
+    /// Interface name (AF_XDP: an existing interface; TAP: the device to create).
+    pub name: String,
+    /// Backend.
+    #[serde(default)]
+    pub backend: Backend,
+    /// AF_XDP: force `"native"` or `"generic"` XDP (default: native when the driver can).
+    #[serde(default)]
+    pub xdp_mode: Option<crate::netif::xdp::XdpMode>,
+    /// TAP: the nexus's own addresses behind the device (AF_XDP uses the interface's).
+    #[serde(default)]
+    pub addresses: Vec<std::net::IpAddr>,
 }
 
 /// Where the control socket lives and who may connect.

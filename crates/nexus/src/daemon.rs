@@ -39,6 +39,9 @@ pub enum NexusError {
         "another nexus is already listening on {0}; stop it first or choose another control.socket"
     )]
     AlreadyRunning(PathBuf),
+    /// The configured interface could not be served.
+    #[error("interface: {0}")]
+    Interface(String),
 }
 
 impl NexusError {
@@ -88,6 +91,8 @@ pub struct Nexus {
     /// The flowswitch of the interface, if the nexus serves one (else channels reflect).
     pub(crate) switch: Option<Switch>,
     stop: Arc<AtomicBool>,
+    /// Whether the interface's fd is in the epoll set's interest (not during coalescing).
+    netif_watched: bool,
     signals: UnixStream,
     shutting_down: bool,
 }
@@ -135,6 +140,7 @@ impl Nexus {
             host_ports: HostPorts::default(),
             switch: None,
             stop: Arc::new(AtomicBool::new(false)),
+            netif_watched: true,
             signals,
             shutting_down: false,
         })
@@ -157,6 +163,18 @@ impl Nexus {
         }
         n.switch = Some(switch);
         Ok(n)
+    }
+
+    /// Serves the interface of `config.interface`, or none (channels reflect) without one.
+    pub fn from_config(config: Config) -> Result<Self, NexusError> {
+        match config.interface.clone() {
+            Some(i) => {
+                let sw =
+                    crate::netif::open(&i).map_err(|e| NexusError::Interface(e.to_string()))?;
+                Self::with_switch(config, sw)
+            }
+            None => Self::new(config),
+        }
     }
 
     /// A flag that stops [`Nexus::run`] (as SIGTERM does) when set, within a second.
@@ -198,8 +216,13 @@ impl Nexus {
                 Next::Sleep {
                     timeout,
                     arm: false,
-                } => self.wait_events(&mut events, Some(timeout))?,
+                } => {
+                    // A coalescing sleep ends on its timer, not on the interface's next frame.
+                    self.watch_netif(false)?;
+                    self.wait_events(&mut events, Some(timeout))?
+                }
                 Next::Sleep { timeout, arm: true } => {
+                    self.watch_netif(true)?;
                     if self.arm_all() {
                         continue;
                     }
@@ -210,6 +233,29 @@ impl Nexus {
             }
         }
         self.shutdown();
+        Ok(())
+    }
+
+    /// Whether the interface's frames wake the event loop.
+    fn watch_netif(&mut self, on: bool) -> Result<(), NexusError> {
+        if self.netif_watched == on {
+            return Ok(());
+        }
+        if let Some(fd) = self.switch.as_ref().and_then(|sw| sw.netif().wake_fd()) {
+            let flags = if on {
+                epoll::EventFlags::IN
+            } else {
+                epoll::EventFlags::empty()
+            };
+            epoll::modify(
+                &self.epoll,
+                fd,
+                epoll::EventData::new_u64(token::NETIF),
+                flags,
+            )
+            .map_err(|e| NexusError::sys("epoll_ctl(interface)", e))?;
+        }
+        self.netif_watched = on;
         Ok(())
     }
 

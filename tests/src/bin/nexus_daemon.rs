@@ -1,5 +1,6 @@
 //! A nexus daemon for the integration tests: the library's `Nexus` run exactly as
-//! `netchannel nexus` runs it, on a socket path and optional config file given as arguments.
+//! `netchannel nexus` runs it, on a socket path and optional config file given as arguments
+//! (the config's `[interface]` section makes it serve an interface).
 //!
 //! Usage: `nexus_daemon SOCKET [CONFIG.toml]`
 
@@ -22,7 +23,7 @@ fn main() -> ExitCode {
         None => netchannel_nexus::Config::default(),
     };
     cfg.control.socket = socket.into();
-    let result = netchannel_nexus::Nexus::new(cfg).and_then(|mut n| n.run());
+    let result = netchannel_nexus::Nexus::from_config(cfg).and_then(|mut n| n.run());
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -24,7 +24,6 @@ const PACKET_QDISC_BYPASS: libc::c_int = 20;
 ///
 /// IPv4 only for now; the frame is built by [`build_frame`], which already takes either
 /// family, so IPv6 needs only wider address fields here.
-#[allow(dead_code)] // used by bench veth (next)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct FrameSpec {
     /// Ethernet source address.
@@ -40,7 +39,6 @@ pub(crate) struct FrameSpec {
     pub(crate) payload_len: usize,
 }
 
-#[allow(dead_code)] // used by bench veth (next)
 impl FrameSpec {
     /// The frame, payload bytes `0, 1, 2, …` (mod 256).
     pub(crate) fn build(&self) -> io::Result<Vec<u8>> {
@@ -56,7 +54,6 @@ impl FrameSpec {
 }
 
 /// An Ethernet + IPv4 or IPv6 + UDP frame carrying `payload`, checksums filled in.
-#[allow(dead_code)] // used by bench veth (next)
 fn build_frame(
     src_mac: [u8; 6],
     dst_mac: [u8; 6],
@@ -90,7 +87,6 @@ fn build_frame(
 }
 
 /// Sends copies of one prebuilt frame through an AF_PACKET socket bound to one interface.
-#[allow(dead_code)] // used by bench veth (next)
 pub(crate) struct Generator {
     fd: OwnedFd,
     ifindex: u32,
@@ -119,7 +115,6 @@ impl std::fmt::Debug for Generator {
 // allocations (`frame` and `iov`), which move with it and are never shared.
 unsafe impl Send for Generator {}
 
-#[allow(dead_code)] // used by bench veth (next)
 impl Generator {
     /// Opens an AF_PACKET socket on interface `ifname` (in the calling thread's network
     /// namespace) and builds the frame of `spec`. Needs root or CAP_NET_RAW.
@@ -196,11 +191,13 @@ impl Generator {
     }
 
     /// The frame every datagram copies.
+    #[cfg(test)]
     pub(crate) fn frame(&self) -> &[u8] {
         &self.frame
     }
 
     /// The interface's index (in the namespace the generator was opened in).
+    #[cfg(test)]
     pub(crate) fn ifindex(&self) -> u32 {
         self.ifindex
     }

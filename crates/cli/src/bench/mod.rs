@@ -10,6 +10,7 @@ pub(crate) mod nexus_path;
 pub(crate) mod pipe_path;
 pub(crate) mod sys;
 pub(crate) mod udp_path;
+pub(crate) mod veth;
 pub(crate) mod worker;
 
 use std::collections::BTreeMap;
@@ -396,13 +397,14 @@ pub(crate) fn nexus(o: &Options) -> Result<(), String> {
 enum Bench {
     Pipe,
     Nexus,
+    Veth,
 }
 
 impl Bench {
     fn path(self) -> Path {
         match self {
             Self::Pipe => Path::Pipe,
-            Self::Nexus => Path::Nexus,
+            Self::Nexus | Self::Veth => Path::Nexus,
         }
     }
 
@@ -410,6 +412,7 @@ impl Bench {
         match self {
             Self::Pipe => "pipe",
             Self::Nexus => "nexus",
+            Self::Veth => "veth",
         }
     }
 
@@ -418,6 +421,18 @@ impl Bench {
             Self::Pipe => "netchannel user pipe vs kernel UDP over loopback",
             Self::Nexus => {
                 "app → nexus (validate, copy, reflect) → app vs kernel UDP over loopback"
+            }
+            Self::Veth => "UDP across a veth: app on a channel of a nexus on AF_XDP vs kernel UDP",
+        }
+    }
+
+    fn kernel_path(self) -> &'static str {
+        match self {
+            Self::Pipe | Self::Nexus => {
+                "UDP over loopback (sendmmsg/recvmmsg batch 32; send/recv batch 1)"
+            }
+            Self::Veth => {
+                "UDP socket across the same veth without XDP (recvmmsg batch 64, sendmmsg batch 32), offloads off on both ends"
             }
         }
     }
@@ -507,10 +522,7 @@ fn report(o: &Options, bench: Bench, table: &[(String, Row)]) -> Result<(), Stri
         let mut obj = serde_json::Map::new();
         obj.insert("benchmark".into(), bench.name().into());
         obj.insert("reps".into(), o.reps.into());
-        obj.insert(
-            "kernel_path".into(),
-            "UDP over loopback (sendmmsg/recvmmsg batch 32; send/recv batch 1)".into(),
-        );
+        obj.insert("kernel_path".into(), bench.kernel_path().into());
         let mut metrics = serde_json::Map::new();
         for (k, r) in table {
             obj.insert(format!("ratio_{k}"), serde_json::json!(r.ratio_median));

@@ -12,6 +12,9 @@ pub mod xdp;
 
 use std::os::fd::BorrowedFd;
 
+use crate::config::{Backend, InterfaceConfig};
+use crate::flowswitch::{NextHop, Switch};
+
 /// Why a backend failed.
 #[derive(Debug, thiserror::Error)]
 pub enum NetifError {
@@ -47,5 +50,70 @@ pub trait Netif: std::fmt::Debug + Send {
     /// map); `None` when every frame reaches the nexus anyway.
     fn steering(&self) -> Option<Box<dyn crate::netns::Steering>> {
         None
+    }
+}
+
+/// Why the configured interface could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// AF_XDP.
+    #[error(transparent)]
+    AfXdp(#[from] afxdp::AfXdpError),
+    /// TAP.
+    #[error(transparent)]
+    Tap(#[from] tap::TapError),
+    /// The interface's addresses could not be read.
+    #[error("reading the addresses of {ifname} over netlink: {source}")]
+    Addresses {
+        /// The interface.
+        ifname: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Nothing to serve on.
+    #[error(
+        "{0} has no IP address: add one (`ip addr add ... dev {0}`) or, for TAP, set interface.addresses"
+    )]
+    NoAddress(String),
+}
+
+/// Opens the configured interface and builds its flowswitch.
+pub fn open(cfg: &InterfaceConfig) -> Result<Switch, OpenError> {
+    match cfg.backend {
+        Backend::Afxdp => {
+            let xsk = afxdp::AfXdp::open(
+                &cfg.name,
+                afxdp::AfXdpOptions {
+                    mode: cfg.xdp_mode,
+                    force_copy: false,
+                },
+            )?;
+            let ifindex = xsk.ifindex();
+            let addrs = crate::netns::netlink::Rtnl::open()
+                .and_then(|mut nl| nl.addresses(ifindex))
+                .map_err(|source| OpenError::Addresses {
+                    ifname: cfg.name.clone(),
+                    source,
+                })?;
+            if addrs.is_empty() {
+                return Err(OpenError::NoAddress(cfg.name.clone()));
+            }
+            tracing::info!(ifname = %cfg.name, ?addrs, "serving the interface's addresses");
+            Ok(Switch::new(Box::new(xsk), addrs, NextHop::Kernel(ifindex)))
+        }
+        Backend::Tap => {
+            if cfg.addresses.is_empty() {
+                return Err(OpenError::NoAddress(cfg.name.clone()));
+            }
+            // A locally administered MAC derived from the pid: unique enough on one host.
+            let pid = std::process::id().to_be_bytes();
+            let mac = [0x02, 0x4e, pid[0], pid[1], pid[2], pid[3]];
+            let tap = tap::Tap::create(&cfg.name, mac)?;
+            Ok(Switch::new(
+                Box::new(tap),
+                cfg.addresses.clone(),
+                NextHop::Arp,
+            ))
+        }
     }
 }

@@ -330,15 +330,17 @@ impl Netif for AfXdp {
             self.tx.submit(self.pending);
             self.pending = 0;
         }
-        // In copy mode each kick sends a bounded batch and says EAGAIN while more are left.
-        for _ in 0..RING / 16 {
-            if !self.tx.needs_wakeup() && self.zerocopy {
+        // Kick only while the kernel has frames left on the TX ring (in copy mode each kick
+        // sends a bounded batch and says EAGAIN while more are left); an idle pass makes no
+        // system call.
+        for _ in 0..16 {
+            if !self.tx.outstanding() || (self.zerocopy && !self.tx.needs_wakeup()) {
                 break;
             }
             // `sendto(fd, NULL, 0, MSG_DONTWAIT)` is the kick.
             match rustix::net::send(&self.fd, &[], SendFlags::DONTWAIT) {
-                Err(Errno::AGAIN | Errno::BUSY | Errno::NOBUFS) => continue,
-                _ => break,
+                Ok(_) | Err(Errno::AGAIN | Errno::BUSY | Errno::NOBUFS) => continue,
+                Err(_) => break,
             }
         }
         self.reap_completions();

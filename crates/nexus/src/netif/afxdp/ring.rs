@@ -178,6 +178,12 @@ impl<T: Copy> Ring<T> {
 
     // Producer side (fill, TX).
 
+    /// Whether the kernel has yet to consume some of what we published.
+    pub(super) fn outstanding(&mut self) -> bool {
+        self.remote = self.consumer().load(Ordering::Acquire);
+        self.remote != self.local
+    }
+
     /// Free entries we may write, at most `want`.
     pub(super) fn free(&mut self, want: u32) -> u32 {
         let size = self.mask + 1;

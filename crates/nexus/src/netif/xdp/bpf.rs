@@ -230,7 +230,7 @@ pub fn prog_load_xdp(insns: &[Insn], name: &str) -> Result<OwnedFd, LoadError> {
 }
 
 /// How an XDP program is attached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum XdpMode {
     /// In the driver (`XDP_FLAGS_DRV_MODE`).
