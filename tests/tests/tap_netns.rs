@@ -35,13 +35,25 @@ fn is_root() -> bool {
 
 #[test]
 fn a_kernel_peer_in_a_namespace_talks_udp_to_an_app_through_a_tap() {
+    exchange_through_tap(false);
+}
+
+#[test]
+fn a_kernel_peer_talks_udp_over_ipv6_to_an_app_through_a_tap() {
+    exchange_through_tap(true);
+}
+
+/// The peer resolves the nexus (ARP, or neighbour discovery for IPv6), sends a datagram, and
+/// gets the app's answer back.
+fn exchange_through_tap(v6: bool) {
     if !is_root() {
         eprintln!("SKIPPED: needs root (TAP device and network namespace)");
         return;
     }
     let pid = std::process::id();
-    let ns = Netns(format!("nc-tap-{pid}"));
-    let tap = Tap::create(&format!("nct{}", pid % 100_000), NEXUS_MAC).expect("a TAP device");
+    let fam = u8::from(v6);
+    let ns = Netns(format!("nc-tap{fam}-{pid}"));
+    let tap = Tap::create(&format!("nct{fam}{}", pid % 100_000), NEXUS_MAC).expect("a TAP device");
     let dev = tap.name().to_owned();
     ip(&["netns", "add", &ns.0]);
     ip(&["link", "set", &dev, "netns", &ns.0]);
@@ -50,17 +62,19 @@ fn a_kernel_peer_in_a_namespace_talks_udp_to_an_app_through_a_tap() {
         full.extend_from_slice(args);
         ip(&full);
     };
-    nsx(&["addr", "add", "198.18.0.2/24", "dev", &dev]);
+    let (us, peer_ip) = if v6 {
+        nsx(&["addr", "add", "fd00:198:18::2/64", "dev", &dev, "nodad"]);
+        ("fd00:198:18::1", "fd00:198:18::2")
+    } else {
+        nsx(&["addr", "add", "198.18.0.2/24", "dev", &dev]);
+        ("198.18.0.1", "198.18.0.2")
+    };
     nsx(&["link", "set", &dev, "up"]);
-    // No static neighbour: the peer must ARP for 198.18.0.1 and the nexus must answer.
-    let socket = format!("/tmp/netchannel-tap-{pid}.sock");
+    // No static neighbour: the peer must resolve the nexus, and the nexus must answer.
+    let socket = format!("/tmp/netchannel-tap{fam}-{pid}.sock");
     let mut cfg = netchannel_nexus::Config::default();
     cfg.control.socket = socket.clone().into();
-    let sw = Switch::new(
-        Box::new(tap),
-        vec!["198.18.0.1".parse().unwrap()],
-        NextHop::Arp,
-    );
+    let sw = Switch::new(Box::new(tap), vec![us.parse().unwrap()], NextHop::Arp);
     let mut nexus = netchannel_nexus::Nexus::with_switch(cfg, sw).unwrap();
     let stop = nexus.stop_flag();
     let daemon = std::thread::spawn(move || nexus.run().unwrap());
@@ -71,18 +85,20 @@ fn a_kernel_peer_in_a_namespace_talks_udp_to_an_app_through_a_tap() {
     }
     let mut control = Nexus::connect(&socket).unwrap();
     let mut ch = control.open_channel(ChannelOptions::default()).unwrap();
+    let any = if v6 { "[::]:0" } else { "0.0.0.0:0" };
     let (_, local) = control
-        .add_flow(&ch, FlowProto::Udp, "0.0.0.0:0".parse().unwrap(), None)
+        .add_flow(&ch, FlowProto::Udp, any.parse().unwrap(), None)
         .unwrap();
 
     // The kernel peer: send a datagram to the app, print the answer.
     let script = format!(
         "import socket\n\
-         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s = socket.socket(socket.{}, socket.SOCK_DGRAM)\n\
          s.settimeout(3)\n\
-         s.sendto(b'ping from the kernel', ('198.18.0.1', {}))\n\
+         s.sendto(b'ping from the kernel', ('{us}', {}))\n\
          data, addr = s.recvfrom(2048)\n\
          print(data.decode(), addr[0], addr[1])\n",
+        if v6 { "AF_INET6" } else { "AF_INET" },
         local.port()
     );
     let peer = Command::new("ip")
@@ -111,7 +127,16 @@ fn a_kernel_peer_in_a_namespace_talks_udp_to_an_app_through_a_tap() {
     };
     assert_eq!(u.payload(), b"ping from the kernel");
     let mut reply = Vec::new();
-    etherparse::PacketBuilder::ipv4([198, 18, 0, 1], [198, 18, 0, 2], 64)
+    let builder = match (us.parse().unwrap(), peer_ip.parse().unwrap()) {
+        (std::net::IpAddr::V6(a), std::net::IpAddr::V6(b)) => {
+            etherparse::PacketBuilder::ipv6(a.octets(), b.octets(), 64)
+        }
+        (std::net::IpAddr::V4(a), std::net::IpAddr::V4(b)) => {
+            etherparse::PacketBuilder::ipv4(a.octets(), b.octets(), 64)
+        }
+        _ => unreachable!("one family"),
+    };
+    builder
         .udp(local.port(), u.source_port())
         .write(&mut reply, b"pong from the app")
         .unwrap();
@@ -139,18 +164,23 @@ fn a_kernel_peer_in_a_namespace_talks_udp_to_an_app_through_a_tap() {
     );
     assert_eq!(
         text.trim(),
-        format!("pong from the app 198.18.0.1 {}", local.port())
+        format!("pong from the app {us} {}", local.port())
     );
 
     let flows = control.flows().unwrap();
     assert_eq!((flows[0].rx_packets, flows[0].tx_packets), (1, 1));
     let st = control.status().unwrap();
-    let arp = st
+    let resolver = if v6 { "rx_ndp" } else { "rx_arp" };
+    let seen = st
         .interface
         .iter()
-        .find(|(k, _)| k == "rx_arp")
+        .find(|(k, _)| k == resolver)
         .map_or(0, |(_, v)| *v);
-    assert!(arp >= 1, "the peer resolved us by ARP: {:?}", st.interface);
+    assert!(
+        seen >= 1,
+        "the peer resolved us ({resolver}): {:?}",
+        st.interface
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     daemon.join().unwrap();
     let _ = std::fs::remove_file(&socket);

@@ -69,6 +69,12 @@ pub struct Switch {
 
 const ETH: usize = 14;
 
+fn ip6_at(b: &[u8], at: usize) -> std::net::Ipv6Addr {
+    let mut a = [0u8; 16];
+    a.copy_from_slice(&b[at..at + 16]);
+    a.into()
+}
+
 impl Switch {
     /// A flowswitch on `netif`, whose host addresses are `host_addrs`, finding each frame's
     /// destination MAC as `next_hop` says.
@@ -132,12 +138,28 @@ impl Switch {
             parsed.clear();
             keys.clear();
             for (j, frame) in frames.iter().enumerate() {
-                if *next_hop == NextHop::Arp && frame.get(12..14) == Some(&[0x08, 0x06]) {
-                    *stats.rx_drops.entry("arp").or_default() += 1;
-                    if let ArpAction::Reply(r) = neighbours.on_arp(frame, our_mac, host_addrs) {
-                        replies.push(r);
+                if *next_hop == NextHop::Arp {
+                    // Behind a TAP the nexus resolves its own neighbours: ARP, and IPv6
+                    // neighbour discovery (ICMPv6 types 135 and 136).
+                    let action = match frame.get(12..14) {
+                        Some([0x08, 0x06]) => {
+                            Some(("arp", neighbours.on_arp(frame, our_mac, host_addrs)))
+                        }
+                        Some([0x86, 0xdd])
+                            if frame.get(20) == Some(&58)
+                                && matches!(frame.get(54), Some(135 | 136)) =>
+                        {
+                            Some(("ndp", neighbours.on_ndp(frame, our_mac, host_addrs)))
+                        }
+                        _ => None,
+                    };
+                    if let Some((kind, action)) = action {
+                        *stats.rx_drops.entry(kind).or_default() += 1;
+                        if let ArpAction::Reply(r) = action {
+                            replies.push(r);
+                        }
+                        continue;
                     }
-                    continue;
                 }
                 match parse_frame(frame) {
                     Ok(p) => {
@@ -253,23 +275,24 @@ impl Switch {
                     }
                 }
                 NextHop::Arp => {
-                    let v4 = frame[ETH] >> 4 == 4;
-                    let dst = Ipv4Addr::new(
-                        frame[ETH + 16],
-                        frame[ETH + 17],
-                        frame[ETH + 18],
-                        frame[ETH + 19],
-                    );
-                    match neighbours.get(dst).filter(|_| v4) {
+                    let (dst, request) = if frame[ETH] >> 4 == 6 {
+                        let dst = ip6_at(frame, ETH + 24);
+                        let src = ip6_at(frame, ETH + 8);
+                        (IpAddr::V6(dst), Neighbours::solicit(src_mac, src, dst))
+                    } else {
+                        let v4 = |at: usize| {
+                            Ipv4Addr::new(frame[at], frame[at + 1], frame[at + 2], frame[at + 3])
+                        };
+                        let dst = v4(ETH + 16);
+                        (
+                            IpAddr::V4(dst),
+                            Neighbours::request(src_mac, v4(ETH + 12), dst),
+                        )
+                    };
+                    match neighbours.get(dst) {
                         Some(mac) => mac,
                         None => {
-                            let src = Ipv4Addr::new(
-                                frame[ETH + 12],
-                                frame[ETH + 13],
-                                frame[ETH + 14],
-                                frame[ETH + 15],
-                            );
-                            if v4 && netif.send(&Neighbours::request(src_mac, src, dst)).is_ok() {
+                            if netif.send(&request).is_ok() {
                                 stats.tx_frames += 1;
                             }
                             return Err("no_neighbour");
