@@ -12,9 +12,10 @@ step() { printf '\n== %s\n' "$*"; }
 
 # --- set-up -------------------------------------------------------------------------------
 if [ "$(id -u)" -eq 0 ]; then
-    # Packages the suite uses: iproute2 (network namespaces), procps, python3 (kernel peers).
+    # Packages the suite uses: iproute2 (network namespaces), procps, python3 (kernel peers),
+    # iputils-ping (ICMP keeps working beside the XDP program).
     need=()
-    for pkg in iproute2 procps python3; do
+    for pkg in iproute2 procps python3 iputils-ping; do
         dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
     done
     if [ ${#need[@]} -gt 0 ]; then
@@ -51,9 +52,12 @@ if [ -z "${QUICK:-}" ]; then
     cargo run --release --locked -q -p netchannel-cli -- bench nexus --reps 1 --duration-ms 100 --rtt-iterations 2000 --json >/dev/null
     echo "bench nexus ran"
     if [ "$(id -u)" -eq 0 ]; then
+        cargo run --release --locked -q -p netchannel-cli -- bench veth --reps 1 --duration-ms 200 --json >/dev/null
+        echo "bench veth ran"
         cargo run --release --locked -q -p netchannel-cli -- demo --count 200
+        cargo run --release --locked -q -p netchannel-cli -- demo --backend tap --count 50
     else
-        echo "SKIPPED: netchannel demo needs root (network namespace and TAP device)"
+        echo "SKIPPED: bench veth and netchannel demo need root (network namespaces, XDP, TAP)"
     fi
 fi
 
