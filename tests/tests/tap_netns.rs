@@ -74,21 +74,32 @@ fn exchange_through_tap(v6: bool) {
     let socket = format!("/tmp/netchannel-tap{fam}-{pid}.sock");
     let mut cfg = netchannel_nexus::Config::default();
     cfg.control.socket = socket.clone().into();
-    let sw = Switch::new(Box::new(tap), vec![us.parse().unwrap()], NextHop::Arp);
-    let mut nexus = netchannel_nexus::Nexus::with_switch(cfg, sw).unwrap();
+    let sw = Switch::new(
+        Box::new(tap),
+        vec![us.parse().expect("TAP exchange")],
+        NextHop::Arp,
+    );
+    let mut nexus = netchannel_nexus::Nexus::with_switch(cfg, sw).expect("TAP exchange");
     let stop = nexus.stop_flag();
-    let daemon = std::thread::spawn(move || nexus.run().unwrap());
+    let daemon = std::thread::spawn(move || nexus.run().expect("TAP exchange"));
     let t0 = Instant::now();
     while Nexus::connect(&socket).is_err() {
         assert!(t0.elapsed() < Duration::from_secs(5));
         std::thread::sleep(Duration::from_millis(5));
     }
-    let mut control = Nexus::connect(&socket).unwrap();
-    let mut ch = control.open_channel(ChannelOptions::default()).unwrap();
+    let mut control = Nexus::connect(&socket).expect("TAP exchange");
+    let mut ch = control
+        .open_channel(ChannelOptions::default())
+        .expect("TAP exchange");
     let any = if v6 { "[::]:0" } else { "0.0.0.0:0" };
     let (_, local) = control
-        .add_flow(&ch, FlowProto::Udp, any.parse().unwrap(), None)
-        .unwrap();
+        .add_flow(
+            &ch,
+            FlowProto::Udp,
+            any.parse().expect("TAP exchange"),
+            None,
+        )
+        .expect("TAP exchange");
 
     // The kernel peer: send a datagram to the app, print the answer.
     let script = format!(
@@ -117,17 +128,20 @@ fn exchange_through_tap(v6: bool) {
             "no datagram from the kernel peer"
         );
         let _ = ch.wait(Interest::Readable, Some(Duration::from_millis(100)));
-        ch.recv(&mut got, 8).unwrap();
+        ch.recv(&mut got, 8).expect("TAP exchange");
     }
     let req = ch.payload(&got[0]).to_vec();
-    ch.free(got.iter().map(|p| p.buf)).unwrap();
-    let sliced = etherparse::SlicedPacket::from_ip(&req).unwrap();
+    ch.free(got.iter().map(|p| p.buf)).expect("TAP exchange");
+    let sliced = etherparse::SlicedPacket::from_ip(&req).expect("TAP exchange");
     let Some(etherparse::TransportSlice::Udp(u)) = sliced.transport else {
         panic!("not UDP")
     };
     assert_eq!(u.payload(), b"ping from the kernel");
     let mut reply = Vec::new();
-    let builder = match (us.parse().unwrap(), peer_ip.parse().unwrap()) {
+    let builder = match (
+        us.parse().expect("TAP exchange"),
+        peer_ip.parse().expect("TAP exchange"),
+    ) {
         (std::net::IpAddr::V6(a), std::net::IpAddr::V6(b)) => {
             etherparse::PacketBuilder::ipv6(a.octets(), b.octets(), 64)
         }
@@ -139,23 +153,23 @@ fn exchange_through_tap(v6: bool) {
     builder
         .udp(local.port(), u.source_port())
         .write(&mut reply, b"pong from the app")
-        .unwrap();
+        .expect("TAP exchange");
     let buf = loop {
         if let Some(b) = ch.alloc() {
             break b;
         }
         ch.wait(Interest::Buffers, Some(Duration::from_secs(1)))
-            .unwrap();
+            .expect("TAP exchange");
     };
-    ch.buffer_mut(buf).unwrap()[..reply.len()].copy_from_slice(&reply);
+    ch.buffer_mut(buf).expect("TAP exchange")[..reply.len()].copy_from_slice(&reply);
     ch.send(&[Packet {
         buf,
         offset: 0,
         len: reply.len() as u32,
     }])
-    .unwrap();
+    .expect("TAP exchange");
 
-    let out = peer.wait_with_output().unwrap();
+    let out = peer.wait_with_output().expect("TAP exchange");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -167,9 +181,9 @@ fn exchange_through_tap(v6: bool) {
         format!("pong from the app {us} {}", local.port())
     );
 
-    let flows = control.flows().unwrap();
+    let flows = control.flows().expect("TAP exchange");
     assert_eq!((flows[0].rx_packets, flows[0].tx_packets), (1, 1));
-    let st = control.status().unwrap();
+    let st = control.status().expect("TAP exchange");
     let resolver = if v6 { "rx_ndp" } else { "rx_arp" };
     let seen = st
         .interface
@@ -182,6 +196,6 @@ fn exchange_through_tap(v6: bool) {
         st.interface
     );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    daemon.join().unwrap();
+    daemon.join().expect("TAP exchange");
     let _ = std::fs::remove_file(&socket);
 }

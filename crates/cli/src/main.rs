@@ -223,6 +223,9 @@ enum BenchCommand {
         /// tx_cpu_per_packet.
         #[arg(long = "metric")]
         only: Vec<String>,
+        /// Run one path only (kernel or netchannel), to profile it; no ratios then.
+        #[arg(long, hide = true)]
+        only_path: Option<String>,
     },
 }
 
@@ -319,11 +322,13 @@ fn main() -> ExitCode {
                     args,
                     cpu_rate,
                     only,
+                    only_path,
                 },
         } => bench::veth::veth(&bench::veth::VethOptions {
             common: args.options(),
             cpu_rate,
             only,
+            only_path,
         }),
         Command::BenchGen {
             ifname,

@@ -190,18 +190,6 @@ impl Generator {
         Ok(g)
     }
 
-    /// The frame every datagram copies.
-    #[cfg(test)]
-    pub(crate) fn frame(&self) -> &[u8] {
-        &self.frame
-    }
-
-    /// The interface's index (in the namespace the generator was opened in).
-    #[cfg(test)]
-    pub(crate) fn ifindex(&self) -> u32 {
-        self.ifindex
-    }
-
     /// Makes sure at least `n` (at most [`MAX_BATCH`]) headers exist.
     fn reserve(&mut self, n: usize) {
         let iov: *mut libc::iovec = &raw mut *self.iov;

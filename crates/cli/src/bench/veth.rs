@@ -46,6 +46,8 @@ pub(crate) struct VethOptions {
     pub(crate) cpu_rate: u64,
     /// Only these metrics (keys as in the JSON); empty: all.
     pub(crate) only: Vec<String>,
+    /// Only one path (`kernel` or `netchannel`), for profiling one at a time.
+    pub(crate) only_path: Option<String>,
 }
 
 /// What a generator or sink reports (one JSON line).
@@ -637,6 +639,12 @@ pub(crate) fn veth(o: &VethOptions) -> Result<(), String> {
                 [true, false]
             };
             for nc in order {
+                if o.only_path
+                    .as_deref()
+                    .is_some_and(|p| (p == "netchannel") != nc)
+                {
+                    continue;
+                }
                 let meas = match cache.iter().find(|(t, n, _)| *t == m.trial && *n == nc) {
                     Some(&(_, _, meas)) => meas,
                     None => {

@@ -97,7 +97,9 @@ pub fn parse_ip(packet: &[u8]) -> Result<Parsed, RxDrop> {
 }
 
 fn finish(s: &SlicedPacket<'_>, buf: &[u8], ip_offset: usize) -> Result<Parsed, RxDrop> {
-    let (src_ip, dst_ip, fragmented, ip_len) = match &s.net {
+    // `l4_len`: what the IP header says the transport part holds (etherparse has already cut
+    // the slice to the IP lengths).
+    let (src_ip, dst_ip, fragmented, ip_len, l4_len) = match &s.net {
         Some(NetSlice::Ipv4(v4)) => {
             let h = v4.header();
             if h.ihl() != 5 {
@@ -111,6 +113,7 @@ fn finish(s: &SlicedPacket<'_>, buf: &[u8], ip_offset: usize) -> Result<Parsed, 
                 IpAddr::V4(h.destination_addr()),
                 v4.payload().fragmented,
                 usize::from(h.total_len()),
+                v4.payload().payload.len(),
             )
         }
         Some(NetSlice::Ipv6(v6)) => {
@@ -121,6 +124,7 @@ fn finish(s: &SlicedPacket<'_>, buf: &[u8], ip_offset: usize) -> Result<Parsed, 
                 IpAddr::V6(h.destination_addr()),
                 v6.payload().fragmented,
                 len,
+                v6.payload().payload.len(),
             )
         }
         Some(NetSlice::Arp(_)) | None => return Err(RxDrop::NotIp),
@@ -136,7 +140,9 @@ fn finish(s: &SlicedPacket<'_>, buf: &[u8], ip_offset: usize) -> Result<Parsed, 
             if u.checksum() == 0 && src_ip.is_ipv6() {
                 return Err(RxDrop::BadL4Checksum);
             }
-            if usize::from(u.length()) != u.slice().len() {
+            // The UDP length must cover exactly what IP carries: a shorter one would leave
+            // bytes no checksum covers.
+            if usize::from(u.length()) != l4_len {
                 return Err(RxDrop::BadHeader);
             }
             (Proto::Udp, u.slice(), u.source_port(), u.destination_port())
@@ -293,5 +299,32 @@ pub(crate) mod tests {
         let mut long_udp_len = good.clone();
         long_udp_len[14 + 20 + 5] += 1;
         assert!(parse_frame(&long_udp_len).is_err());
+    }
+
+    #[test]
+    fn regression_a_udp_length_shorter_than_the_ip_payload_is_refused() {
+        // A UDP length 4 bytes short, with a checksum right for that length: the 4 trailing
+        // bytes would reach the app covered by no checksum.
+        let mut f = udp4(A, 1000, B, 2000, b"hello world");
+        let udp_len = f.len() - 14 - 20 - 4;
+        f[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&(udp_len as u16).to_be_bytes());
+        f[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
+        let len = (udp_len as u16).to_be_bytes();
+        let sum = checksum(
+            &[
+                &f[14 + 12..14 + 20],
+                &[0, 17],
+                &len,
+                &f[14 + 20..14 + 20 + udp_len],
+            ],
+            0,
+        );
+        f[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&sum.to_be_bytes());
+        assert_eq!(parse_frame(&f), Err(RxDrop::BadHeader));
+        assert_eq!(
+            parse_ip(&f[14..]),
+            Err(RxDrop::BadHeader),
+            "nor from an app"
+        );
     }
 }
