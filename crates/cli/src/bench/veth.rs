@@ -223,7 +223,8 @@ fn finish(mut child: Child) -> Result<Count, String> {
     serde_json::from_str(&last).map_err(|e| format!("unreadable helper report {last:?}: {e}"))
 }
 
-/// Busy and total clock ticks of the whole machine so far.
+/// Busy and total clock ticks of the whole machine so far. Busy is user, nice, system, irq
+/// and softirq time; idle, I/O wait and steal (another guest's time) are not ours.
 fn machine_ticks() -> (u64, u64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let v: Vec<u64> = stat
@@ -234,9 +235,9 @@ fn machine_ticks() -> (u64, u64) {
         .skip(1)
         .filter_map(|x| x.parse().ok())
         .collect();
+    let at = |i: usize| v.get(i).copied().unwrap_or(0);
     let total: u64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (total - idle, total)
+    (at(0) + at(1) + at(2) + at(5) + at(6), total)
 }
 
 fn busy_seconds_since(start: (u64, u64)) -> f64 {
@@ -653,10 +654,10 @@ pub(crate) fn veth(o: &VethOptions) -> Result<(), String> {
                             (Trial::Rx(s), false) => kernel_rx(&bed, s, ms, None)?,
                             (Trial::Rx(s), true) => nexus_rx(&bed, s, ms, None)?,
                             (Trial::RxPaced, false) => {
-                                kernel_rx(&bed, 64, ms.max(1000), Some(o.cpu_rate))?
+                                kernel_rx(&bed, 64, ms.max(2000), Some(o.cpu_rate))?
                             }
                             (Trial::RxPaced, true) => {
-                                nexus_rx(&bed, 64, ms.max(1000), Some(o.cpu_rate))?
+                                nexus_rx(&bed, 64, ms.max(2000), Some(o.cpu_rate))?
                             }
                             (Trial::Tx(s), false) => kernel_tx(&bed, s, ms)?,
                             (Trial::Tx(s), true) => nexus_tx(&bed, s, ms)?,
