@@ -101,3 +101,32 @@ fn bad_config_files_are_refused_with_the_reason() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("power of two"));
 }
+
+#[test]
+fn an_interface_that_cannot_be_served_is_refused_with_the_reason() {
+    let socket = format!("/tmp/netchannel-cli-if-{}.sock", std::process::id());
+    let out = netchannel()
+        .args(["nexus", "--socket", &socket, "--interface", "nc-no-such0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no interface named \"nc-no-such0\""), "{err}");
+    // A TAP nexus stands behind its device with addresses of its own: it needs one.
+    let out = netchannel()
+        .args([
+            "nexus",
+            "--socket",
+            &socket,
+            "--interface",
+            "nctap0",
+            "--backend",
+            "tap",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("has no IP address"), "{err}");
+    assert!(!std::path::Path::new(&socket).exists());
+}
