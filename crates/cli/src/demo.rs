@@ -203,6 +203,14 @@ pub(crate) fn run(count: u32, backend: DemoBackend) -> Result<(), String> {
     let ok = peer.wait().map_err(|e| e.to_string())?.success();
     println!("5. the app echoed {echoed} datagrams; the kernel peer says: {summary}");
 
+    let http = serve_http_once(&cleanup.socket, &ns, &exe);
+    match &http {
+        Ok(line) => println!(
+            "6. HTTP from a user-space TCP/IP stack: an app running smoltcp on its own channel served a page on port 80; the kernel's TCP client in {ns} says: {line}"
+        ),
+        Err(e) => println!("6. HTTP from the user-space stack failed: {e}"),
+    }
+
     let st = control.status().map_err(|e| e.to_string())?;
     let list = |v: &[(String, u64)]| {
         v.iter()
@@ -210,7 +218,7 @@ pub(crate) fn run(count: u32, backend: DemoBackend) -> Result<(), String> {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    println!("6. nexus counters: interface {}", list(&st.interface));
+    println!("7. nexus counters: interface {}", list(&st.interface));
     for c in &st.channels {
         println!(
             "   channel {}: {} packets in, {} out, drops [{}], ledger audit {}",
@@ -232,13 +240,93 @@ pub(crate) fn run(count: u32, backend: DemoBackend) -> Result<(), String> {
     nexus_stop.store(true, Ordering::Relaxed);
     let _ = daemon.join();
     drop(cleanup);
-    println!("7. removed the namespace, its interfaces and the socket");
+    println!("8. removed the namespace, its interfaces and the socket");
     if stop.load(Ordering::Relaxed) {
         return Err("interrupted".into());
     }
     if !ok || echoed < count {
         return Err(format!("the kernel peer got {echoed} of {count} echoes"));
     }
+    http.map(drop)
+}
+
+/// The page the demo serves.
+const PAGE: &str = "<!doctype html><title>netchannel</title><p>Hello from a TCP/IP stack in user space, \
+                    through a shared-memory channel and the nexus.</p>\n";
+
+/// Serves one HTTP request from a user-space stack on a channel of the demo's nexus, fetched by
+/// a kernel TCP client in the namespace; returns what the client printed.
+fn serve_http_once(socket: &str, ns: &str, exe: &std::path::Path) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let stack = netchannel::stack::Stack::connect(socket).map_err(|e| e.to_string())?;
+    let mut listener = netchannel::stack::TcpListener::bind(
+        &stack,
+        "0.0.0.0:80".parse().map_err(|_| "bad address")?,
+    )
+    .map_err(|e| format!("listening on port 80: {e}"))?;
+    let target = format!("{NEXUS_IP}:80");
+    let client = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(exe)
+        .args(["demo-peer", "--target", &target, "--count", "0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting the kernel TCP client: {e}"))?;
+    let (mut conn, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = conn
+            .read(&mut buf)
+            .map_err(|e| format!("reading the request: {e}"))?;
+        if n == 0 || req.len() > 16 * 1024 {
+            return Err("the client sent no complete request".into());
+        }
+        req.extend_from_slice(&buf[..n]);
+    }
+    let head = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        PAGE.len()
+    );
+    conn.write_all(head.as_bytes())
+        .and_then(|()| conn.write_all(PAGE.as_bytes()))
+        .map_err(|e| format!("writing the response: {e}"))?;
+    drop(conn);
+    let out = client.wait_with_output().map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if !out.status.success() {
+        return Err(format!("the kernel client failed: {text}"));
+    }
+    Ok(text)
+}
+
+/// The kernel side of the HTTP part: one GET with a plain kernel TCP socket.
+fn http_get(target: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = target
+        .parse()
+        .map_err(|_| format!("bad address {target}"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nhost: {target}\r\nconnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)
+        .map_err(|e| format!("reading: {e}"))?;
+    let text = String::from_utf8_lossy(&resp);
+    let status = text.lines().next().unwrap_or_default();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    if body != PAGE {
+        return Err(format!("unexpected response: {text:?}"));
+    }
+    println!("{status}, {} bytes of page intact", body.len());
     Ok(())
 }
 
@@ -322,6 +410,9 @@ fn udp_reply(req: &[u8]) -> Option<Vec<u8>> {
 /// `netchannel demo-peer`: the kernel side, run inside the namespace. Sends `count` datagrams
 /// one at a time and prints one summary line.
 pub(crate) fn peer(target: &str, count: u32) -> Result<(), String> {
+    if count == 0 {
+        return http_get(target);
+    }
     let sock = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
     sock.connect(target).map_err(|e| e.to_string())?;
     sock.set_read_timeout(Some(Duration::from_millis(500)))

@@ -95,7 +95,7 @@ enum Command {
         /// Where to send.
         #[arg(long)]
         target: String,
-        /// How many datagrams.
+        /// How many datagrams (0: fetch a page over HTTP from `target` instead).
         #[arg(long)]
         count: u32,
     },

@@ -9,13 +9,14 @@
 //!   (`buffer_mut`), `send` a batch, `recv` a batch, read it (`payload`), `free` it, and `wait`
 //!   (spin, then sleep on a doorbell) when there is nothing to do.
 //!
-//! Channels to a nexus and the user-space protocol stack (UDP and TCP sockets) build on the same
-//! endpoint; see `DESIGN.md`.
+//! * [`stack`]: a user-space TCP/IP stack (smoltcp) on a channel, with `UdpSocket`,
+//!   `TcpListener` and `TcpStream` that feel like std's.
 
 #![forbid(unsafe_code)]
 
 pub mod nexus;
 pub mod pipe;
+pub mod stack;
 
 pub use netchannel_shm::{
     DefunctReason, Endpoint, Error, Geometry, Interest, Packet, SendError, Stats, Violation,

@@ -144,9 +144,19 @@ impl Nexus {
         let mut ep = Endpoint::attach_app(region, pool, bell, Home::Nothing)?;
         let (r, b) = ep.fds();
         let (reply, _) = self.request(&Request::ChannelReady { channel }, &[r, b])?;
-        if reply != (Reply::ChannelOpened { channel }) {
+        let Reply::ChannelOpened {
+            channel: opened,
+            addresses,
+            mtu,
+        } = reply
+        else {
             return Err(Error::Protocol(format!(
                 "expected channel_opened, got {reply:?}"
+            )));
+        };
+        if opened != channel {
+            return Err(Error::Protocol(format!(
+                "opened channel {opened}, expected {channel}"
             )));
         }
         let watch = self.sock.try_clone().map_err(|e| Error::Sys {
@@ -154,7 +164,12 @@ impl Nexus {
             source: rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::BADF),
         })?;
         ep.watch(watch);
-        Ok(Channel { id: channel, ep })
+        Ok(Channel {
+            id: channel,
+            ep,
+            addresses,
+            mtu,
+        })
     }
 
     /// The nexus's state (every channel for root, one's own otherwise).
@@ -247,9 +262,22 @@ fn gone(e: Error) -> Error {
 pub struct Channel {
     id: ChannelId,
     ep: Endpoint,
+    addresses: Vec<std::net::IpAddr>,
+    mtu: u32,
 }
 
 impl Channel {
+    /// The addresses of the interface the nexus serves this channel on (empty if it serves
+    /// none): what an app's protocol stack uses as its own.
+    pub fn addresses(&self) -> &[std::net::IpAddr] {
+        &self.addresses
+    }
+
+    /// Largest IP packet the interface carries (0 if the nexus serves no interface).
+    pub fn mtu(&self) -> u32 {
+        self.mtu
+    }
+
     /// The nexus's id of this channel (as `netchannel channels` shows it).
     pub fn id(&self) -> ChannelId {
         self.id

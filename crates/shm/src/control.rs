@@ -145,6 +145,13 @@ pub enum Reply {
     ChannelOpened {
         /// The channel.
         channel: ChannelId,
+        /// The addresses of the interface the nexus serves (an app's stack uses these as its
+        /// own); empty without an interface.
+        #[serde(default)]
+        addresses: Vec<std::net::IpAddr>,
+        /// Largest IP packet the interface carries (0: no interface).
+        #[serde(default)]
+        mtu: u32,
     },
     /// The request was carried out.
     Done,

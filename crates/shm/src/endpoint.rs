@@ -541,6 +541,17 @@ impl Endpoint {
         self.pool.bytes_mut(buf)
     }
 
+    /// The bytes of a received packet and a buffer our user holds, at once (a stack answers a
+    /// packet while it reads it, without copying either). `None` if `buf` is not held, or is the
+    /// packet's own buffer.
+    #[inline]
+    pub fn payload_and_buffer_mut(&mut self, p: &Packet, buf: u32) -> Option<(&[u8], &mut [u8])> {
+        if self.ledger.state(buf) != Some(crate::ledger::BufState::Held) {
+            return None;
+        }
+        self.pool.bytes_and_mut(p.buf, p.offset, p.len, buf)
+    }
+
     /// The bytes of a received packet.
     #[inline]
     pub fn payload(&self, p: &Packet) -> &[u8] {

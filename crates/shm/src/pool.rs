@@ -129,6 +129,41 @@ impl Pool {
         })
     }
 
+    /// The bytes `[offset, offset + len)` of buffer `src` and, at the same time, the whole of
+    /// another buffer `dst` to write: for a protocol stack that builds its answer while it reads
+    /// the packet. `None` if the range falls outside `src`, `dst` is outside the pool, or they
+    /// are the same buffer.
+    #[inline]
+    pub fn bytes_and_mut(
+        &mut self,
+        src: u32,
+        offset: u32,
+        len: u32,
+        dst: u32,
+    ) -> Option<(&[u8], &mut [u8])> {
+        if src == dst || dst >= self.geometry.buffers() {
+            return None;
+        }
+        self.check(&Desc {
+            buf: src,
+            offset,
+            len,
+            flags: 0,
+        })
+        .ok()?;
+        // SAFETY: both ranges are in bounds of the mapping (checked above) and lie in different
+        // buffers, so they do not overlap; `&mut self` keeps this end from handing out any
+        // other reference into the pool meanwhile. As with `bytes`, the peer may still write
+        // the packet's bytes: they are data, not trusted structure.
+        unsafe {
+            let r =
+                std::slice::from_raw_parts(self.buf_ptr(src).add(offset as usize), len as usize);
+            let w =
+                std::slice::from_raw_parts_mut(self.buf_ptr(dst), self.geometry.buf_size as usize);
+            Some((r, w))
+        }
+    }
+
     /// Copies `len` bytes at `src_off` of buffer `src` to `dst_off` of buffer `dst` (different
     /// buffers). Returns false, copying nothing, if either range falls outside its buffer or the
     /// buffers are the same.

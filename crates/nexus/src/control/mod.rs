@@ -504,7 +504,16 @@ impl Nexus {
             pid = self.clients.get(&id).map_or(0, |c| c.cred.pid),
             "channel opened"
         );
-        Reply::ChannelOpened { channel }
+        let (addresses, mtu) = self
+            .switch
+            .as_ref()
+            .map(|sw| (sw.host_addrs().to_vec(), sw.netif().mtu()))
+            .unwrap_or_default();
+        Reply::ChannelOpened {
+            channel,
+            addresses,
+            mtu,
+        }
     }
 
     fn close_channel(&mut self, id: u64, channel: ChannelId) -> Reply {

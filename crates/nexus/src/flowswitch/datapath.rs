@@ -98,6 +98,11 @@ impl Switch {
         }
     }
 
+    /// The addresses the switch serves.
+    pub fn host_addrs(&self) -> &[IpAddr] {
+        &self.host_addrs
+    }
+
     /// The interface (for its wake-up fd).
     pub fn netif(&self) -> &dyn Netif {
         self.netif.as_ref()

@@ -38,6 +38,10 @@ pub trait Netif: std::fmt::Debug + Send {
     fn send(&mut self, frame: &[u8]) -> Result<(), NetifError>;
     /// Pushes out what [`Netif::send`] queued (one kick per batch, not per frame).
     fn flush(&mut self) {}
+    /// Largest IP packet the interface carries.
+    fn mtu(&self) -> u32 {
+        1500
+    }
     /// The interface's MAC address (the source of every frame the nexus sends).
     fn mac(&self) -> [u8; 6];
     /// An fd that is readable when frames are waiting, for the event loop to sleep on.

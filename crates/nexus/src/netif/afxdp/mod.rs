@@ -350,6 +350,15 @@ impl Netif for AfXdp {
         self.mac
     }
 
+    fn mtu(&self) -> u32 {
+        // The interface's MTU, within what one UMEM frame holds.
+        let sys = std::fs::read_to_string(format!("/sys/class/net/{}/mtu", self.ifname));
+        sys.ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .unwrap_or(1500)
+            .min(FRAME as u32 - 14 - 256)
+    }
+
     fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
         Some(self.fd.as_fd())
     }

@@ -1,0 +1,238 @@
+//! smoltcp's view of a channel: a `phy::Device` whose packets live in the channel's pool.
+//!
+//! No payload is copied on the way: smoltcp reads a received packet where the nexus put it,
+//! and writes what it sends straight into a buffer of the pool, which goes to the nexus as is.
+//! Received buffers are freed, and sent packets published, in batches (one ring update per
+//! poll), by [`ChannelDevice::flush`].
+
+use std::collections::VecDeque;
+
+use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
+use smoltcp::time::Instant;
+
+use crate::nexus::Channel;
+use crate::{Error, Packet, SendError};
+
+/// Packets taken off the RX ring per refill.
+const RX_BATCH: usize = 64;
+
+/// A channel as smoltcp's network device (IP packets, no link layer).
+#[derive(Debug)]
+pub(crate) struct ChannelDevice {
+    ch: Channel,
+    mtu: usize,
+    rxq: VecDeque<Packet>,
+    /// Received buffers smoltcp is done with.
+    done: Vec<u32>,
+    /// A buffer held ready for the next packet smoltcp sends.
+    spare: Option<u32>,
+    /// Packets written, not yet published.
+    txq: Vec<Packet>,
+    scratch: Vec<Packet>,
+    /// The channel broke (defunct, or the nexus is gone).
+    pub(crate) broken: Option<Error>,
+}
+
+impl ChannelDevice {
+    pub(crate) fn new(ch: Channel) -> Self {
+        // The nexus carries IP packets up to the interface's MTU, within one pool buffer.
+        let buf = ch.pool().geometry().buf_size as usize;
+        let mtu = match ch.mtu() {
+            0 => 1500,
+            m => m as usize,
+        }
+        .min(buf);
+        Self {
+            ch,
+            mtu,
+            rxq: VecDeque::with_capacity(RX_BATCH),
+            done: Vec::with_capacity(RX_BATCH),
+            spare: None,
+            txq: Vec::with_capacity(RX_BATCH),
+            scratch: Vec::with_capacity(RX_BATCH),
+            broken: None,
+        }
+    }
+
+    pub(crate) fn mtu(&self) -> usize {
+        self.mtu
+    }
+
+    pub(crate) fn channel(&self) -> &Channel {
+        &self.ch
+    }
+
+    /// Whether sending is held up (no buffer to write into, or packets the TX ring had no room
+    /// for): the stack must be polled again soon, not only when packets arrive.
+    pub(crate) fn backlogged(&self) -> bool {
+        self.spare.is_none() || !self.txq.is_empty()
+    }
+
+    /// Whether packets wait (in our queue or on the RX ring).
+    pub(crate) fn rx_pending(&mut self) -> bool {
+        if !self.rxq.is_empty() {
+            return true;
+        }
+        self.refill_rx();
+        !self.rxq.is_empty()
+    }
+
+    fn refill_rx(&mut self) {
+        if self.broken.is_some() {
+            return;
+        }
+        self.scratch.clear();
+        match self.ch.recv(&mut self.scratch, RX_BATCH) {
+            Ok(_) => self.rxq.extend(self.scratch.drain(..)),
+            Err(e) => self.broken = Some(e),
+        }
+    }
+
+    fn ensure_spare(&mut self) -> bool {
+        if self.spare.is_none() && self.broken.is_none() {
+            self.spare = self.ch.alloc();
+        }
+        self.spare.is_some()
+    }
+
+    /// Publishes what smoltcp sent and frees what it received. Returns whether every sent
+    /// packet went (the TX ring may be full).
+    pub(crate) fn flush(&mut self) -> bool {
+        if !self.done.is_empty()
+            && let Err(e) = self.ch.free(self.done.drain(..))
+        {
+            self.fail(e);
+        }
+        if self.txq.is_empty() {
+            return true;
+        }
+        match self.ch.send(&self.txq) {
+            Ok(n) => {
+                self.txq.drain(..n);
+            }
+            Err(e) => {
+                self.fail(e);
+                self.txq.clear();
+            }
+        }
+        self.txq.is_empty()
+    }
+
+    fn fail(&mut self, e: SendError) {
+        match e {
+            SendError::Channel(e) => {
+                self.broken.get_or_insert(e);
+            }
+            // Our own bookkeeping went wrong; the nexus's ledger is unharmed.
+            SendError::Invalid(v) => {
+                tracing::error!(violation = ?v, "stack device: refused packet")
+            }
+        }
+    }
+}
+
+impl phy::Device for ChannelDevice {
+    type RxToken<'a> = RxToken<'a>;
+    type TxToken<'a> = TxToken<'a>;
+
+    fn receive(&mut self, _: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
+        if self.rxq.is_empty() {
+            self.refill_rx();
+        }
+        // smoltcp may answer the packet while it reads it: both buffers are lent at once.
+        if !self.ensure_spare() {
+            return None;
+        }
+        let pkt = self.rxq.pop_front()?;
+        let spare_buf = self.spare?;
+        let Self {
+            ch,
+            done,
+            spare,
+            txq,
+            ..
+        } = self;
+        match ch.payload_and_buffer_mut(&pkt, spare_buf) {
+            Some((data, out)) => Some((
+                RxToken {
+                    data,
+                    buf: pkt.buf,
+                    done,
+                },
+                TxToken { out, spare, txq },
+            )),
+            None => {
+                // Not ours to read (cannot happen for a packet we received): drop it.
+                done.push(pkt.buf);
+                None
+            }
+        }
+    }
+
+    fn transmit(&mut self, _: Instant) -> Option<TxToken<'_>> {
+        if !self.ensure_spare() {
+            return None;
+        }
+        let buf = self.spare?;
+        let Self { ch, spare, txq, .. } = self;
+        let out = ch.buffer_mut(buf)?;
+        Some(TxToken { out, spare, txq })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ip;
+        caps.max_transmission_unit = self.mtu;
+        caps.max_burst_size = Some(RX_BATCH);
+        // The nexus verifies every checksum it delivers; smoltcp computes the ones it sends.
+        let mut sums = ChecksumCapabilities::default();
+        sums.ipv4 = Checksum::Tx;
+        sums.udp = Checksum::Tx;
+        sums.tcp = Checksum::Tx;
+        caps.checksum = sums;
+        caps
+    }
+}
+
+/// A received packet, read in place.
+pub(crate) struct RxToken<'a> {
+    data: &'a [u8],
+    buf: u32,
+    done: &'a mut Vec<u32>,
+}
+
+impl phy::RxToken for RxToken<'_> {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(self.data)
+        // `drop` hands the buffer back.
+    }
+}
+
+impl Drop for RxToken<'_> {
+    fn drop(&mut self) {
+        // Read or not, the buffer goes back to the nexus with the next flush.
+        self.done.push(self.buf);
+    }
+}
+
+/// A pool buffer smoltcp writes its packet into.
+pub(crate) struct TxToken<'a> {
+    out: &'a mut [u8],
+    spare: &'a mut Option<u32>,
+    txq: &'a mut Vec<Packet>,
+}
+
+impl phy::TxToken for TxToken<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let len = len.min(self.out.len());
+        let r = f(&mut self.out[..len]);
+        if let Some(buf) = self.spare.take() {
+            self.txq.push(Packet {
+                buf,
+                offset: 0,
+                len: len as u32,
+            });
+        }
+        r
+    }
+}

@@ -1,0 +1,514 @@
+//! A user-space TCP/IP stack on a channel: [`UdpSocket`], [`TcpListener`] and [`TcpStream`]
+//! that feel like std's, run by smoltcp in this process.
+//!
+//! A [`Stack`] owns one channel to the nexus and the smoltcp interface on it (the interface's
+//! addresses are the ones the nexus serves). Every `bind` or `connect` registers its flow with
+//! the nexus, which reserves the port in the kernel too; dropping the socket releases both.
+//!
+//! Two ways to drive it:
+//!
+//! * [`Stack::connect`] starts a background thread that polls the stack whenever packets
+//!   arrive or a timer is due; blocking calls sleep until it says their socket changed;
+//! * [`Stack::connect_manual`] starts none: the app calls [`Stack::poll`] from its own loop
+//!   (and sleeps on [`Stack::wakeup_fd`]); blocking calls then drive the stack themselves while
+//!   they wait.
+//!
+//! ```no_run
+//! use std::io::{Read, Write};
+//! use netchannel::stack::{Stack, TcpListener};
+//!
+//! let stack = Stack::connect(netchannel::nexus::DEFAULT_SOCKET)?;
+//! let listener = TcpListener::bind(&stack, "0.0.0.0:8080".parse().unwrap())?;
+//! let (mut conn, peer) = listener.accept()?;
+//! let mut req = [0u8; 1024];
+//! let n = conn.read(&mut req)?;
+//! conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")?;
+//! # Ok::<(), std::io::Error>(())
+//! ```
+
+mod device;
+mod tcp;
+mod udp;
+
+pub use tcp::{DEFAULT_BACKLOG, TcpListener, TcpStream};
+pub use udp::UdpSocket;
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use netchannel_shm::control::{ErrorCode, FlowProto};
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
+
+use crate::nexus::{ChannelOptions, Nexus};
+use crate::{Error, Interest};
+use device::ChannelDevice;
+
+/// Longest a driver sleeps without a reason to wake (timers are polled at least this often).
+const MAX_SLEEP: Duration = Duration::from_millis(50);
+
+/// A user-space TCP/IP stack on one channel of a nexus. Cheap to clone; the last clone (and
+/// the last socket) to go closes the channel.
+#[derive(Debug, Clone)]
+pub struct Stack {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    inner: Mutex<Inner>,
+    /// Notified after every poll that changed something.
+    changed: Condvar,
+    /// A duplicate of the channel's doorbell, to sleep on without holding the lock.
+    bell: OwnedFd,
+    driven: bool,
+    stop: AtomicBool,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    /// Flows whose last user went, to be removed at the next poll (a socket may be dropped
+    /// while the stack is locked).
+    released: Mutex<Vec<u32>>,
+}
+
+pub(crate) struct Inner {
+    iface: Interface,
+    pub(crate) dev: ChannelDevice,
+    pub(crate) sockets: SocketSet<'static>,
+    control: Nexus,
+    epoch: Instant,
+    /// Streams the app dropped, closing gracefully before they are removed.
+    closing: Vec<(SocketHandle, Option<Arc<FlowGuard>>)>,
+    addresses: Vec<IpAddr>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("dev", &self.dev)
+            .field("closing", &self.closing.len())
+            .field("addresses", &self.addresses)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Keeps a flow registered while a socket (or a listener's accepted streams) needs it.
+#[derive(Debug)]
+pub(crate) struct FlowGuard {
+    id: u32,
+    shared: std::sync::Weak<Shared>,
+}
+
+impl Drop for FlowGuard {
+    fn drop(&mut self) {
+        if let Some(s) = self.shared.upgrade() {
+            lock(&s.released).push(self.id);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic in another thread while it held the lock leaves the data as it was; carry on.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The io::Error for a channel that stopped working.
+fn channel_error(e: &Error) -> io::Error {
+    let kind = match e {
+        Error::Defunct { .. } | Error::PeerGone => io::ErrorKind::NotConnected,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, format!("the channel to the nexus failed: {e}"))
+}
+
+impl Stack {
+    /// Opens a channel on the nexus at `socket` and runs the stack on it, driven by a
+    /// background thread.
+    pub fn connect(socket: &str) -> io::Result<Self> {
+        Self::open(socket, true)
+    }
+
+    /// Like [`Stack::connect`], without a thread: the app drives the stack with
+    /// [`Stack::poll`].
+    pub fn connect_manual(socket: &str) -> io::Result<Self> {
+        Self::open(socket, false)
+    }
+
+    fn open(socket: &str, driven: bool) -> io::Result<Self> {
+        let mut control = Nexus::connect(socket).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("connecting to the nexus at {socket}: {e}"),
+            )
+        })?;
+        let ch = control
+            .open_channel(ChannelOptions::default())
+            .map_err(|e| io::Error::other(format!("opening a channel: {e}")))?;
+        let addresses = ch.addresses().to_vec();
+        if addresses.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrNotAvailable,
+                "the nexus serves no interface (start it with --interface), so there is no \
+                 address for a protocol stack",
+            ));
+        }
+        let bell = ch
+            .wakeup_fd()
+            .try_clone_to_owned()
+            .map_err(|e| io::Error::other(format!("dup of the channel's doorbell: {e}")))?;
+        let mut dev = ChannelDevice::new(ch);
+        let epoch = Instant::now();
+        let mut config = Config::new(HardwareAddress::Ip);
+        config.random_seed = seed();
+        let mut iface = Interface::new(config, &mut dev, smoltcp::time::Instant::ZERO);
+        iface.update_ip_addrs(|a| {
+            for ip in &addresses {
+                // The nexus routes: every destination is reached through it, so each address
+                // stands for a network that holds every destination of its family.
+                let _ = a.push(IpCidr::new(IpAddress::from(*ip), 0));
+            }
+        });
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                iface,
+                dev,
+                sockets: SocketSet::new(Vec::new()),
+                control,
+                epoch,
+                closing: Vec::new(),
+                addresses,
+            }),
+            changed: Condvar::new(),
+            bell,
+            driven,
+            stop: AtomicBool::new(false),
+            thread: Mutex::new(None),
+            released: Mutex::new(Vec::new()),
+        });
+        if driven {
+            let weak = Arc::downgrade(&shared);
+            let t = std::thread::Builder::new()
+                .name("netchannel-stack".into())
+                .spawn(move || drive(&weak))
+                .map_err(|e| io::Error::other(format!("starting the stack's thread: {e}")))?;
+            *lock(&shared.thread) = Some(t);
+        }
+        Ok(Self { shared })
+    }
+
+    /// The interface addresses the stack uses as its own.
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        lock(&self.shared.inner).addresses.clone()
+    }
+
+    /// The nexus's id of the stack's channel.
+    pub fn channel_id(&self) -> u64 {
+        lock(&self.shared.inner).dev.channel().id()
+    }
+
+    /// Runs the stack once: takes in what arrived, sends what is due. Returns whether anything
+    /// changed. Only needed without the background thread ([`Stack::connect_manual`]).
+    pub fn poll(&self) -> io::Result<bool> {
+        let changed = {
+            let mut g = lock(&self.shared.inner);
+            let c = g.poll(&self.shared);
+            if let Some(e) = &g.dev.broken {
+                return Err(channel_error(e));
+            }
+            c
+        };
+        if changed {
+            self.shared.changed.notify_all();
+        }
+        Ok(changed)
+    }
+
+    /// How long the app may sleep before [`Stack::poll`] has timers to serve (`None`: until
+    /// packets arrive).
+    pub fn poll_delay(&self) -> Option<Duration> {
+        let mut g = lock(&self.shared.inner);
+        let now = g.now();
+        let Inner { iface, sockets, .. } = &mut *g;
+        iface.poll_delay(now, sockets).map(Duration::from)
+    }
+
+    /// An fd that becomes readable when packets arrive for the stack (after arming with
+    /// [`Stack::arm`]): for an app that drives the stack from its own event loop.
+    pub fn wakeup_fd(&self) -> BorrowedFd<'_> {
+        self.shared.bell.as_fd()
+    }
+
+    /// Asks the nexus to ring [`Stack::wakeup_fd`] when packets arrive (`true`), or not.
+    pub fn arm(&self, on: bool) {
+        lock(&self.shared.inner)
+            .dev
+            .channel()
+            .arm(Interest::Readable, on);
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A random seed for smoltcp (initial sequence numbers and ephemeral choices).
+fn seed() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty());
+    u64::from_ne_bytes(b)
+}
+
+/// The background thread: poll when packets arrive or timers are due.
+fn drive(shared: &std::sync::Weak<Shared>) {
+    loop {
+        let Some(s) = shared.upgrade() else { return };
+        if s.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let (changed, sleep) = {
+            let mut g = lock(&s.inner);
+            let changed = g.poll(&s);
+            if g.dev.broken.is_some() {
+                drop(g);
+                s.changed.notify_all();
+                return;
+            }
+            let sleep = if changed || g.dev.rx_pending() {
+                None
+            } else {
+                g.dev.channel().arm(Interest::Readable, true);
+                if g.dev.rx_pending() {
+                    g.dev.channel().arm(Interest::Readable, false);
+                    None
+                } else {
+                    Some(g.sleep_for(None))
+                }
+            };
+            (changed, sleep)
+        };
+        if changed {
+            s.changed.notify_all();
+        }
+        if let Some(d) = sleep {
+            sleep_on(s.bell.as_fd(), d);
+            let g = lock(&s.inner);
+            g.dev.channel().arm(Interest::Readable, false);
+            g.dev.channel().clear_bell();
+        }
+    }
+}
+
+/// Sleeps until `fd` is readable or `d` passes.
+fn sleep_on(fd: BorrowedFd<'_>, d: Duration) {
+    let ts = rustix::time::Timespec {
+        tv_sec: d.as_secs() as i64,
+        tv_nsec: i64::from(d.subsec_nanos()),
+    };
+    let mut fds = [rustix::event::PollFd::new(
+        &fd,
+        rustix::event::PollFlags::IN,
+    )];
+    let _ = rustix::event::poll(&mut fds, Some(&ts));
+}
+
+impl Inner {
+    pub(crate) fn now(&self) -> smoltcp::time::Instant {
+        smoltcp::time::Instant::from_micros(self.epoch.elapsed().as_micros() as i64)
+    }
+
+    /// One pass of the stack; true if any socket may have changed.
+    pub(crate) fn poll(&mut self, shared: &Shared) -> bool {
+        let now = self.now();
+        let had_rx = self.dev.rx_pending();
+        let r = self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        self.dev.flush();
+        let reaped = self.reap();
+        let released: Vec<u32> = std::mem::take(&mut *lock(&shared.released));
+        for id in released {
+            if let Err(e) = self.control.remove_flow(id) {
+                tracing::debug!(flow = id, error = %e, "releasing a flow");
+            }
+        }
+        had_rx || reaped || r == smoltcp::iface::PollResult::SocketStateChanged
+    }
+
+    /// Removes closed streams the app dropped.
+    fn reap(&mut self) -> bool {
+        let before = self.closing.len();
+        let sockets = &mut self.sockets;
+        self.closing.retain(|(h, _)| {
+            let s = sockets.get::<smoltcp::socket::tcp::Socket>(*h);
+            use smoltcp::socket::tcp::State;
+            if matches!(s.state(), State::Closed | State::TimeWait) {
+                sockets.remove(*h);
+                false
+            } else {
+                true
+            }
+        });
+        self.closing.len() != before
+    }
+
+    /// Registers a flow with the nexus (which also reserves the port in the kernel).
+    pub(crate) fn add_flow(
+        &mut self,
+        shared: &Arc<Shared>,
+        proto: FlowProto,
+        local: SocketAddr,
+        remote: Option<SocketAddr>,
+    ) -> io::Result<(Arc<FlowGuard>, SocketAddr)> {
+        let (id, actual) = self
+            .control
+            .add_flow(self.dev.channel(), proto, local, remote)
+            .map_err(|e| flow_error(&e, local))?;
+        Ok((
+            Arc::new(FlowGuard {
+                id,
+                shared: Arc::downgrade(shared),
+            }),
+            actual,
+        ))
+    }
+
+    /// The stack's own address of `local`'s family, for a wildcard bind.
+    pub(crate) fn address_for(&self, v6: bool) -> Option<IpAddr> {
+        self.addresses.iter().copied().find(|a| a.is_ipv6() == v6)
+    }
+
+    /// How long the stack may sleep: until its next timer, briefly while sending is held up,
+    /// and at most `cap` (and [`MAX_SLEEP`]).
+    fn sleep_for(&mut self, cap: Option<Duration>) -> Duration {
+        let now = self.now();
+        let timer = self
+            .iface
+            .poll_delay(now, &self.sockets)
+            .map_or(MAX_SLEEP, Duration::from);
+        let backlog = if self.dev.backlogged() {
+            Duration::from_millis(1)
+        } else {
+            MAX_SLEEP
+        };
+        timer.min(backlog).min(cap.unwrap_or(MAX_SLEEP))
+    }
+
+    pub(crate) fn dev_mtu(&self) -> usize {
+        self.dev.mtu()
+    }
+
+    pub(crate) fn context(&mut self) -> &mut smoltcp::iface::Context {
+        self.iface.context()
+    }
+
+    pub(crate) fn check(&self) -> io::Result<()> {
+        match &self.dev.broken {
+            Some(e) => Err(channel_error(e)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Maps a refused flow to the error a kernel socket would give.
+fn flow_error(e: &Error, local: SocketAddr) -> io::Error {
+    let kind = match e {
+        Error::Refused { code, .. } => match code {
+            ErrorCode::InUse => io::ErrorKind::AddrInUse,
+            ErrorCode::NotPermitted => io::ErrorKind::PermissionDenied,
+            // The kernel would not reserve it (not an address of this host, mostly).
+            ErrorCode::Resource => io::ErrorKind::AddrNotAvailable,
+            _ => io::ErrorKind::Other,
+        },
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, format!("{local}: {e}"))
+}
+
+impl Shared {
+    /// Waits until `ready` returns a value, or `deadline` passes (`Err(TimedOut)`), driving
+    /// the stack itself when no thread does. `ready` runs with the stack locked.
+    pub(crate) fn wait<T>(
+        self: &Arc<Self>,
+        deadline: Option<Instant>,
+        mut ready: impl FnMut(&mut Inner) -> io::Result<Option<T>>,
+    ) -> io::Result<T> {
+        let mut g = lock(&self.inner);
+        loop {
+            if let Some(v) = ready(&mut g)? {
+                return Ok(v);
+            }
+            g.check()?;
+            let left = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(l) if !l.is_zero() => l,
+                    _ => return Err(io::Error::from(io::ErrorKind::TimedOut)),
+                },
+                None => MAX_SLEEP,
+            };
+            if self.driven {
+                g = self
+                    .changed
+                    .wait_timeout(g, left.min(MAX_SLEEP))
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0;
+            } else {
+                if g.poll(self) {
+                    continue;
+                }
+                let delay = g.sleep_for(Some(left));
+                g.dev.channel().arm(Interest::Readable, true);
+                if g.dev.rx_pending() {
+                    g.dev.channel().arm(Interest::Readable, false);
+                    continue;
+                }
+                drop(g);
+                sleep_on(self.bell.as_fd(), delay);
+                g = lock(&self.inner);
+                g.dev.channel().arm(Interest::Readable, false);
+                g.dev.channel().clear_bell();
+            }
+        }
+    }
+
+    /// Runs `f` on the locked stack, then polls so that what it queued goes out now.
+    pub(crate) fn with<T>(self: &Arc<Self>, f: impl FnOnce(&mut Inner) -> T) -> T {
+        let (v, changed) = {
+            let mut g = lock(&self.inner);
+            let v = f(&mut g);
+            let c = g.poll(self);
+            (v, c)
+        };
+        if changed {
+            self.changed.notify_all();
+        }
+        v
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        lock(&self.inner)
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // The driver holds only a weak reference; the last strong one going stops it.
+        if Arc::strong_count(&self.shared) == 1 {
+            self.shared.stop.store(true, Ordering::Relaxed);
+            if let Some(t) = lock(&self.shared.thread).take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// A deadline `d` from now.
+pub(crate) fn deadline(d: Option<Duration>) -> Option<Instant> {
+    d.map(|d| Instant::now() + d)
+}

@@ -1,0 +1,401 @@
+//! `TcpListener` and `TcpStream`: TCP through the stack, like std's.
+
+use std::io;
+use std::net::{IpAddr, Shutdown, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use netchannel_shm::control::FlowProto;
+use smoltcp::iface::SocketHandle;
+use smoltcp::socket::tcp::{self, State};
+use smoltcp::wire::{IpEndpoint, IpListenEndpoint};
+
+use super::udp::would_block;
+use super::{FlowGuard, Inner, Stack, deadline};
+
+/// Bytes of each stream's receive and send buffers (the receive window, scaled).
+const BUFFER: usize = 512 * 1024;
+/// Listening sockets a listener keeps ready by default (connections it can take at once).
+pub const DEFAULT_BACKLOG: usize = 64;
+
+fn new_socket() -> tcp::Socket<'static> {
+    let mut s = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0u8; BUFFER]),
+        tcp::SocketBuffer::new(vec![0u8; BUFFER]),
+    );
+    s.set_nagle_enabled(false);
+    s
+}
+
+fn socket_addr(e: IpEndpoint) -> SocketAddr {
+    SocketAddr::new(IpAddr::from(e.addr), e.port)
+}
+
+/// A TCP listener: one flow with the nexus and a pool of listening sockets behind it, so
+/// that many connections can arrive at once.
+#[derive(Debug)]
+pub struct TcpListener {
+    stack: Stack,
+    local: SocketAddr,
+    pool: Vec<SocketHandle>,
+    nonblocking: bool,
+    flow: Arc<FlowGuard>,
+}
+
+impl TcpListener {
+    /// Listens on `addr` with [`DEFAULT_BACKLOG`] sockets ready.
+    pub fn bind(stack: &Stack, addr: SocketAddr) -> io::Result<Self> {
+        Self::bind_with_backlog(stack, addr, DEFAULT_BACKLOG)
+    }
+
+    /// Listens on `addr` with `backlog` sockets ready (connections beyond that, before
+    /// `accept` takes them, are refused).
+    pub fn bind_with_backlog(stack: &Stack, addr: SocketAddr, backlog: usize) -> io::Result<Self> {
+        let shared = stack.shared().clone();
+        let mut g = shared.lock();
+        g.check()?;
+        let (flow, local) = g.add_flow(&shared, FlowProto::Tcp, addr, None)?;
+        let mut pool = Vec::with_capacity(backlog.max(1));
+        for _ in 0..backlog.max(1) {
+            pool.push(listen(&mut g, local)?);
+        }
+        drop(g);
+        Ok(Self {
+            stack: stack.clone(),
+            local,
+            pool,
+            nonblocking: false,
+            flow,
+        })
+    }
+
+    /// The local address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+
+    /// Non-blocking mode: `accept` fails with `WouldBlock` when no connection waits.
+    pub fn set_nonblocking(&mut self, on: bool) -> io::Result<()> {
+        self.nonblocking = on;
+        Ok(())
+    }
+
+    /// Waits for a connection.
+    pub fn accept(&mut self) -> io::Result<(TcpStream, SocketAddr)> {
+        let shared = self.stack.shared().clone();
+        let until = self.nonblocking.then(std::time::Instant::now);
+        let local = self.local;
+        let pool = &mut self.pool;
+        let r = shared.wait(until, |g| {
+            let ready = pool.iter().position(|h| {
+                let s = g.sockets.get::<tcp::Socket>(*h);
+                matches!(s.state(), State::Established | State::CloseWait)
+            });
+            match ready {
+                Some(i) => {
+                    let h = pool[i];
+                    pool[i] = listen(g, local)?;
+                    let peer = g
+                        .sockets
+                        .get::<tcp::Socket>(h)
+                        .remote_endpoint()
+                        .map(socket_addr)
+                        .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
+                    // A socket that failed its handshake (reset) goes back to listening.
+                    Ok(Some((h, peer)))
+                }
+                None => {
+                    for h in pool.iter() {
+                        let s = g.sockets.get_mut::<tcp::Socket>(*h);
+                        if s.state() == State::Closed {
+                            let _ = s.listen(IpListenEndpoint::from(local));
+                        }
+                    }
+                    Ok(None)
+                }
+            }
+        });
+        let (handle, peer) = would_block(r, self.nonblocking)?;
+        Ok((
+            TcpStream::new(&self.stack, handle, local, peer, self.flow.clone()),
+            peer,
+        ))
+    }
+}
+
+fn listen(g: &mut Inner, local: SocketAddr) -> io::Result<SocketHandle> {
+    let mut s = new_socket();
+    let ep = IpListenEndpoint {
+        addr: (!local.ip().is_unspecified()).then(|| local.ip().into()),
+        port: local.port(),
+    };
+    s.listen(ep)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("listen: {e}")))?;
+    Ok(g.sockets.add(s))
+}
+
+impl Drop for TcpListener {
+    fn drop(&mut self) {
+        let pool = std::mem::take(&mut self.pool);
+        self.stack.shared().with(|g| {
+            for h in pool {
+                let s = g.sockets.get_mut::<tcp::Socket>(h);
+                if s.state() == State::Listen || s.state() == State::Closed {
+                    g.sockets.remove(h);
+                } else {
+                    // A connection not yet accepted: reset it, as a kernel listener does.
+                    s.abort();
+                    g.closing.push((h, None));
+                }
+            }
+        });
+    }
+}
+
+/// A TCP connection on a [`Stack`].
+#[derive(Debug)]
+pub struct TcpStream {
+    stack: Stack,
+    handle: SocketHandle,
+    local: SocketAddr,
+    peer: SocketAddr,
+    nonblocking: bool,
+    read_timeout: Option<Duration>,
+    write_timeout: Option<Duration>,
+    read_shut: bool,
+    flow: Option<Arc<FlowGuard>>,
+}
+
+impl TcpStream {
+    fn new(
+        stack: &Stack,
+        handle: SocketHandle,
+        local: SocketAddr,
+        peer: SocketAddr,
+        flow: Arc<FlowGuard>,
+    ) -> Self {
+        Self {
+            stack: stack.clone(),
+            handle,
+            local,
+            peer,
+            nonblocking: false,
+            read_timeout: None,
+            write_timeout: None,
+            read_shut: false,
+            flow: Some(flow),
+        }
+    }
+
+    /// Connects to `addr` (no time limit, like std's `connect`, beyond TCP's own).
+    pub fn connect(stack: &Stack, addr: SocketAddr) -> io::Result<Self> {
+        Self::connect_inner(stack, addr, None)
+    }
+
+    /// Connects to `addr`, giving up with `TimedOut` after `timeout`.
+    pub fn connect_timeout(stack: &Stack, addr: SocketAddr, timeout: Duration) -> io::Result<Self> {
+        Self::connect_inner(stack, addr, Some(timeout))
+    }
+
+    fn connect_inner(
+        stack: &Stack,
+        addr: SocketAddr,
+        timeout: Option<Duration>,
+    ) -> io::Result<Self> {
+        let shared = stack.shared().clone();
+        let (handle, local, flow) = {
+            let mut g = shared.lock();
+            g.check()?;
+            let ip = g.address_for(addr.is_ipv6()).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::AddrNotAvailable,
+                    format!("the stack has no address of {addr}'s family"),
+                )
+            })?;
+            // Port 0: the kernel picks a free ephemeral port and holds it for us.
+            let (flow, local) =
+                g.add_flow(&shared, FlowProto::Tcp, SocketAddr::new(ip, 0), Some(addr))?;
+            let mut s = new_socket();
+            let remote = IpEndpoint::new(addr.ip().into(), addr.port());
+            let cx = g.context();
+            s.connect(cx, remote, IpListenEndpoint::from(local))
+                .map_err(|e| {
+                    io::Error::new(io::ErrorKind::InvalidInput, format!("connect: {e}"))
+                })?;
+            let handle = g.sockets.add(s);
+            (handle, local, flow)
+        };
+        // Poll now so the SYN leaves at once.
+        shared.with(|_| ());
+        let r = shared.wait(deadline(timeout), |g| {
+            let s = g.sockets.get::<tcp::Socket>(handle);
+            match s.state() {
+                State::Established | State::CloseWait => Ok(Some(())),
+                State::Closed => Err(io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    format!("connecting to {addr}: refused"),
+                )),
+                _ => Ok(None),
+            }
+        });
+        if let Err(e) = r {
+            shared.with(|g| {
+                g.sockets.get_mut::<tcp::Socket>(handle).abort();
+                g.closing.push((handle, None));
+            });
+            drop(flow);
+            return Err(e);
+        }
+        Ok(Self::new(stack, handle, local, addr, flow))
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.peer)
+    }
+
+    /// The local address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+
+    /// Non-blocking mode: reads and writes that would wait fail with `WouldBlock`.
+    pub fn set_nonblocking(&mut self, on: bool) -> io::Result<()> {
+        self.nonblocking = on;
+        Ok(())
+    }
+
+    /// Longest a read waits (`None`: forever); then it fails with `WouldBlock`, as a kernel
+    /// socket's `SO_RCVTIMEO` does on Linux.
+    pub fn set_read_timeout(&mut self, d: Option<Duration>) -> io::Result<()> {
+        self.read_timeout = d;
+        Ok(())
+    }
+
+    /// Longest a write waits for buffer room (`None`: forever).
+    pub fn set_write_timeout(&mut self, d: Option<Duration>) -> io::Result<()> {
+        self.write_timeout = d;
+        Ok(())
+    }
+
+    /// Closes one or both directions: `Write` sends FIN once the queued data is out; `Read`
+    /// makes further reads return 0.
+    pub fn shutdown(&mut self, how: Shutdown) -> io::Result<()> {
+        if matches!(how, Shutdown::Read | Shutdown::Both) {
+            self.read_shut = true;
+        }
+        if matches!(how, Shutdown::Write | Shutdown::Both) {
+            let h = self.handle;
+            self.stack
+                .shared()
+                .with(|g| g.sockets.get_mut::<tcp::Socket>(h).close());
+        }
+        Ok(())
+    }
+
+    fn until(&self, timeout: Option<Duration>) -> Option<std::time::Instant> {
+        if self.nonblocking {
+            Some(std::time::Instant::now())
+        } else {
+            deadline(timeout)
+        }
+    }
+
+    fn read_inner(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.read_shut || buf.is_empty() {
+            return Ok(0);
+        }
+        let shared = self.stack.shared().clone();
+        let h = self.handle;
+        let r = shared.wait(self.until(self.read_timeout), |g| {
+            let s = g.sockets.get_mut::<tcp::Socket>(h);
+            match s.recv_slice(buf) {
+                Ok(0) => Ok(None),
+                Ok(n) => Ok(Some(n)),
+                // The peer closed its side and everything it sent was read.
+                Err(tcp::RecvError::Finished) => Ok(Some(0)),
+                // Closed without a FIN: the peer reset the connection (or it timed out).
+                Err(tcp::RecvError::InvalidState) => Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "connection reset by peer",
+                )),
+            }
+        });
+        let n = would_block(r, self.nonblocking || self.read_timeout.is_some())?;
+        // Reading opened the window: tell the peer now.
+        if n > 0 {
+            shared.with(|_| ());
+        }
+        Ok(n)
+    }
+
+    fn write_inner(&self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let shared = self.stack.shared().clone();
+        let h = self.handle;
+        let r = shared.wait(self.until(self.write_timeout), |g| {
+            let s = g.sockets.get_mut::<tcp::Socket>(h);
+            if !s.may_send() {
+                let kind = if s.state() == State::Closed {
+                    io::ErrorKind::ConnectionReset
+                } else {
+                    io::ErrorKind::BrokenPipe
+                };
+                return Err(io::Error::new(kind, "the connection is closed for writing"));
+            }
+            match s.send_slice(buf) {
+                Ok(0) => Ok(None),
+                Ok(n) => Ok(Some(n)),
+                Err(_) => Err(io::Error::from(io::ErrorKind::BrokenPipe)),
+            }
+        });
+        let n = would_block(r, self.nonblocking || self.write_timeout.is_some())?;
+        shared.with(|_| ());
+        Ok(n)
+    }
+}
+
+impl io::Read for TcpStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read_inner(buf)
+    }
+}
+
+impl io::Read for &TcpStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read_inner(buf)
+    }
+}
+
+impl io::Write for TcpStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_inner(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl io::Write for &TcpStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_inner(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for TcpStream {
+    fn drop(&mut self) {
+        // A graceful close: FIN after the queued data; the socket (and the flow, if this was
+        // its last user) goes once the connection is closed.
+        let h = self.handle;
+        let flow = self.flow.take();
+        self.stack.shared().with(|g| {
+            g.sockets.get_mut::<tcp::Socket>(h).close();
+            g.closing.push((h, flow));
+        });
+    }
+}
