@@ -13,9 +13,9 @@ step() { printf '\n== %s\n' "$*"; }
 # --- set-up -------------------------------------------------------------------------------
 if [ "$(id -u)" -eq 0 ]; then
     # Packages the suite uses: iproute2 (network namespaces), procps, python3 (kernel peers),
-    # iputils-ping (ICMP keeps working beside the XDP program).
+    # iputils-ping (ICMP keeps working beside the XDP program), curl (HTTP from the user-space stack).
     need=()
-    for pkg in iproute2 procps python3 iputils-ping; do
+    for pkg in iproute2 procps python3 iputils-ping curl; do
         dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
     done
     if [ ${#need[@]} -gt 0 ]; then

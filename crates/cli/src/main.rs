@@ -122,6 +122,16 @@ enum Command {
         #[arg(long)]
         rate: Option<u64>,
     },
+    /// Turns an interface's offloads off (checksum, segmentation, GRO), as the tests and
+    /// benchmarks need on a veth; without an ethtool binary.
+    #[command(hide = true)]
+    OffloadsOff {
+        /// The interface.
+        ifname: String,
+        /// The network namespace it is in (default: this one).
+        #[arg(long)]
+        netns: Option<String>,
+    },
     /// The UDP sink of `bench veth` (run by it inside its namespace).
     #[command(hide = true)]
     BenchSink {
@@ -339,6 +349,11 @@ fn main() -> ExitCode {
             duration_ms,
             rate,
         } => bench::veth::generator(&ifname, &dst_mac, src, dst, size, duration_ms, rate),
+        Command::OffloadsOff { ifname, netns } => match netns {
+            Some(ns) => netchannel_nexus::netns::offload::disable_offloads_in(&ns, &ifname),
+            None => netchannel_nexus::netns::offload::disable_offloads(&ifname),
+        }
+        .map_err(|e| e.to_string()),
         Command::BenchSink { port, duration_ms } => bench::veth::sink_main(port, duration_ms),
         Command::BenchWorker {
             spec,
