@@ -132,6 +132,16 @@ enum Command {
         #[arg(long)]
         netns: Option<String>,
     },
+    /// The kernel peer of `bench tcp` (run by it inside its namespace).
+    #[command(hide = true)]
+    BenchPeer {
+        /// tcp-send, tcp-recv or udp-echo.
+        mode: String,
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        duration_ms: u64,
+    },
     /// The UDP sink of `bench veth` (run by it inside its namespace).
     #[command(hide = true)]
     BenchSink {
@@ -220,6 +230,9 @@ enum BenchCommand {
     /// App → nexus → app (the nexus validates, copies and reflects) vs kernel UDP over loopback:
     /// packets/s, round trips, and CPU per packet at a fixed offered load.
     Nexus(BenchArgs),
+    /// TCP bulk both ways and UDP round trips with a kernel peer across a veth (root): an app on
+    /// the user-space stack through the nexus on AF_XDP vs this host's kernel stack.
+    Tcp(BenchArgs),
     /// UDP across a veth pair (root): an app on a channel of a nexus on AF_XDP vs a kernel UDP
     /// socket, fed by an AF_PACKET generator in a namespace; receive and transmit packets/s and
     /// the machine's CPU per packet.
@@ -354,6 +367,14 @@ fn main() -> ExitCode {
             None => netchannel_nexus::netns::offload::disable_offloads(&ifname),
         }
         .map_err(|e| e.to_string()),
+        Command::Bench {
+            what: BenchCommand::Tcp(a),
+        } => bench::tcp::tcp(&a.options()),
+        Command::BenchPeer {
+            mode,
+            addr,
+            duration_ms,
+        } => bench::tcp::peer(&mode, addr, duration_ms),
         Command::BenchSink { port, duration_ms } => bench::veth::sink_main(port, duration_ms),
         Command::BenchWorker {
             spec,

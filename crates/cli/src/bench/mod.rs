@@ -9,6 +9,7 @@ pub(crate) mod afpacket;
 pub(crate) mod nexus_path;
 pub(crate) mod pipe_path;
 pub(crate) mod sys;
+pub(crate) mod tcp;
 pub(crate) mod udp_path;
 pub(crate) mod veth;
 pub(crate) mod worker;
@@ -398,13 +399,14 @@ enum Bench {
     Pipe,
     Nexus,
     Veth,
+    Tcp,
 }
 
 impl Bench {
     fn path(self) -> Path {
         match self {
             Self::Pipe => Path::Pipe,
-            Self::Nexus | Self::Veth => Path::Nexus,
+            Self::Nexus | Self::Veth | Self::Tcp => Path::Nexus,
         }
     }
 
@@ -413,6 +415,7 @@ impl Bench {
             Self::Pipe => "pipe",
             Self::Nexus => "nexus",
             Self::Veth => "veth",
+            Self::Tcp => "tcp",
         }
     }
 
@@ -423,6 +426,9 @@ impl Bench {
                 "app → nexus (validate, copy, reflect) → app vs kernel UDP over loopback"
             }
             Self::Veth => "UDP across a veth: app on a channel of a nexus on AF_XDP vs kernel UDP",
+            Self::Tcp => {
+                "TCP and UDP with a kernel peer across a veth: app on the user-space stack vs the kernel's"
+            }
         }
     }
 
@@ -433,6 +439,9 @@ impl Bench {
             }
             Self::Veth => {
                 "UDP socket across the same veth without XDP (recvmmsg batch 64, sendmmsg batch 32), offloads off on both ends"
+            }
+            Self::Tcp => {
+                "kernel TCP/UDP sockets on this host across the same veth without XDP, offloads off on both ends"
             }
         }
     }

@@ -31,8 +31,8 @@ use serde::{Deserialize, Serialize};
 use super::sys::MsgBatch;
 use super::{Better, Options, Row, median, oriented};
 
-const HOST_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
-const PEER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+pub(super) const HOST_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+pub(super) const PEER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 const KERNEL_PORT: u16 = 9101;
 const NEXUS_PORT: u16 = 9102;
 const SINK_PORT: u16 = 9103;
@@ -60,11 +60,11 @@ pub(crate) struct Count {
 }
 
 /// Removes the test bed however the run ends.
-struct Bed {
+pub(super) struct Bed {
     ns: String,
     host_dev: String,
     peer_dev: String,
-    socket: String,
+    pub(super) socket: String,
 }
 
 impl Drop for Bed {
@@ -92,7 +92,7 @@ fn ip(args: &[&str]) -> Result<(), String> {
 }
 
 impl Bed {
-    fn new() -> Result<Self, String> {
+    pub(super) fn new() -> Result<Self, String> {
         let pid = std::process::id() % 100_000;
         let bed = Self {
             ns: format!("netchannel-bench-{pid}"),
@@ -166,7 +166,7 @@ impl Bed {
     }
 
     /// Starts a hidden helper command of this binary inside the namespace.
-    fn spawn_in_ns(&self, args: &[String]) -> Result<Child, String> {
+    pub(super) fn spawn_in_ns(&self, args: &[String]) -> Result<Child, String> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         Command::new("ip")
             .args(["netns", "exec", &self.ns])
@@ -210,7 +210,7 @@ impl Bed {
 }
 
 /// Reads a helper's one JSON line and waits for it.
-fn finish(mut child: Child) -> Result<Count, String> {
+pub(super) fn finish(mut child: Child) -> Result<Count, String> {
     let out = child.stdout.take().ok_or("helper has no stdout")?;
     let mut last = String::new();
     for line in BufReader::new(out).lines().map_while(Result::ok) {
@@ -225,7 +225,7 @@ fn finish(mut child: Child) -> Result<Count, String> {
 
 /// Busy and total clock ticks of the whole machine so far. Busy is user, nice, system, irq
 /// and softirq time; idle, I/O wait and steal (another guest's time) are not ours.
-fn machine_ticks() -> (u64, u64) {
+pub(super) fn machine_ticks() -> (u64, u64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let v: Vec<u64> = stat
         .lines()
@@ -240,7 +240,7 @@ fn machine_ticks() -> (u64, u64) {
     (at(0) + at(1) + at(2) + at(5) + at(6), total)
 }
 
-fn busy_seconds_since(start: (u64, u64)) -> f64 {
+pub(super) fn busy_seconds_since(start: (u64, u64)) -> f64 {
     let now = machine_ticks();
     let hz = rustix::param::clock_ticks_per_second() as f64;
     now.0.saturating_sub(start.0) as f64 / hz
@@ -316,14 +316,14 @@ fn kernel_rx(bed: &Bed, size: usize, ms: u64, rate: Option<u64>) -> Result<Measu
 }
 
 /// A nexus on the veth's host end, run in a thread of this process for one trial.
-struct NexusRun {
-    control: Nexus,
+pub(super) struct NexusRun {
+    pub(super) control: Nexus,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl NexusRun {
-    fn start(bed: &Bed) -> Result<Self, String> {
+    pub(super) fn start(bed: &Bed) -> Result<Self, String> {
         let xsk = AfXdp::open(&bed.host_dev, AfXdpOptions::default()).map_err(|e| e.to_string())?;
         let ifindex = xsk.ifindex();
         let sw = Switch::new(

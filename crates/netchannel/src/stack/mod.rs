@@ -49,6 +49,9 @@ use crate::nexus::{ChannelOptions, Nexus};
 use crate::{Error, Interest};
 use device::ChannelDevice;
 
+/// How long a blocking call polls the stack itself before it sleeps.
+const SPIN: Duration = Duration::from_micros(50);
+
 /// Longest a driver sleeps without a reason to wake (timers are polled at least this often).
 const MAX_SLEEP: Duration = Duration::from_millis(50);
 
@@ -440,11 +443,23 @@ impl Shared {
         mut ready: impl FnMut(&mut Inner) -> io::Result<Option<T>>,
     ) -> io::Result<T> {
         let mut g = lock(&self.inner);
+        // Before handing over to the driver thread, poll the stack from this thread for a
+        // moment: an answer that comes back within it costs no thread wake-up.
+        let spin_until = Instant::now() + SPIN;
         loop {
             if let Some(v) = ready(&mut g)? {
                 return Ok(v);
             }
             g.check()?;
+            if self.driven && Instant::now() < spin_until {
+                if g.poll(self) {
+                    self.changed.notify_all();
+                }
+                drop(g);
+                std::hint::spin_loop();
+                g = lock(&self.inner);
+                continue;
+            }
             let left = match deadline {
                 Some(d) => match d.checked_duration_since(Instant::now()) {
                     Some(l) if !l.is_zero() => l,
