@@ -44,6 +44,9 @@ pub struct Config {
     pub datapath: DatapathConfig,
     /// The interface the flowswitch serves; none: channels reflect (a loopback nexus).
     pub interface: Option<InterfaceConfig>,
+    /// Impair the interface on purpose (tests): drop, duplicate, reorder and delay frames in
+    /// both directions.
+    pub faults: Option<crate::netif::faults::FaultConfig>,
 }
 
 /// Which backend serves the interface.

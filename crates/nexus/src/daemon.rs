@@ -169,8 +169,8 @@ impl Nexus {
     pub fn from_config(config: Config) -> Result<Self, NexusError> {
         match config.interface.clone() {
             Some(i) => {
-                let sw =
-                    crate::netif::open(&i).map_err(|e| NexusError::Interface(e.to_string()))?;
+                let sw = crate::netif::open_impaired(&i, config.faults)
+                    .map_err(|e| NexusError::Interface(e.to_string()))?;
                 Self::with_switch(config, sw)
             }
             None => Self::new(config),

@@ -6,6 +6,7 @@
 //! in-memory pair of interfaces for in-process tests.
 
 pub mod afxdp;
+pub mod faults;
 pub mod pair;
 pub mod tap;
 pub mod xdp;
@@ -79,11 +80,25 @@ pub enum OpenError {
         "{0} has no IP address: add one (`ip addr add ... dev {0}`) or, for TAP, set interface.addresses"
     )]
     NoAddress(String),
+    /// The fault settings are out of range.
+    #[error("{0}")]
+    Faults(String),
 }
 
 /// Opens the configured interface and builds its flowswitch.
 pub fn open(cfg: &InterfaceConfig) -> Result<Switch, OpenError> {
-    match cfg.backend {
+    open_impaired(cfg, None)
+}
+
+/// Like [`open`], with the interface impaired by `faults` (see [`faults`]).
+pub fn open_impaired(
+    cfg: &InterfaceConfig,
+    faults: Option<faults::FaultConfig>,
+) -> Result<Switch, OpenError> {
+    if let Some(f) = &faults {
+        f.validate().map_err(OpenError::Faults)?;
+    }
+    let (netif, addrs, next_hop): (Box<dyn Netif>, _, _) = match cfg.backend {
         Backend::Afxdp => {
             let xsk = afxdp::AfXdp::open(
                 &cfg.name,
@@ -103,7 +118,7 @@ pub fn open(cfg: &InterfaceConfig) -> Result<Switch, OpenError> {
                 return Err(OpenError::NoAddress(cfg.name.clone()));
             }
             tracing::info!(ifname = %cfg.name, ?addrs, "serving the interface's addresses");
-            Ok(Switch::new(Box::new(xsk), addrs, NextHop::Kernel(ifindex)))
+            (Box::new(xsk), addrs, NextHop::Kernel(ifindex))
         }
         Backend::Tap => {
             if cfg.addresses.is_empty() {
@@ -113,11 +128,15 @@ pub fn open(cfg: &InterfaceConfig) -> Result<Switch, OpenError> {
             let pid = std::process::id().to_be_bytes();
             let mac = [0x02, 0x4e, pid[0], pid[1], pid[2], pid[3]];
             let tap = tap::Tap::create(&cfg.name, mac)?;
-            Ok(Switch::new(
-                Box::new(tap),
-                cfg.addresses.clone(),
-                NextHop::Arp,
-            ))
+            (Box::new(tap), cfg.addresses.clone(), NextHop::Arp)
         }
-    }
+    };
+    let netif = match faults {
+        Some(f) => {
+            tracing::warn!(ifname = %cfg.name, faults = ?f, "impairing the interface on purpose");
+            Box::new(faults::Faulty::new(netif, f))
+        }
+        None => netif,
+    };
+    Ok(Switch::new(netif, addrs, next_hop))
 }
