@@ -28,6 +28,8 @@
 
 mod device;
 mod tcp;
+#[cfg(feature = "tokio")]
+mod tokio_io;
 mod udp;
 
 pub use tcp::{DEFAULT_BACKLOG, TcpListener, TcpStream};
@@ -72,6 +74,8 @@ pub(crate) struct Shared {
     driven: bool,
     stop: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Async tasks waiting for the stack to change (feature `tokio`).
+    wakers: Mutex<Vec<std::task::Waker>>,
     /// Flows whose last user went, to be removed at the next poll (a socket may be dropped
     /// while the stack is locked).
     released: Mutex<Vec<u32>>,
@@ -190,6 +194,7 @@ impl Stack {
             stop: AtomicBool::new(false),
             thread: Mutex::new(None),
             released: Mutex::new(Vec::new()),
+            wakers: Mutex::new(Vec::new()),
         });
         if driven {
             let weak = Arc::downgrade(&shared);
@@ -224,7 +229,7 @@ impl Stack {
             c
         };
         if changed {
-            self.shared.changed.notify_all();
+            self.shared.notify();
         }
         Ok(changed)
     }
@@ -282,7 +287,7 @@ fn drive(shared: &std::sync::Weak<Shared>) {
             let changed = g.poll(&s);
             if g.dev.broken.is_some() {
                 drop(g);
-                s.changed.notify_all();
+                s.notify();
                 return;
             }
             let sleep = if changed || g.dev.rx_pending() {
@@ -299,7 +304,7 @@ fn drive(shared: &std::sync::Weak<Shared>) {
             (changed, sleep)
         };
         if changed {
-            s.changed.notify_all();
+            s.notify();
         }
         if let Some(d) = sleep {
             sleep_on(s.bell.as_fd(), d);
@@ -435,6 +440,52 @@ fn flow_error(e: &Error, local: SocketAddr) -> io::Error {
 }
 
 impl Shared {
+    /// Wakes every blocking call and async task waiting on the stack.
+    pub(crate) fn notify(&self) {
+        self.changed.notify_all();
+        let wakers = std::mem::take(&mut *lock(&self.wakers));
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    /// The async form of [`Shared::wait`]: `ready` now, or `Pending` with the task's waker
+    /// registered (under the stack's lock, so no change can slip in between).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn poll_op<T>(
+        self: &Arc<Self>,
+        cx: &mut std::task::Context<'_>,
+        ready: impl FnOnce(&mut Inner) -> io::Result<Option<T>>,
+    ) -> std::task::Poll<io::Result<T>> {
+        use std::task::Poll;
+        let mut g = lock(&self.inner);
+        if !self.driven {
+            // Nobody else polls: do it here.
+            g.poll(self);
+        }
+        let r = g.check().and_then(|()| ready(&mut g));
+        match r {
+            Ok(Some(v)) => {
+                // Send what the operation queued, now.
+                let changed = g.poll(self);
+                drop(g);
+                if changed {
+                    self.notify();
+                }
+                Poll::Ready(Ok(v))
+            }
+            Err(e) => Poll::Ready(Err(e)),
+            Ok(None) => {
+                lock(&self.wakers).push(cx.waker().clone());
+                if !self.driven {
+                    // Without a driver, come back soon rather than never.
+                    cx.waker().wake_by_ref();
+                }
+                Poll::Pending
+            }
+        }
+    }
+
     /// Waits until `ready` returns a value, or `deadline` passes (`Err(TimedOut)`), driving
     /// the stack itself when no thread does. `ready` runs with the stack locked.
     pub(crate) fn wait<T>(
@@ -453,7 +504,7 @@ impl Shared {
             g.check()?;
             if self.driven && Instant::now() < spin_until {
                 if g.poll(self) {
-                    self.changed.notify_all();
+                    self.notify();
                 }
                 drop(g);
                 std::hint::spin_loop();
@@ -501,7 +552,7 @@ impl Shared {
             (v, c)
         };
         if changed {
-            self.changed.notify_all();
+            self.notify();
         }
         v
     }

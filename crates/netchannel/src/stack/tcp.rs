@@ -80,56 +80,75 @@ impl TcpListener {
         Ok(())
     }
 
+    #[cfg(feature = "tokio")]
+    pub(super) fn stack(&self) -> &Stack {
+        &self.stack
+    }
+
+    #[cfg(feature = "tokio")]
+    pub(super) fn pool_mut(&mut self) -> &mut [SocketHandle] {
+        &mut self.pool
+    }
+
+    /// A stream for a connection the pool accepted.
+    pub(super) fn stream(&self, handle: SocketHandle, peer: SocketAddr) -> TcpStream {
+        TcpStream::new(&self.stack, handle, self.local, peer, self.flow.clone())
+    }
+
     /// Waits for a connection.
     pub fn accept(&mut self) -> io::Result<(TcpStream, SocketAddr)> {
         let shared = self.stack.shared().clone();
         let until = self.nonblocking.then(std::time::Instant::now);
         let local = self.local;
         let pool = &mut self.pool;
-        let r = shared.wait(until, |g| {
-            let ready = pool.iter().position(|h| {
-                let s = g.sockets.get::<tcp::Socket>(*h);
-                matches!(s.state(), State::Established | State::CloseWait)
-            });
-            match ready {
-                Some(i) => {
-                    let h = pool[i];
-                    pool[i] = listen(g, local)?;
-                    let peer = g
-                        .sockets
-                        .get::<tcp::Socket>(h)
-                        .remote_endpoint()
-                        .map(socket_addr)
-                        .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
-                    // A socket that failed its handshake (reset) goes back to listening.
-                    Ok(Some((h, peer)))
-                }
-                None => {
-                    for h in pool.iter() {
-                        let s = g.sockets.get_mut::<tcp::Socket>(*h);
-                        if s.state() == State::Closed {
-                            let _ = s.listen(IpListenEndpoint::from(local));
-                        }
-                    }
-                    Ok(None)
-                }
-            }
-        });
+        let r = shared.wait(until, |g| try_accept(g, pool, local));
         let (handle, peer) = would_block(r, self.nonblocking)?;
-        Ok((
-            TcpStream::new(&self.stack, handle, local, peer, self.flow.clone()),
-            peer,
-        ))
+        Ok((self.stream(handle, peer), peer))
+    }
+}
+
+/// Takes a connection the pool has established, putting a fresh listening socket in its
+/// place: `None` if none is ready.
+pub(super) fn try_accept(
+    g: &mut Inner,
+    pool: &mut [SocketHandle],
+    local: SocketAddr,
+) -> io::Result<Option<(SocketHandle, SocketAddr)>> {
+    let ready = pool.iter().position(|h| {
+        let s = g.sockets.get::<tcp::Socket>(*h);
+        matches!(s.state(), State::Established | State::CloseWait)
+    });
+    let Some(i) = ready else {
+        // A socket whose handshake failed (reset) listens again.
+        for h in pool.iter() {
+            let s = g.sockets.get_mut::<tcp::Socket>(*h);
+            if s.state() == State::Closed {
+                let _ = s.listen(listen_endpoint(local));
+            }
+        }
+        return Ok(None);
+    };
+    let h = pool[i];
+    pool[i] = listen(g, local)?;
+    let peer = g
+        .sockets
+        .get::<tcp::Socket>(h)
+        .remote_endpoint()
+        .map(socket_addr)
+        .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
+    Ok(Some((h, peer)))
+}
+
+fn listen_endpoint(local: SocketAddr) -> IpListenEndpoint {
+    IpListenEndpoint {
+        addr: (!local.ip().is_unspecified()).then(|| local.ip().into()),
+        port: local.port(),
     }
 }
 
 fn listen(g: &mut Inner, local: SocketAddr) -> io::Result<SocketHandle> {
     let mut s = new_socket();
-    let ep = IpListenEndpoint {
-        addr: (!local.ip().is_unspecified()).then(|| local.ip().into()),
-        port: local.port(),
-    };
-    s.listen(ep)
+    s.listen(listen_endpoint(local))
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("listen: {e}")))?;
     Ok(g.sockets.add(s))
 }
@@ -249,6 +268,21 @@ impl TcpStream {
         Ok(Self::new(stack, handle, local, addr, flow))
     }
 
+    #[cfg(feature = "tokio")]
+    pub(super) fn stack(&self) -> &Stack {
+        &self.stack
+    }
+
+    #[cfg(feature = "tokio")]
+    pub(super) fn handle(&self) -> SocketHandle {
+        self.handle
+    }
+
+    #[cfg(feature = "tokio")]
+    pub(super) fn read_shut(&self) -> bool {
+        self.read_shut
+    }
+
     /// The peer's address.
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {
         Ok(self.peer)
@@ -307,20 +341,7 @@ impl TcpStream {
         }
         let shared = self.stack.shared().clone();
         let h = self.handle;
-        let r = shared.wait(self.until(self.read_timeout), |g| {
-            let s = g.sockets.get_mut::<tcp::Socket>(h);
-            match s.recv_slice(buf) {
-                Ok(0) => Ok(None),
-                Ok(n) => Ok(Some(n)),
-                // The peer closed its side and everything it sent was read.
-                Err(tcp::RecvError::Finished) => Ok(Some(0)),
-                // Closed without a FIN: the peer reset the connection (or it timed out).
-                Err(tcp::RecvError::InvalidState) => Err(io::Error::new(
-                    io::ErrorKind::ConnectionReset,
-                    "connection reset by peer",
-                )),
-            }
-        });
+        let r = shared.wait(self.until(self.read_timeout), |g| try_read(g, h, buf));
         let n = would_block(r, self.nonblocking || self.read_timeout.is_some())?;
         // Reading opened the window: tell the peer now.
         if n > 0 {
@@ -335,25 +356,48 @@ impl TcpStream {
         }
         let shared = self.stack.shared().clone();
         let h = self.handle;
-        let r = shared.wait(self.until(self.write_timeout), |g| {
-            let s = g.sockets.get_mut::<tcp::Socket>(h);
-            if !s.may_send() {
-                let kind = if s.state() == State::Closed {
-                    io::ErrorKind::ConnectionReset
-                } else {
-                    io::ErrorKind::BrokenPipe
-                };
-                return Err(io::Error::new(kind, "the connection is closed for writing"));
-            }
-            match s.send_slice(buf) {
-                Ok(0) => Ok(None),
-                Ok(n) => Ok(Some(n)),
-                Err(_) => Err(io::Error::from(io::ErrorKind::BrokenPipe)),
-            }
-        });
+        let r = shared.wait(self.until(self.write_timeout), |g| try_write(g, h, buf));
         let n = would_block(r, self.nonblocking || self.write_timeout.is_some())?;
         shared.with(|_| ());
         Ok(n)
+    }
+}
+
+/// Reads what the stream has: `None` if nothing yet.
+pub(super) fn try_read(
+    g: &mut Inner,
+    h: SocketHandle,
+    buf: &mut [u8],
+) -> io::Result<Option<usize>> {
+    let s = g.sockets.get_mut::<tcp::Socket>(h);
+    match s.recv_slice(buf) {
+        Ok(0) => Ok(None),
+        Ok(n) => Ok(Some(n)),
+        // The peer closed its side and everything it sent was read.
+        Err(tcp::RecvError::Finished) => Ok(Some(0)),
+        // Closed without a FIN: the peer reset the connection (or it timed out).
+        Err(tcp::RecvError::InvalidState) => Err(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            "connection reset by peer",
+        )),
+    }
+}
+
+/// Queues what fits of `buf`: `None` if nothing fits yet.
+pub(super) fn try_write(g: &mut Inner, h: SocketHandle, buf: &[u8]) -> io::Result<Option<usize>> {
+    let s = g.sockets.get_mut::<tcp::Socket>(h);
+    if !s.may_send() {
+        let kind = if s.state() == State::Closed {
+            io::ErrorKind::ConnectionReset
+        } else {
+            io::ErrorKind::BrokenPipe
+        };
+        return Err(io::Error::new(kind, "the connection is closed for writing"));
+    }
+    match s.send_slice(buf) {
+        Ok(0) => Ok(None),
+        Ok(n) => Ok(Some(n)),
+        Err(_) => Err(io::Error::from(io::ErrorKind::BrokenPipe)),
     }
 }
 

@@ -10,7 +10,7 @@ use smoltcp::iface::SocketHandle;
 use smoltcp::socket::udp;
 use smoltcp::wire::{IpEndpoint, IpListenEndpoint};
 
-use super::{FlowGuard, Stack, deadline};
+use super::{FlowGuard, Inner, Stack, deadline};
 
 /// Datagrams each direction may queue, and their bytes.
 const QUEUE_DATAGRAMS: usize = 256;
@@ -73,6 +73,21 @@ impl UdpSocket {
         })
     }
 
+    #[cfg(feature = "tokio")]
+    pub(super) fn stack(&self) -> &Stack {
+        &self.stack
+    }
+
+    #[cfg(feature = "tokio")]
+    pub(super) fn handle(&self) -> SocketHandle {
+        self.handle
+    }
+
+    #[cfg(feature = "tokio")]
+    pub(super) fn peer(&self) -> Option<SocketAddr> {
+        self.peer
+    }
+
     /// The local address (with the port the kernel chose for port 0).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         Ok(self.local)
@@ -122,27 +137,7 @@ impl UdpSocket {
         let shared = self.stack.shared().clone();
         let handle = self.handle;
         let r = shared.wait(self.wait_deadline(self.write_timeout), |g| {
-            let mtu = g.dev_mtu();
-            let header = if addr.is_ipv6() { 48 } else { 28 };
-            if buf.len() + header > mtu {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!(
-                        "a datagram of {} bytes does not fit the path MTU of {mtu} bytes (the \
-                         nexus does not fragment)",
-                        buf.len()
-                    ),
-                ));
-            }
-            let s = g.sockets.get_mut::<udp::Socket>(handle);
-            match s.send_slice(buf, endpoint(addr)) {
-                Ok(()) => Ok(Some(buf.len())),
-                Err(udp::SendError::BufferFull) => Ok(None),
-                Err(udp::SendError::Unaddressable) => Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("cannot send to {addr}"),
-                )),
-            }
+            try_send_to(g, handle, buf, addr)
         });
         let r = would_block(r, self.nonblocking);
         if r.is_ok() {
@@ -157,33 +152,7 @@ impl UdpSocket {
         let handle = self.handle;
         let peer = self.peer;
         let r = shared.wait(self.wait_deadline(self.read_timeout), |g| {
-            let s = g.sockets.get_mut::<udp::Socket>(handle);
-            loop {
-                match s.recv_slice(buf) {
-                    Ok((n, meta)) => {
-                        let from = socket_addr(meta.endpoint);
-                        // A connected socket hears its peer only.
-                        if peer.is_some_and(|p| p != from) {
-                            continue;
-                        }
-                        return Ok(Some((n, from)));
-                    }
-                    Err(udp::RecvError::Exhausted) => return Ok(None),
-                    // Longer than `buf`: std truncates; smoltcp refuses, so take it whole.
-                    Err(udp::RecvError::Truncated) => match s.recv() {
-                        Ok((data, meta)) => {
-                            let from = socket_addr(meta.endpoint);
-                            let n = data.len().min(buf.len());
-                            buf[..n].copy_from_slice(&data[..n]);
-                            if peer.is_some_and(|p| p != from) {
-                                continue;
-                            }
-                            return Ok(Some((n, from)));
-                        }
-                        Err(_) => return Ok(None),
-                    },
-                }
-            }
+            try_recv_from(g, handle, buf, peer)
         });
         would_block(r, self.nonblocking || self.read_timeout.is_some())
     }
@@ -197,6 +166,61 @@ impl UdpSocket {
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         self.peer_addr()?;
         self.recv_from(buf).map(|(n, _)| n)
+    }
+}
+
+/// Queues one datagram: `None` if the queue has no room yet.
+pub(super) fn try_send_to(
+    g: &mut Inner,
+    handle: SocketHandle,
+    buf: &[u8],
+    addr: SocketAddr,
+) -> io::Result<Option<usize>> {
+    let mtu = g.dev_mtu();
+    let header = if addr.is_ipv6() { 48 } else { 28 };
+    if buf.len() + header > mtu {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "a datagram of {} bytes does not fit the path MTU of {mtu} bytes (the nexus \
+                 does not fragment)",
+                buf.len()
+            ),
+        ));
+    }
+    let s = g.sockets.get_mut::<udp::Socket>(handle);
+    match s.send_slice(buf, endpoint(addr)) {
+        Ok(()) => Ok(Some(buf.len())),
+        Err(udp::SendError::BufferFull) => Ok(None),
+        Err(udp::SendError::Unaddressable) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("cannot send to {addr}"),
+        )),
+    }
+}
+
+/// Takes one datagram (from `peer` only, if given): `None` if none waits.
+pub(super) fn try_recv_from(
+    g: &mut Inner,
+    handle: SocketHandle,
+    buf: &mut [u8],
+    peer: Option<SocketAddr>,
+) -> io::Result<Option<(usize, SocketAddr)>> {
+    let s = g.sockets.get_mut::<udp::Socket>(handle);
+    loop {
+        // smoltcp refuses a datagram longer than `buf`; std truncates, so take it whole.
+        let (n, from) = match s.recv() {
+            Ok((data, meta)) => {
+                let n = data.len().min(buf.len());
+                buf[..n].copy_from_slice(&data[..n]);
+                (n, socket_addr(meta.endpoint))
+            }
+            Err(_) => return Ok(None),
+        };
+        // A connected socket hears its peer only.
+        if peer.is_none_or(|p| p == from) {
+            return Ok(Some((n, from)));
+        }
     }
 }
 
