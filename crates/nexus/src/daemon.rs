@@ -207,6 +207,12 @@ impl Nexus {
                     c.housekeeping(&self.config.channel, now);
                 }
             }
+            // Packets waiting for a neighbour are retried at least every millisecond.
+            let cap = if self.switch.as_ref().is_some_and(Switch::has_pending) {
+                Duration::from_millis(1)
+            } else {
+                Duration::MAX
+            };
             match pacer.after_pass(moved, now) {
                 // While polling, look at control events without sleeping every so often.
                 Next::Poll if passes.is_multiple_of(32) => {
@@ -219,14 +225,14 @@ impl Nexus {
                 } => {
                     // A coalescing sleep ends on its timer, not on the interface's next frame.
                     self.watch_netif(false)?;
-                    self.wait_events(&mut events, Some(timeout))?
+                    self.wait_events(&mut events, Some(timeout.min(cap)))?
                 }
                 Next::Sleep { timeout, arm: true } => {
                     self.watch_netif(true)?;
                     if self.arm_all() {
                         continue;
                     }
-                    let r = self.wait_events(&mut events, Some(timeout));
+                    let r = self.wait_events(&mut events, Some(timeout.min(cap)));
                     self.disarm_all();
                     r?;
                 }
@@ -310,6 +316,7 @@ impl Nexus {
         match &mut self.switch {
             // With an interface: the flowswitch moves packets between it and the channels.
             Some(sw) => {
+                moved += sw.retry_pending(&mut self.flows);
                 let (n, broken) = sw.rx_pass(&mut self.flows, &mut self.channels, RX_BUDGET);
                 moved += n;
                 quarantine.extend(broken.into_iter().map(|id| (id, Quarantine::RingCorrupt)));
@@ -444,6 +451,7 @@ impl Nexus {
                         ("rx_switched".to_owned(), st.rx_switched),
                         ("tx_frames".to_owned(), st.tx_frames),
                         ("tx_netif_errors".to_owned(), st.tx_netif_errors),
+                        ("tx_unresolved".to_owned(), st.tx_unresolved),
                     ];
                     v.extend(st.rx_drops.iter().map(|(k, n)| (format!("rx_{k}"), *n)));
                     v.extend(

@@ -141,6 +141,18 @@ impl Nexus {
         if !mine {
             return refuse(ErrorCode::NoSuchChannel, format!("you have no flow {flow}"));
         }
+        // What the app sent on the flow before removing it still goes out: drain the
+        // channel's TX ring first (an app closes a socket right after its last send).
+        if let (Some(sw), Some(f)) = (self.switch.as_mut(), self.flows.get(flow)) {
+            let id = f.channel;
+            if let Some(c) = self.channels.get_mut(&id) {
+                let ring = self.config.channel.max_ring_slots as usize;
+                if let Err(q) = sw.tx_pass(&mut self.flows, c, ring) {
+                    tracing::warn!(channel = id, reason = ?q, "draining TX before a flow removal");
+                }
+                sw.flush();
+            }
+        }
         self.flows.remove(flow);
         self.host_ports.release(flow);
         Reply::Done

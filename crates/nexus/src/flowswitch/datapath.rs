@@ -15,7 +15,7 @@ use netchannel_shm::control::ChannelId;
 
 use super::neighbour::{ArpAction, KernelNeighbours, Neighbours, NoHop};
 use super::parse::{RxDrop, parse_frame};
-use super::table::{BatchScratch, FlowKey, FlowTable, Hit};
+use super::table::{BatchScratch, FlowId, FlowKey, FlowTable, Hit};
 use super::tx;
 use crate::channel::Channel;
 use crate::netif::Netif;
@@ -33,7 +33,27 @@ pub struct SwitchStats {
     pub tx_frames: u64,
     /// Frames the interface refused (queue full, too large).
     pub tx_netif_errors: u64,
+    /// Packets dropped after waiting in vain for their neighbour to be resolved (or because
+    /// too many waited).
+    pub tx_unresolved: u64,
 }
+
+/// A packet waiting for its next hop to be resolved, as the kernel holds packets while it
+/// resolves a neighbour (the first packet to a new peer must not be lost).
+#[derive(Debug)]
+struct Pending {
+    dst: IpAddr,
+    /// The whole frame; its MAC addresses are written once the next hop is known.
+    frame: Vec<u8>,
+    flow: FlowId,
+    since: std::time::Instant,
+}
+
+/// Most packets held for unresolved neighbours, in all and per destination.
+const PENDING_MAX: usize = 256;
+const PENDING_PER_DST: usize = 16;
+/// How long a packet waits for its neighbour before it is dropped (`tx_unresolved`).
+const PENDING_FOR: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// How the switch finds the destination MAC of what it sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +78,7 @@ pub struct Switch {
     next_hop: NextHop,
     neighbours: Neighbours,
     kernel: Option<KernelNeighbours>,
+    pending: std::collections::VecDeque<Pending>,
     frame: Vec<u8>,
     touched: Vec<ChannelId>,
     keys: Vec<FlowKey>,
@@ -68,6 +89,33 @@ pub struct Switch {
 }
 
 const ETH: usize = 14;
+
+/// Holds a packet until its next hop is resolved: counted as handed over to the interface
+/// now, sent (or dropped as `tx_unresolved`) by [`Switch::retry_pending`].
+fn hold(
+    pending: &mut std::collections::VecDeque<Pending>,
+    stats: &mut SwitchStats,
+    dst: IpAddr,
+    frame: &[u8],
+    flow: FlowId,
+    now: std::time::Instant,
+) -> Result<(), &'static str> {
+    let same = pending.iter().filter(|p| p.dst == dst).count();
+    if pending.len() >= PENDING_MAX || same >= PENDING_PER_DST {
+        stats.tx_unresolved += 1;
+        return Err("no_neighbour");
+    }
+    let mut f = frame.to_vec();
+    let ethertype: u16 = if f[ETH] >> 4 == 6 { 0x86dd } else { 0x0800 };
+    f[12..14].copy_from_slice(&ethertype.to_be_bytes());
+    pending.push_back(Pending {
+        dst,
+        frame: f,
+        flow,
+        since: now,
+    });
+    Ok(())
+}
 
 fn ip6_at(b: &[u8], at: usize) -> std::net::Ipv6Addr {
     let mut a = [0u8; 16];
@@ -88,6 +136,7 @@ impl Switch {
                 NextHop::Kernel(ifindex) => Some(KernelNeighbours::new(ifindex)),
                 _ => None,
             },
+            pending: std::collections::VecDeque::new(),
             frame: vec![0; ETH + 65_535],
             touched: Vec::new(),
             keys: Vec::new(),
@@ -216,6 +265,54 @@ impl Switch {
         (n, broken)
     }
 
+    /// Whether packets wait for their next hop (the event loop must come back soon).
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Sends the held packets whose next hop is now known; drops those that waited too long.
+    /// Returns how many went.
+    pub fn retry_pending(&mut self, table: &mut FlowTable) -> usize {
+        if self.pending.is_empty() {
+            return 0;
+        }
+        let now = std::time::Instant::now();
+        let src_mac = self.netif.mac();
+        let mut sent = 0;
+        for _ in 0..self.pending.len() {
+            let Some(mut p) = self.pending.pop_front() else {
+                break;
+            };
+            let mac = match (&mut self.kernel, self.next_hop) {
+                (Some(k), NextHop::Kernel(_)) => k.lookup(p.dst, now).ok(),
+                (_, NextHop::Arp) => self.neighbours.get(p.dst),
+                (_, NextHop::Fixed(mac)) => Some(mac),
+                _ => None,
+            };
+            match mac {
+                Some(mac) => {
+                    p.frame[..6].copy_from_slice(&mac);
+                    p.frame[6..12].copy_from_slice(&src_mac);
+                    if self.netif.send(&p.frame).is_ok() {
+                        self.stats.tx_frames += 1;
+                        table.count(p.flow, true);
+                        sent += 1;
+                    } else {
+                        self.stats.tx_netif_errors += 1;
+                    }
+                }
+                None if now.saturating_duration_since(p.since) < PENDING_FOR => {
+                    self.pending.push_back(p);
+                }
+                None => self.stats.tx_unresolved += 1,
+            }
+        }
+        if sent > 0 {
+            self.netif.flush();
+        }
+        sent
+    }
+
     /// Pushes out every frame queued by the passes so far (one kick per service round).
     pub fn flush(&mut self) {
         self.netif.flush();
@@ -240,6 +337,7 @@ impl Switch {
             next_hop,
             neighbours,
             kernel,
+            pending,
             frame,
             stats,
             ..
@@ -275,7 +373,9 @@ impl Switch {
                     };
                     match k.lookup(dst, now) {
                         Ok(mac) => mac,
-                        Err(NoHop::Unresolved) => return Err("no_neighbour"),
+                        Err(NoHop::Unresolved) => {
+                            return hold(pending, stats, dst, &frame[..ETH + len], flow, now);
+                        }
                         Err(NoHop::OtherInterface) => return Err("other_interface"),
                     }
                 }
@@ -300,7 +400,8 @@ impl Switch {
                             if netif.send(&request).is_ok() {
                                 stats.tx_frames += 1;
                             }
-                            return Err("no_neighbour");
+                            let now = std::time::Instant::now();
+                            return hold(pending, stats, dst, &frame[..ETH + len], flow, now);
                         }
                     }
                 }
