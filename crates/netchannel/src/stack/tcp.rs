@@ -14,7 +14,7 @@ use super::udp::would_block;
 use super::{FlowGuard, Inner, Stack, deadline};
 
 /// Bytes of each stream's receive and send buffers (the receive window, scaled).
-const BUFFER: usize = 512 * 1024;
+const BUFFER: usize = 2 * 1024 * 1024;
 /// Listening sockets a listener keeps ready by default (connections it can take at once).
 pub const DEFAULT_BACKLOG: usize = 64;
 
@@ -24,6 +24,7 @@ fn new_socket() -> tcp::Socket<'static> {
         tcp::SocketBuffer::new(vec![0u8; BUFFER]),
     );
     s.set_nagle_enabled(false);
+    s.set_ack_delay(None);
     s
 }
 

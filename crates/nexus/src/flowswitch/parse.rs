@@ -87,16 +87,29 @@ pub fn parse_frame(frame: &[u8]) -> Result<Parsed, RxDrop> {
     if !sliced.link_exts.is_empty() {
         return Err(RxDrop::NotIp); // VLAN-tagged traffic is not switched to apps
     }
-    finish(&sliced, frame, 14)
+    finish(&sliced, frame, 14, true)
 }
 
-/// Parses an IP packet (what apps send and receive).
+/// Parses an IP packet (what apps send and receive), checksums included.
 pub fn parse_ip(packet: &[u8]) -> Result<Parsed, RxDrop> {
     let sliced = SlicedPacket::from_ip(packet).map_err(|e| slice_error(&e))?;
-    finish(&sliced, packet, 0)
+    finish(&sliced, packet, 0, true)
 }
 
-fn finish(s: &SlicedPacket<'_>, buf: &[u8], ip_offset: usize) -> Result<Parsed, RxDrop> {
+/// Parses an IP packet an app sends: everything [`parse_ip`] checks but the UDP/TCP checksum.
+/// A wrong one harms only the sender (its peer drops the packet), and anti-spoofing needs the
+/// headers, not a pass over the whole payload.
+pub fn parse_ip_headers(packet: &[u8]) -> Result<Parsed, RxDrop> {
+    let sliced = SlicedPacket::from_ip(packet).map_err(|e| slice_error(&e))?;
+    finish(&sliced, packet, 0, false)
+}
+
+fn finish(
+    s: &SlicedPacket<'_>,
+    buf: &[u8],
+    ip_offset: usize,
+    verify_l4: bool,
+) -> Result<Parsed, RxDrop> {
     // `l4_len`: what the IP header says the transport part holds (etherparse has already cut
     // the slice to the IP lengths).
     let (src_ip, dst_ip, fragmented, ip_len, l4_len) = match &s.net {
@@ -154,7 +167,7 @@ fn finish(s: &SlicedPacket<'_>, buf: &[u8], ip_offset: usize) -> Result<Parsed, 
         None => return Err(RxDrop::Protocol),
     };
     let zero_udp_v4 = proto == Proto::Udp && src_ip.is_ipv4() && l4.get(6..8) == Some(&[0, 0]);
-    if !zero_udp_v4 && l4_checksum(proto, src_ip, dst_ip, l4) != 0 {
+    if verify_l4 && !zero_udp_v4 && l4_checksum(proto, src_ip, dst_ip, l4) != 0 {
         return Err(RxDrop::BadL4Checksum);
     }
     Ok(Parsed {

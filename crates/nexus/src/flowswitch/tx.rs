@@ -1,7 +1,8 @@
 //! Validation of what an app transmits (anti-spoofing).
 //!
 //! The caller has already copied the packet out of the app's memory, so the app cannot change
-//! it between the check and the send. A packet is accepted only if its 5-tuple belongs to a
+//! it between the check and the send. The headers are checked as on receive; the UDP/TCP
+//! checksum is not (a wrong one hurts only the sender). A packet is accepted only if its 5-tuple belongs to a
 //! flow of the sending channel: an exact flow, or a listener whose address is the packet's
 //! source (a wildcard listener accepts any address the host owns).
 
@@ -9,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use netchannel_shm::control::ChannelId;
 
-use super::parse::{RxDrop, parse_ip};
+use super::parse::{RxDrop, parse_ip_headers};
 use super::table::{FlowId, FlowKey, FlowSpec, FlowTable};
 
 /// Why a packet from an app was refused. Each maps to one counter (`tx_<name>`).
@@ -44,7 +45,7 @@ pub fn validate(
     packet: &[u8],
     host_addrs: &[IpAddr],
 ) -> Result<FlowId, TxDrop> {
-    let p = parse_ip(packet).map_err(TxDrop::Malformed)?;
+    let p = parse_ip_headers(packet).map_err(TxDrop::Malformed)?;
     let key = FlowKey {
         proto: p.proto,
         local: SocketAddr::from(p.src),
