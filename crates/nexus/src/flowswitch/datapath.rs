@@ -345,82 +345,165 @@ impl Switch {
         let src_mac = netif.mac();
         let now = kernel.as_ref().map(|_| std::time::Instant::now());
         channel.drain_tx(budget, |pkt| {
-            // Copy first: the app may still be writing its buffer.
             let len = pkt.len();
             if len == 0 || ETH + len > frame.len() {
                 return Err("bad_len");
             }
-            frame[ETH..ETH + len].copy_from_slice(pkt);
-            let flow = tx::validate(table, id, &frame[ETH..ETH + len], host_addrs)
-                .map_err(|d| d.name())?;
-            let dst_mac = match *next_hop {
-                NextHop::Fixed(mac) => mac,
-                NextHop::Kernel(_) => {
-                    let dst = if frame[ETH] >> 4 == 6 {
-                        let mut a = [0u8; 16];
-                        a.copy_from_slice(&frame[ETH + 24..ETH + 40]);
-                        IpAddr::from(a)
-                    } else {
-                        IpAddr::from([
-                            frame[ETH + 16],
-                            frame[ETH + 17],
-                            frame[ETH + 18],
-                            frame[ETH + 19],
-                        ])
-                    };
-                    let (Some(k), Some(now)) = (kernel.as_mut(), now) else {
-                        return Err("no_neighbour");
-                    };
-                    match k.lookup(dst, now) {
-                        Ok(mac) => mac,
-                        Err(NoHop::Unresolved) => {
-                            return hold(pending, stats, dst, &frame[..ETH + len], flow, now);
-                        }
-                        Err(NoHop::OtherInterface) => return Err("other_interface"),
-                    }
-                }
-                NextHop::Arp => {
-                    let (dst, request) = if frame[ETH] >> 4 == 6 {
-                        let dst = ip6_at(frame, ETH + 24);
-                        let src = ip6_at(frame, ETH + 8);
-                        (IpAddr::V6(dst), Neighbours::solicit(src_mac, src, dst))
-                    } else {
-                        let v4 = |at: usize| {
-                            Ipv4Addr::new(frame[at], frame[at + 1], frame[at + 2], frame[at + 3])
-                        };
-                        let dst = v4(ETH + 16);
-                        (
-                            IpAddr::V4(dst),
-                            Neighbours::request(src_mac, v4(ETH + 12), dst),
-                        )
-                    };
-                    match neighbours.get(dst) {
-                        Some(mac) => mac,
-                        None => {
-                            if netif.send(&request).is_ok() {
-                                stats.tx_frames += 1;
-                            }
-                            let now = std::time::Instant::now();
-                            return hold(pending, stats, dst, &frame[..ETH + len], flow, now);
-                        }
-                    }
-                }
+            // Straight into the interface's own frame where it lends one (AF_XDP's UMEM),
+            // else into the switch's scratch frame: either way the nexus's memory.
+            let lent = netif.tx_buffer().filter(|b| b.len() >= ETH + len);
+            let in_place = lent.is_some();
+            let buf: &mut [u8] = match lent {
+                Some(b) => b,
+                None => &mut frame[..],
             };
-            frame[..6].copy_from_slice(&dst_mac);
-            frame[6..12].copy_from_slice(&src_mac);
-            let ethertype: u16 = if frame[ETH] >> 4 == 6 { 0x86dd } else { 0x0800 };
-            frame[12..14].copy_from_slice(&ethertype.to_be_bytes());
-            match netif.send(&frame[..ETH + len]) {
-                Ok(()) => {
-                    stats.tx_frames += 1;
-                    table.count(flow, true);
+            // Copy first: the app may still be writing its buffer.
+            buf[ETH..ETH + len].copy_from_slice(pkt);
+            let hop = Hop {
+                table,
+                channel: id,
+                host_addrs,
+                next_hop: *next_hop,
+                neighbours,
+                kernel: kernel.as_mut(),
+                pending,
+                stats,
+                src_mac,
+                now,
+            };
+            match hop.prepare(buf, len)? {
+                Step::Held => Ok(()),
+                Step::HeldAsking(request) => {
+                    if netif.send(&request).is_ok() {
+                        stats.tx_frames += 1;
+                    }
                     Ok(())
                 }
-                Err(_) => {
-                    stats.tx_netif_errors += 1;
-                    Err("netif")
+                Step::Send(flow) => {
+                    let sent = if in_place {
+                        netif.commit(ETH + len)
+                    } else {
+                        netif.send(&frame[..ETH + len])
+                    };
+                    match sent {
+                        Ok(()) => {
+                            stats.tx_frames += 1;
+                            table.count(flow, true);
+                            Ok(())
+                        }
+                        Err(_) => {
+                            stats.tx_netif_errors += 1;
+                            Err("netif")
+                        }
+                    }
                 }
             }
         })
+    }
+}
+
+/// What to do with a validated packet.
+enum Step {
+    /// Ready in the buffer, Ethernet header and all.
+    Send(FlowId),
+    /// Held until its next hop is resolved.
+    Held,
+    /// Held; this request (ARP or neighbour solicitation) goes out to resolve it.
+    HeldAsking(Vec<u8>),
+}
+
+/// Everything a packet's validation and next-hop resolution need but the interface.
+struct Hop<'a> {
+    table: &'a FlowTable,
+    channel: ChannelId,
+    host_addrs: &'a [IpAddr],
+    next_hop: NextHop,
+    neighbours: &'a Neighbours,
+    kernel: Option<&'a mut KernelNeighbours>,
+    pending: &'a mut std::collections::VecDeque<Pending>,
+    stats: &'a mut SwitchStats,
+    src_mac: [u8; 6],
+    now: Option<std::time::Instant>,
+}
+
+impl Hop<'_> {
+    /// Validates the IP packet at `frame[ETH..ETH + len]` (anti-spoofing) and writes its
+    /// Ethernet header, or holds it while its next hop is resolved.
+    fn prepare(self, frame: &mut [u8], len: usize) -> Result<Step, &'static str> {
+        let flow = tx::validate(
+            self.table,
+            self.channel,
+            &frame[ETH..ETH + len],
+            self.host_addrs,
+        )
+        .map_err(|d| d.name())?;
+        let v6 = frame[ETH] >> 4 == 6;
+        let dst = if v6 {
+            IpAddr::V6(ip6_at(frame, ETH + 24))
+        } else {
+            IpAddr::from([
+                frame[ETH + 16],
+                frame[ETH + 17],
+                frame[ETH + 18],
+                frame[ETH + 19],
+            ])
+        };
+        let dst_mac = match self.next_hop {
+            NextHop::Fixed(mac) => mac,
+            NextHop::Kernel(_) => {
+                let (Some(k), Some(now)) = (self.kernel, self.now) else {
+                    return Err("no_neighbour");
+                };
+                match k.lookup(dst, now) {
+                    Ok(mac) => mac,
+                    Err(NoHop::Unresolved) => {
+                        hold(
+                            self.pending,
+                            self.stats,
+                            dst,
+                            &frame[..ETH + len],
+                            flow,
+                            now,
+                        )?;
+                        return Ok(Step::Held);
+                    }
+                    Err(NoHop::OtherInterface) => return Err("other_interface"),
+                }
+            }
+            NextHop::Arp => match self.neighbours.get(dst) {
+                Some(mac) => mac,
+                None => {
+                    let request = match dst {
+                        IpAddr::V6(d) => {
+                            Neighbours::solicit(self.src_mac, ip6_at(frame, ETH + 8), d)
+                        }
+                        IpAddr::V4(d) => {
+                            let src = Ipv4Addr::new(
+                                frame[ETH + 12],
+                                frame[ETH + 13],
+                                frame[ETH + 14],
+                                frame[ETH + 15],
+                            );
+                            Neighbours::request(self.src_mac, src, d)
+                        }
+                    };
+                    let now = std::time::Instant::now();
+                    hold(
+                        self.pending,
+                        self.stats,
+                        dst,
+                        &frame[..ETH + len],
+                        flow,
+                        now,
+                    )?;
+                    return Ok(Step::HeldAsking(request));
+                }
+            },
+        };
+        frame[..6].copy_from_slice(&dst_mac);
+        frame[6..12].copy_from_slice(&self.src_mac);
+        let ethertype: u16 = if v6 { 0x86dd } else { 0x0800 };
+        frame[12..14].copy_from_slice(&ethertype.to_be_bytes());
+        Ok(Step::Send(flow))
     }
 }

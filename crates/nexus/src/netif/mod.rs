@@ -39,6 +39,17 @@ pub trait Netif: std::fmt::Debug + Send {
     fn send(&mut self, frame: &[u8]) -> Result<(), NetifError>;
     /// Pushes out what [`Netif::send`] queued (one kick per batch, not per frame).
     fn flush(&mut self) {}
+    /// Lends the backend's next transmit buffer, to be filled in place and sent with
+    /// [`Netif::commit`] (or left unsent): saves a copy where the backend has its own frame
+    /// memory (AF_XDP's UMEM). `None`: use [`Netif::send`].
+    fn tx_buffer(&mut self) -> Option<&mut [u8]> {
+        None
+    }
+    /// Queues the first `len` bytes of the buffer [`Netif::tx_buffer`] lent.
+    fn commit(&mut self, len: usize) -> Result<(), NetifError> {
+        let _ = len;
+        Err(NetifError::Full)
+    }
     /// Largest IP packet the interface carries.
     fn mtu(&self) -> u32 {
         1500

@@ -325,6 +325,40 @@ impl Netif for AfXdp {
         Ok(())
     }
 
+    fn tx_buffer(&mut self) -> Option<&mut [u8]> {
+        if self.free_tx.is_empty() {
+            self.reap_completions();
+        }
+        if self.tx.free(self.pending + 1) <= self.pending {
+            self.flush();
+            if self.tx.free(self.pending + 1) <= self.pending {
+                return None;
+            }
+        }
+        let addr = *self.free_tx.last()?;
+        self.umem.frame_mut(addr)
+    }
+
+    fn commit(&mut self, len: usize) -> Result<(), NetifError> {
+        if len > FRAME {
+            return Err(NetifError::TooLarge(len));
+        }
+        // `tx_buffer` checked the ring's room and lent the top of the free list.
+        let Some(addr) = self.free_tx.pop() else {
+            return Err(NetifError::Full);
+        };
+        self.tx.write(
+            self.pending,
+            XdpDesc {
+                addr,
+                len: len as u32,
+                options: XdpDescOptions::empty(),
+            },
+        );
+        self.pending += 1;
+        Ok(())
+    }
+
     fn flush(&mut self) {
         if self.pending > 0 {
             self.tx.submit(self.pending);
