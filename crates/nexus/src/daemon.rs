@@ -391,6 +391,10 @@ impl Nexus {
     /// Removes a channel: every buffer comes home, then its memory is unmapped.
     /// Gives up every flow of a channel and its host-port reservations.
     pub(crate) fn release_flows(&mut self, channel: ChannelId) {
+        // The app's TCP peers learn of its end at once.
+        if let Some(sw) = self.switch.as_mut() {
+            sw.reset_connections(channel);
+        }
         for flow in self.flows.remove_channel(channel) {
             self.host_ports.release(flow);
         }
@@ -452,6 +456,7 @@ impl Nexus {
                         ("tx_frames".to_owned(), st.tx_frames),
                         ("tx_netif_errors".to_owned(), st.tx_netif_errors),
                         ("tx_unresolved".to_owned(), st.tx_unresolved),
+                        ("tx_resets".to_owned(), st.tx_resets),
                     ];
                     v.extend(st.rx_drops.iter().map(|(k, n)| (format!("rx_{k}"), *n)));
                     v.extend(

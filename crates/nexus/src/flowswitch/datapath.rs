@@ -36,6 +36,8 @@ pub struct SwitchStats {
     /// Packets dropped after waiting in vain for their neighbour to be resolved (or because
     /// too many waited).
     pub tx_unresolved: u64,
+    /// Resets sent to the peers of a dead app's TCP connections.
+    pub tx_resets: u64,
 }
 
 /// A packet waiting for its next hop to be resolved, as the kernel holds packets while it
@@ -79,6 +81,7 @@ pub struct Switch {
     neighbours: Neighbours,
     kernel: Option<KernelNeighbours>,
     pending: std::collections::VecDeque<Pending>,
+    conns: super::conntrack::Conns,
     frame: Vec<u8>,
     touched: Vec<ChannelId>,
     keys: Vec<FlowKey>,
@@ -137,6 +140,7 @@ impl Switch {
                 _ => None,
             },
             pending: std::collections::VecDeque::new(),
+            conns: super::conntrack::Conns::default(),
             frame: vec![0; ETH + 65_535],
             touched: Vec::new(),
             keys: Vec::new(),
@@ -181,6 +185,7 @@ impl Switch {
             neighbours,
             next_hop,
             host_addrs,
+            conns,
             ..
         } = self;
         touched.clear();
@@ -228,14 +233,22 @@ impl Switch {
                 }
             }
             table.lookup_batch(keys, scratch, hits);
-            for (&(j, off, len), hit) in parsed.iter().zip(hits.iter()) {
+            for ((&(j, off, len), hit), key) in parsed.iter().zip(hits.iter()).zip(keys.iter()) {
                 let Some(hit) = hit else {
                     *stats.rx_drops.entry(RxDrop::NoFlow.name()).or_default() += 1;
                     continue;
                 };
                 match channels.get_mut(&hit.channel) {
                     Some(c) if c.is_active() => {
-                        c.stage(&frames[j][off..off + len]);
+                        let ip = &frames[j][off..off + len];
+                        if key.proto == super::Proto::Tcp {
+                            // IPv4 options are refused, so the header is 20 or 40 bytes.
+                            let iphl = if key.local.is_ipv4() { 20 } else { 40 };
+                            if let Some(tcp) = ip.get(iphl..) {
+                                conns.on_rx(hit.channel, key.local, key.remote, tcp);
+                            }
+                        }
+                        c.stage(ip);
                         table.count(hit.id, false);
                         if !touched.contains(&hit.channel) {
                             touched.push(hit.channel);
@@ -263,6 +276,42 @@ impl Switch {
             }
         }
         (n, broken)
+    }
+
+    /// Sends a reset to every peer of `channel`'s TCP connections (its app died or its channel
+    /// was revoked): they learn at once, instead of waiting on a silent connection. Returns
+    /// how many went.
+    pub fn reset_connections(&mut self, channel: ChannelId) -> usize {
+        let resets = self.conns.take_channel(channel);
+        if resets.is_empty() {
+            return 0;
+        }
+        let now = std::time::Instant::now();
+        let src_mac = self.netif.mac();
+        let mut sent = 0;
+        for r in resets {
+            let Some(pkt) = r.packet() else { continue };
+            let mac = match (&mut self.kernel, self.next_hop) {
+                (Some(k), NextHop::Kernel(_)) => k.lookup(r.remote.ip(), now).ok(),
+                (_, NextHop::Arp) => self.neighbours.get(r.remote.ip()),
+                (_, NextHop::Fixed(mac)) => Some(mac),
+                _ => None,
+            };
+            let Some(mac) = mac else { continue };
+            let mut f = Vec::with_capacity(ETH + pkt.len());
+            f.extend_from_slice(&mac);
+            f.extend_from_slice(&src_mac);
+            let ethertype: u16 = if r.remote.is_ipv6() { 0x86dd } else { 0x0800 };
+            f.extend_from_slice(&ethertype.to_be_bytes());
+            f.extend_from_slice(&pkt);
+            if self.netif.send(&f).is_ok() {
+                self.stats.tx_frames += 1;
+                self.stats.tx_resets += 1;
+                sent += 1;
+            }
+        }
+        self.netif.flush();
+        sent
     }
 
     /// Whether packets wait for their next hop (the event loop must come back soon).

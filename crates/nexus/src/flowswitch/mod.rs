@@ -3,6 +3,7 @@
 //! * [`parse`]: one pass over L2/L3/L4 with validated lengths and software checksums;
 //! * [`table`]: the flow table, exact 5-tuples first, then listeners;
 //! * [`tx`]: validation of what an app sends (anti-spoofing);
+//! * [`conntrack`]: just enough of each TCP connection to reset it when its app dies;
 //! * [`datapath`]: the switch between an interface and the channels.
 //!
 //! Everything here is a plain function of (table, bytes): no I/O, so the whole classification
@@ -13,6 +14,7 @@
 //! guesswork could hand one app's data to another. Fragments are dropped and counted
 //! (`rx_fragment`); apps are told the path MTU instead. Apps may not send fragments either.
 
+pub mod conntrack;
 pub mod datapath;
 pub mod index;
 pub mod neighbour;

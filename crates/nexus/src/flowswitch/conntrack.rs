@@ -1,0 +1,198 @@
+//! The little the nexus remembers of each TCP connection: the peer's last acknowledgement and
+//! next sequence number, so that when an app dies (or its channel is revoked) its peers get a
+//! reset instead of silence.
+//!
+//! A reset is accepted only if its sequence number is the receiver's next expected one
+//! (RFC 5961): that is the peer's last acknowledgement. If more of the app's data reached the
+//! peer since, the peer answers with a challenge ACK; by then the app's port is back with the
+//! kernel, which answers that ACK with a reset of its own, exact this time.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+use netchannel_shm::control::ChannelId;
+
+/// Most connections remembered (new ones beyond are not tracked).
+const CAPACITY: usize = 1 << 16;
+
+const FIN: u8 = 0x01;
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const ACK: u8 = 0x10;
+
+#[derive(Debug, Clone, Copy)]
+struct Conn {
+    channel: ChannelId,
+    /// The peer's last acknowledgement (what it expects from the app next).
+    ack: Option<u32>,
+    /// The sequence number after the peer's last segment.
+    next: u32,
+}
+
+/// A reset to send: from `local` (the app's side) to `remote`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reset {
+    /// The app's address.
+    pub local: SocketAddr,
+    /// The peer's address.
+    pub remote: SocketAddr,
+    /// Sequence number (the peer's last acknowledgement).
+    pub seq: u32,
+    /// Acknowledgement number (after the peer's last segment).
+    pub ack: u32,
+}
+
+/// TCP connections seen on receive, by (local, remote).
+#[derive(Debug, Default)]
+pub struct Conns {
+    map: HashMap<(SocketAddr, SocketAddr), Conn>,
+}
+
+impl Conns {
+    /// Notes a TCP segment (`tcp`: header and payload) from `remote` to `local`, delivered to
+    /// `channel`.
+    pub fn on_rx(&mut self, channel: ChannelId, local: SocketAddr, remote: SocketAddr, tcp: &[u8]) {
+        let Some(h) = tcp.get(..20) else { return };
+        let flags = h[13];
+        let key = (local, remote);
+        if flags & (RST | FIN) != 0 {
+            self.map.remove(&key);
+            return;
+        }
+        let seq = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+        let ack = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
+        let header = usize::from(h[12] >> 4) * 4;
+        let data = tcp.len().saturating_sub(header) as u32;
+        let next = seq
+            .wrapping_add(data)
+            .wrapping_add(u32::from(flags & SYN != 0));
+        if self.map.len() >= CAPACITY && !self.map.contains_key(&key) {
+            return;
+        }
+        let c = self.map.entry(key).or_insert(Conn {
+            channel,
+            ack: None,
+            next,
+        });
+        c.channel = channel;
+        c.next = next;
+        if flags & ACK != 0 {
+            c.ack = Some(ack);
+        }
+    }
+
+    /// Forgets the connections of `channel` and returns the resets its peers should get.
+    pub fn take_channel(&mut self, channel: ChannelId) -> Vec<Reset> {
+        let mut out = Vec::new();
+        self.map.retain(|&(local, remote), c| {
+            if c.channel != channel {
+                return true;
+            }
+            if let Some(seq) = c.ack {
+                out.push(Reset {
+                    local,
+                    remote,
+                    seq,
+                    ack: c.next,
+                });
+            }
+            false
+        });
+        out
+    }
+
+    /// Connections tracked.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+impl Reset {
+    /// The reset as an IP packet (RST and ACK, checksums filled in).
+    pub fn packet(&self) -> Option<Vec<u8>> {
+        let builder = match (self.local.ip(), self.remote.ip()) {
+            (IpAddr::V4(l), IpAddr::V4(r)) => {
+                etherparse::PacketBuilder::ipv4(l.octets(), r.octets(), 64)
+            }
+            (IpAddr::V6(l), IpAddr::V6(r)) => {
+                etherparse::PacketBuilder::ipv6(l.octets(), r.octets(), 64)
+            }
+            _ => return None,
+        };
+        let mut out = Vec::with_capacity(60);
+        builder
+            .tcp(self.local.port(), self.remote.port(), self.seq, 0)
+            .rst()
+            .ack(self.ack)
+            .write(&mut out, &[])
+            .ok()?;
+        Some(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(seq: u32, ack: u32, flags: u8, data: usize) -> Vec<u8> {
+        let mut t = vec![0u8; 20 + data];
+        t[4..8].copy_from_slice(&seq.to_be_bytes());
+        t[8..12].copy_from_slice(&ack.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = flags;
+        t
+    }
+
+    #[test]
+    fn a_dead_channels_peers_get_resets_at_their_last_acknowledgement() {
+        let mut c = Conns::default();
+        let l: SocketAddr = "198.18.0.1:80".parse().expect("addr");
+        let r: SocketAddr = "198.18.0.2:4000".parse().expect("addr");
+        let other: SocketAddr = "198.18.0.3:4000".parse().expect("addr");
+        c.on_rx(1, l, r, &seg(1000, 0, SYN, 0));
+        c.on_rx(1, l, r, &seg(1001, 5000, ACK, 100));
+        c.on_rx(2, l, other, &seg(7, 9, ACK, 0));
+        let resets = c.take_channel(1);
+        assert_eq!(
+            resets,
+            [Reset {
+                local: l,
+                remote: r,
+                seq: 5000,
+                ack: 1101
+            }]
+        );
+        assert_eq!(c.len(), 1, "the other channel's connection stays");
+        let p = resets[0].packet().expect("a packet");
+        let s = etherparse::SlicedPacket::from_ip(&p).expect("parses");
+        let Some(etherparse::TransportSlice::Tcp(t)) = s.transport else {
+            panic!("not TCP")
+        };
+        assert!(t.rst() && t.ack());
+        assert_eq!(
+            (t.sequence_number(), t.acknowledgment_number()),
+            (5000, 1101)
+        );
+        assert_eq!((t.source_port(), t.destination_port()), (80, 4000));
+    }
+
+    #[test]
+    fn closed_connections_are_forgotten() {
+        let mut c = Conns::default();
+        let l: SocketAddr = "[fd00:198:18::1]:80".parse().expect("addr");
+        let r: SocketAddr = "[fd00:198:18::2]:4000".parse().expect("addr");
+        c.on_rx(1, l, r, &seg(1, 1, ACK, 0));
+        c.on_rx(1, l, r, &seg(1, 1, ACK | FIN, 0));
+        assert!(c.take_channel(1).is_empty());
+        c.on_rx(1, l, r, &seg(1, 1, ACK, 0));
+        c.on_rx(1, l, r, &seg(1, 1, RST, 0));
+        assert!(c.is_empty());
+        c.on_rx(1, l, r, &[0u8; 10]);
+        assert!(c.is_empty(), "a truncated header is ignored");
+    }
+}
