@@ -20,7 +20,7 @@ fn async_tcp_and_udp_serve_kernel_peers() {
     let mut bed = Bed::new("tok", 10, None);
     let stack = Stack::connect(&bed.socket).expect("a stack");
     let any: SocketAddr = "0.0.0.0:7000".parse().expect("addr");
-    let mut listener = TcpListener::bind(&stack, any).expect("listen");
+    let listener = TcpListener::bind(&stack, any).expect("listen");
     let udp = UdpSocket::bind(&stack, "0.0.0.0:7001".parse().expect("addr")).expect("bind");
     let script = format!(
         "import socket\n\

@@ -259,7 +259,7 @@ const PAGE: &str = "<!doctype html><title>netchannel</title><p>Hello from a TCP/
 fn serve_http_once(socket: &str, ns: &str, exe: &std::path::Path) -> Result<String, String> {
     use std::io::{Read, Write};
     let stack = netchannel::stack::Stack::connect(socket).map_err(|e| e.to_string())?;
-    let mut listener = netchannel::stack::TcpListener::bind(
+    let listener = netchannel::stack::TcpListener::bind(
         &stack,
         "0.0.0.0:80".parse().map_err(|_| "bad address")?,
     )

@@ -21,7 +21,7 @@ fn run(args: &[String]) -> Result<(), String> {
     }
     let stack = Stack::connect(&netchannel_examples::socket(args)).map_err(|e| e.to_string())?;
     let listen = netchannel_examples::addr(args, "--listen", "0.0.0.0:8080")?;
-    let mut listener =
+    let listener =
         TcpListener::bind(&stack, listen).map_err(|e| format!("listen on {listen}: {e}"))?;
     println!(
         "listening on {}",

@@ -28,7 +28,7 @@ fn report(what: &str, bytes: u64, hash: Sha256, t0: Instant) {
 fn recv(args: &[String]) -> Result<(), String> {
     let stack = Stack::connect(&netchannel_examples::socket(args)).map_err(|e| e.to_string())?;
     let listen = netchannel_examples::addr(args, "--listen", "0.0.0.0:9000")?;
-    let mut listener = TcpListener::bind(&stack, listen).map_err(|e| e.to_string())?;
+    let listener = TcpListener::bind(&stack, listen).map_err(|e| e.to_string())?;
     println!(
         "listening on {}",
         listener.local_addr().map_err(|e| e.to_string())?

@@ -198,7 +198,7 @@ fn nexus_trial(bed: &Bed, t: Trial, d: Duration, rtts: usize) -> Result<Measured
     let t0 = machine_ticks();
     let m = match t {
         Trial::ToHost => {
-            let mut l = NcListener::bind(
+            let l = NcListener::bind(
                 &stack,
                 SocketAddr::V4(SocketAddrV4::new(HOST_IP, HOST_PORT)),
             )

@@ -38,7 +38,8 @@ fn socket_addr(e: IpEndpoint) -> SocketAddr {
 pub struct TcpListener {
     stack: Stack,
     local: SocketAddr,
-    pool: Vec<SocketHandle>,
+    /// The listening sockets (locked before the stack, by every path).
+    pool: std::sync::Mutex<Vec<SocketHandle>>,
     nonblocking: bool,
     flow: Arc<FlowGuard>,
 }
@@ -64,7 +65,7 @@ impl TcpListener {
         Ok(Self {
             stack: stack.clone(),
             local,
-            pool,
+            pool: std::sync::Mutex::new(pool),
             nonblocking: false,
             flow,
         })
@@ -86,9 +87,10 @@ impl TcpListener {
         &self.stack
     }
 
-    #[cfg(feature = "tokio")]
-    pub(super) fn pool_mut(&mut self) -> &mut [SocketHandle] {
-        &mut self.pool
+    pub(super) fn pool(&self) -> std::sync::MutexGuard<'_, Vec<SocketHandle>> {
+        self.pool
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A stream for a connection the pool accepted.
@@ -96,13 +98,14 @@ impl TcpListener {
         TcpStream::new(&self.stack, handle, self.local, peer, self.flow.clone())
     }
 
-    /// Waits for a connection.
-    pub fn accept(&mut self) -> io::Result<(TcpStream, SocketAddr)> {
+    /// Waits for a connection. Several threads may wait on one listener.
+    pub fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
         let shared = self.stack.shared().clone();
         let until = self.nonblocking.then(std::time::Instant::now);
         let local = self.local;
-        let pool = &mut self.pool;
-        let r = shared.wait(until, |g| try_accept(g, pool, local));
+        let mut pool = self.pool();
+        let r = shared.wait(until, |g| try_accept(g, &mut pool, local));
+        drop(pool);
         let (handle, peer) = would_block(r, self.nonblocking)?;
         Ok((self.stream(handle, peer), peer))
     }
@@ -156,7 +159,11 @@ fn listen(g: &mut Inner, local: SocketAddr) -> io::Result<SocketHandle> {
 
 impl Drop for TcpListener {
     fn drop(&mut self) {
-        let pool = std::mem::take(&mut self.pool);
+        let pool = std::mem::take(
+            self.pool
+                .get_mut()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
         self.stack.shared().with(|g| {
             for h in pool {
                 let s = g.sockets.get_mut::<tcp::Socket>(h);

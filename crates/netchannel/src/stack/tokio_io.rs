@@ -11,7 +11,7 @@
 //! use tokio::io::{AsyncReadExt, AsyncWriteExt};
 //!
 //! let stack = Stack::connect(netchannel::nexus::DEFAULT_SOCKET)?;
-//! let mut listener = TcpListener::bind(&stack, "0.0.0.0:8080".parse().unwrap())?;
+//! let listener = TcpListener::bind(&stack, "0.0.0.0:8080".parse().unwrap())?;
 //! let (mut conn, _) = listener.accept_async().await?;
 //! let mut req = [0u8; 512];
 //! let n = conn.read(&mut req).await?;
@@ -75,13 +75,15 @@ impl AsyncWrite for TcpStream {
 
 impl TcpListener {
     /// Waits for a connection, without blocking the thread.
-    pub async fn accept_async(&mut self) -> io::Result<(TcpStream, SocketAddr)> {
+    pub async fn accept_async(&self) -> io::Result<(TcpStream, SocketAddr)> {
         let shared = self.stack().shared().clone();
         let local = self.local_addr()?;
-        let (handle, peer) = {
-            let pool = self.pool_mut();
-            std::future::poll_fn(|cx| shared.poll_op(cx, |g| try_accept(g, pool, local))).await?
-        };
+        let (handle, peer) = std::future::poll_fn(|cx| {
+            // The pool first, then the stack: the order every path takes.
+            let mut pool = self.pool();
+            shared.poll_op(cx, |g| try_accept(g, &mut pool, local))
+        })
+        .await?;
         Ok((self.stream(handle, peer), peer))
     }
 }
