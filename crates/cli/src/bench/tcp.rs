@@ -404,29 +404,23 @@ pub(crate) fn tcp(o: &Options) -> Result<(), String> {
         })
         .collect();
     // The headline: the worse of the two directions.
-    let worse = table
+    if let Some((_, worse)) = table
         .iter()
         .filter(|(k, _)| k.starts_with("gbps_"))
-        .map(|(_, r)| r.ratio_median)
-        .fold(f64::INFINITY, f64::min);
-    let gbps_rows: Vec<f64> = table
-        .iter()
-        .filter(|(k, _)| k.starts_with("gbps_"))
-        .map(|(_, r)| r.kernel_median.min(r.netchannel_median))
-        .collect();
-    table.push((
-        "gbps".to_owned(),
-        Row {
-            label: "TCP bulk, worse direction (ratio)",
-            unit: "×",
-            kernel: Vec::new(),
-            netchannel: Vec::new(),
-            ratios: vec![worse],
-            kernel_median: gbps_rows.first().copied().unwrap_or(0.0),
-            netchannel_median: gbps_rows.get(1).copied().unwrap_or(0.0),
-            ratio_median: worse,
-        },
-    ));
+        .min_by(|a, b| a.1.ratio_median.total_cmp(&b.1.ratio_median))
+    {
+        let row = Row {
+            label: "TCP bulk, the worse direction",
+            unit: "Gbit/s",
+            kernel: worse.kernel.clone(),
+            netchannel: worse.netchannel.clone(),
+            ratios: worse.ratios.clone(),
+            kernel_median: worse.kernel_median,
+            netchannel_median: worse.netchannel_median,
+            ratio_median: worse.ratio_median,
+        };
+        table.push(("gbps".to_owned(), row));
+    }
     drop(bed);
     super::report(o, super::Bench::Tcp, &table)
 }

@@ -42,10 +42,11 @@ pub struct Reset {
     pub ack: u32,
 }
 
-/// TCP connections seen on receive, by (local, remote).
+/// TCP connections seen on receive, by (local, remote). (Updated for every TCP segment
+/// received: a fast hash, seeded per process.)
 #[derive(Debug, Default)]
 pub struct Conns {
-    map: HashMap<(SocketAddr, SocketAddr), Conn>,
+    map: HashMap<(SocketAddr, SocketAddr), Conn, foldhash::fast::RandomState>,
 }
 
 impl Conns {
