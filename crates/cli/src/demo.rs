@@ -259,20 +259,38 @@ const PAGE: &str = "<!doctype html><title>netchannel</title><p>Hello from a TCP/
 fn serve_http_once(socket: &str, ns: &str, exe: &std::path::Path) -> Result<String, String> {
     use std::io::{Read, Write};
     let stack = netchannel::stack::Stack::connect(socket).map_err(|e| e.to_string())?;
-    let listener = netchannel::stack::TcpListener::bind(
+    let mut listener = netchannel::stack::TcpListener::bind(
         &stack,
         "0.0.0.0:80".parse().map_err(|_| "bad address")?,
     )
     .map_err(|e| format!("listening on port 80: {e}"))?;
     let target = format!("{NEXUS_IP}:80");
-    let client = Command::new("ip")
+    let mut client = Command::new("ip")
         .args(["netns", "exec", ns])
         .arg(exe)
         .args(["demo-peer", "--target", &target, "--count", "0"])
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("starting the kernel TCP client: {e}"))?;
-    let (mut conn, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+    // Never wait forever: the client gives up after 5 s, and so do we.
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let t0 = Instant::now();
+    let (mut conn, _) = loop {
+        match listener.accept() {
+            Ok(c) => break c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if t0.elapsed() > Duration::from_secs(10)
+                    || matches!(client.try_wait(), Ok(Some(_)))
+                {
+                    let _ = client.kill();
+                    let _ = client.wait();
+                    return Err("the kernel TCP client never connected".into());
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(format!("accept: {e}")),
+        }
+    };
     conn.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
     let mut req = Vec::new();
