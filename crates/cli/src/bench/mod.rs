@@ -96,6 +96,33 @@ struct Row {
     ratio_median: f64,
 }
 
+impl Row {
+    /// The row of one metric from its per-repetition values on each path.
+    fn new(
+        label: &'static str,
+        unit: &'static str,
+        better: Better,
+        k: Vec<f64>,
+        n: Vec<f64>,
+    ) -> Self {
+        let ratios: Vec<f64> = k
+            .iter()
+            .zip(&n)
+            .map(|(&k, &n)| oriented(better, k, n))
+            .collect();
+        Self {
+            label,
+            unit,
+            kernel_median: median(&k),
+            netchannel_median: median(&n),
+            ratio_median: median(&ratios),
+            kernel: k,
+            netchannel: n,
+            ratios,
+        }
+    }
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
     if s.is_empty() {
@@ -496,24 +523,7 @@ fn compare(o: &Options, bench: Bench, ms: &[Metric]) -> Result<(), String> {
     let mut table: Vec<(String, Row)> = Vec::new();
     for m in ms {
         let (k, n) = rows.remove(m.key).unwrap_or_default();
-        let ratios: Vec<f64> = k
-            .iter()
-            .zip(&n)
-            .map(|(&k, &n)| oriented(m.better, k, n))
-            .collect();
-        table.push((
-            m.key.to_owned(),
-            Row {
-                label: m.label,
-                unit: m.unit,
-                kernel_median: median(&k),
-                netchannel_median: median(&n),
-                ratio_median: median(&ratios),
-                kernel: k,
-                netchannel: n,
-                ratios,
-            },
-        ));
+        table.push((m.key.to_owned(), Row::new(m.label, m.unit, m.better, k, n)));
     }
     report(o, bench, &table)
 }

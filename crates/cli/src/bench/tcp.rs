@@ -382,26 +382,7 @@ pub(crate) fn tcp(o: &Options) -> Result<(), String> {
     let mut table: Vec<(String, Row)> = metrics
         .iter()
         .zip(rows)
-        .map(|(m, (k, n))| {
-            let ratios: Vec<f64> = k
-                .iter()
-                .zip(&n)
-                .map(|(&k, &n)| oriented(m.better, k, n))
-                .collect();
-            (
-                m.key.to_owned(),
-                Row {
-                    label: m.label,
-                    unit: m.unit,
-                    kernel_median: median(&k),
-                    netchannel_median: median(&n),
-                    ratio_median: median(&ratios),
-                    kernel: k,
-                    netchannel: n,
-                    ratios,
-                },
-            )
-        })
+        .map(|(m, (k, n))| (m.key.to_owned(), Row::new(m.label, m.unit, m.better, k, n)))
         .collect();
     // The headline: the worse of the two directions.
     if let Some((_, worse)) = table

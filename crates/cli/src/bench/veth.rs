@@ -29,7 +29,7 @@ use netchannel_nexus::netif::afxdp::{AfXdp, AfXdpOptions};
 use serde::{Deserialize, Serialize};
 
 use super::sys::MsgBatch;
-use super::{Better, Options, Row, median, oriented};
+use super::{Better, Options, Row, oriented};
 
 pub(super) const HOST_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 pub(super) const PEER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
@@ -685,26 +685,7 @@ pub(crate) fn veth(o: &VethOptions) -> Result<(), String> {
     let table: Vec<(String, Row)> = metrics
         .iter()
         .zip(rows)
-        .map(|(m, (k, n))| {
-            let ratios: Vec<f64> = k
-                .iter()
-                .zip(&n)
-                .map(|(&k, &n)| oriented(m.better, k, n))
-                .collect();
-            (
-                m.key.to_owned(),
-                Row {
-                    label: m.label,
-                    unit: m.unit,
-                    kernel_median: median(&k),
-                    netchannel_median: median(&n),
-                    ratio_median: median(&ratios),
-                    kernel: k,
-                    netchannel: n,
-                    ratios,
-                },
-            )
-        })
+        .map(|(m, (k, n))| (m.key.to_owned(), Row::new(m.label, m.unit, m.better, k, n)))
         .collect();
     drop(bed);
     super::report(c, super::Bench::Veth, &table)
