@@ -154,7 +154,17 @@ impl Stack {
         let ch = control
             .open_channel(ChannelOptions::default())
             .map_err(|e| io::Error::other(format!("opening a channel: {e}")))?;
-        let addresses = ch.addresses().to_vec();
+        // Link-local addresses need a scope the stack does not track; global ones first, so
+        // that they are the source of what the stack sends.
+        let addresses: Vec<IpAddr> = ch
+            .addresses()
+            .iter()
+            .copied()
+            .filter(|a| match a {
+                IpAddr::V6(v6) => !v6.is_unicast_link_local(),
+                IpAddr::V4(v4) => !v4.is_link_local(),
+            })
+            .collect();
         if addresses.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::AddrNotAvailable,
