@@ -15,6 +15,8 @@ use super::{FlowGuard, Inner, Stack, deadline};
 
 /// Bytes of each stream's receive and send buffers (the receive window, scaled).
 const BUFFER: usize = 2 * 1024 * 1024;
+/// How long a dropped stream may wait for its peer to finish closing before it is reset.
+const CLOSE_TIMEOUT_S: u64 = 30;
 /// Listening sockets a listener keeps ready by default (connections it can take at once).
 pub const DEFAULT_BACKLOG: usize = 64;
 
@@ -446,7 +448,10 @@ impl Drop for TcpStream {
         let h = self.handle;
         let flow = self.flow.take();
         self.stack.shared().with(|g| {
-            g.sockets.get_mut::<tcp::Socket>(h).close();
+            let s = g.sockets.get_mut::<tcp::Socket>(h);
+            s.close();
+            // A peer that stops answering must not keep the socket (and its flow) forever.
+            s.set_timeout(Some(smoltcp::time::Duration::from_secs(CLOSE_TIMEOUT_S)));
             g.closing.push((h, flow));
         });
     }
