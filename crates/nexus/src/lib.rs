@@ -7,16 +7,19 @@
 //! * [`channel`]: each channel as the nexus serves it (its datapath, defunct, reclamation);
 //! * [`daemon`]: the event loop that ties them together, and [`pacer`], which decides when it
 //!   polls and when it sleeps;
-//! * [`flowswitch`]: parsing, the flow table and anti-spoofing validation (not yet wired to an
-//!   interface);
-//! * [`netif`]: interface backends (TAP, and an in-memory pair for tests);
-//! * [`netns`]: one port space with the host (port reservations);
+//! * [`flowswitch`]: parsing, the flow table, RX demux, TX validation (anti-spoofing), next
+//!   hops, and just enough TCP state to reset a dead app's connections;
+//! * [`netif`]: interface backends (AF_XDP with its XDP program, TAP, an in-memory pair) and a
+//!   fault-injecting layer for tests;
+//! * [`netns`]: one port space with the host (port reservations), netlink, offloads;
 //! * [`config`]: the TOML configuration (every setting has a default).
 //!
-//! The flowswitch, the interface backends and the host-stack port space come next (see
-//! `DESIGN.md` §5); until then each channel's datapath is a reflector.
+//! Without an interface, each channel's datapath is a reflector (a loopback nexus).
 
-#![deny(unsafe_code)] // the one exception: the TAP ioctl in `netif::tap`
+// Unsafe code is denied here except in the modules that talk to the kernel without a safe
+// wrapper: the TAP ioctl (`netif::tap`), AF_XDP's shared rings (`netif::afxdp::ring`), bpf(2)
+// (`netif::xdp::bpf`) and the ethtool ioctl (`netns::offload`).
+#![deny(unsafe_code)]
 
 pub mod channel;
 pub mod config;
