@@ -15,6 +15,9 @@ use crate::{Error, Packet, SendError};
 
 /// Packets taken off the RX ring per refill.
 const RX_BATCH: usize = 64;
+/// Packets smoltcp takes in per poll: it acknowledges once per poll, and a peer that gets one
+/// ACK per few segments keeps its window open better than one per hundred.
+const RX_PER_POLL: usize = 16;
 
 /// A channel as smoltcp's network device (IP packets, no link layer).
 #[derive(Debug)]
@@ -31,6 +34,8 @@ pub(crate) struct ChannelDevice {
     scratch: Vec<Packet>,
     /// The channel broke (defunct, or the nexus is gone).
     pub(crate) broken: Option<Error>,
+    /// Packets handed to smoltcp in this poll.
+    taken: usize,
 }
 
 impl ChannelDevice {
@@ -51,7 +56,13 @@ impl ChannelDevice {
             txq: Vec::with_capacity(RX_BATCH),
             scratch: Vec::with_capacity(RX_BATCH),
             broken: None,
+            taken: 0,
         }
+    }
+
+    /// A new poll starts: smoltcp may take [`RX_PER_POLL`] packets again.
+    pub(crate) fn begin_poll(&mut self) {
+        self.taken = 0;
     }
 
     pub(crate) fn mtu(&self) -> usize {
@@ -136,6 +147,9 @@ impl phy::Device for ChannelDevice {
     type TxToken<'a> = TxToken<'a>;
 
     fn receive(&mut self, _: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
+        if self.taken >= RX_PER_POLL {
+            return None;
+        }
         if self.rxq.is_empty() {
             self.refill_rx();
         }
@@ -144,6 +158,7 @@ impl phy::Device for ChannelDevice {
             return None;
         }
         let pkt = self.rxq.pop_front()?;
+        self.taken += 1;
         let spare_buf = self.spare?;
         let Self {
             ch,

@@ -347,6 +347,7 @@ impl Inner {
     pub(crate) fn poll(&mut self, shared: &Shared) -> bool {
         let now = self.now();
         let had_rx = self.dev.rx_pending();
+        self.dev.begin_poll();
         let r = self.iface.poll(now, &mut self.dev, &mut self.sockets);
         self.dev.flush();
         let reaped = self.reap();
