@@ -3,9 +3,9 @@
 //! reset instead of silence.
 //!
 //! A reset is accepted only if its sequence number is the receiver's next expected one
-//! (RFC 5961): that is the peer's last acknowledgement. If more of the app's data reached the
-//! peer since, the peer answers with a challenge ACK; by then the app's port is back with the
-//! kernel, which answers that ACK with a reset of its own, exact this time.
+//! (RFC 5961). The nexus sees every segment the app sends, so it knows that number: the end
+//! of the app's last segment, which the reset follows on the same path. (Before the app has
+//! sent anything, the peer's last acknowledgement stands in.)
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -23,8 +23,10 @@ const ACK: u8 = 0x10;
 #[derive(Debug, Clone, Copy)]
 struct Conn {
     channel: ChannelId,
-    /// The peer's last acknowledgement (what it expects from the app next).
+    /// The peer's last acknowledgement (what it expects from the app next, as of then).
     ack: Option<u32>,
+    /// The end of the app's last segment (what the peer will expect next once it has it).
+    sent: Option<u32>,
     /// The sequence number after the peer's last segment.
     next: u32,
 }
@@ -73,6 +75,7 @@ impl Conns {
         let c = self.map.entry(key).or_insert(Conn {
             channel,
             ack: None,
+            sent: None,
             next,
         });
         c.channel = channel;
@@ -82,6 +85,27 @@ impl Conns {
         }
     }
 
+    /// Notes a TCP segment (`tcp`: header and payload) the app sends from `local` to
+    /// `remote`, on a connection seen on receive.
+    pub fn on_tx(&mut self, local: SocketAddr, remote: SocketAddr, tcp: &[u8]) {
+        let Some(h) = tcp.get(..20) else { return };
+        let Some(c) = self.map.get_mut(&(local, remote)) else {
+            return;
+        };
+        let flags = h[13];
+        let seq = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+        let header = usize::from(h[12] >> 4) * 4;
+        let data = tcp.len().saturating_sub(header) as u32;
+        let end = seq
+            .wrapping_add(data)
+            .wrapping_add(u32::from(flags & (SYN | FIN) != 0));
+        // Keep the furthest end: a retransmission does not move it back.
+        c.sent = Some(match c.sent {
+            Some(s) if (s.wrapping_sub(end) as i32) > 0 => s,
+            _ => end,
+        });
+    }
+
     /// Forgets the connections of `channel` and returns the resets its peers should get.
     pub fn take_channel(&mut self, channel: ChannelId) -> Vec<Reset> {
         let mut out = Vec::new();
@@ -89,7 +113,7 @@ impl Conns {
             if c.channel != channel {
                 return true;
             }
-            if let Some(seq) = c.ack {
+            if let Some(seq) = c.sent.or(c.ack) {
                 out.push(Reset {
                     local,
                     remote,
@@ -150,7 +174,7 @@ mod tests {
     }
 
     #[test]
-    fn a_dead_channels_peers_get_resets_at_their_last_acknowledgement() {
+    fn a_dead_channels_peers_get_resets_where_the_apps_data_ends() {
         let mut c = Conns::default();
         let l: SocketAddr = "198.18.0.1:80".parse().expect("addr");
         let r: SocketAddr = "198.18.0.2:4000".parse().expect("addr");
@@ -158,13 +182,16 @@ mod tests {
         c.on_rx(1, l, r, &seg(1000, 0, SYN, 0));
         c.on_rx(1, l, r, &seg(1001, 5000, ACK, 100));
         c.on_rx(2, l, other, &seg(7, 9, ACK, 0));
+        // The app sends 300 bytes, then retransmits its first 100: the peer will expect 5300.
+        c.on_tx(l, r, &seg(5000, 1101, ACK, 300));
+        c.on_tx(l, r, &seg(5000, 1101, ACK, 100));
         let resets = c.take_channel(1);
         assert_eq!(
             resets,
             [Reset {
                 local: l,
                 remote: r,
-                seq: 5000,
+                seq: 5300,
                 ack: 1101
             }]
         );
@@ -177,9 +204,18 @@ mod tests {
         assert!(t.rst() && t.ack());
         assert_eq!(
             (t.sequence_number(), t.acknowledgment_number()),
-            (5000, 1101)
+            (5300, 1101)
         );
         assert_eq!((t.source_port(), t.destination_port()), (80, 4000));
+    }
+
+    #[test]
+    fn before_the_app_sends_the_peers_acknowledgement_stands_in() {
+        let mut c = Conns::default();
+        let l: SocketAddr = "198.18.0.1:80".parse().expect("addr");
+        let r: SocketAddr = "198.18.0.2:4000".parse().expect("addr");
+        c.on_rx(1, l, r, &seg(1001, 5000, ACK, 10));
+        assert_eq!(c.take_channel(1)[0].seq, 5000);
     }
 
     #[test]

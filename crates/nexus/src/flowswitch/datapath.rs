@@ -387,6 +387,7 @@ impl Switch {
             neighbours,
             kernel,
             pending,
+            conns,
             frame,
             stats,
             ..
@@ -420,7 +421,12 @@ impl Switch {
                 src_mac,
                 now,
             };
-            match hop.prepare(buf, len)? {
+            let step = hop.prepare(buf, len)?;
+            // What the app sends on a TCP connection tells where a reset must start.
+            if !conns.is_empty() && matches!(step, Step::Send(_)) {
+                track_tx(conns, &buf[ETH..ETH + len]);
+            }
+            match step {
                 Step::Held => Ok(()),
                 Step::HeldAsking(request) => {
                     if netif.send(&request).is_ok() {
@@ -449,6 +455,32 @@ impl Switch {
             }
         })
     }
+}
+
+/// Notes a validated TCP packet an app sends in the connection tracker.
+fn track_tx(conns: &mut super::conntrack::Conns, ip: &[u8]) {
+    let (v6, proto_at, hl) = match ip.first().map(|b| b >> 4) {
+        Some(4) => (false, 9, 20),
+        Some(6) => (true, 6, 40),
+        _ => return,
+    };
+    if ip.get(proto_at) != Some(&6) || ip.len() < hl + 20 {
+        return;
+    }
+    let port = |at: usize| u16::from_be_bytes([ip[hl + at], ip[hl + at + 1]]);
+    let (src, dst) = if v6 {
+        (IpAddr::V6(ip6_at(ip, 8)), IpAddr::V6(ip6_at(ip, 24)))
+    } else {
+        (
+            IpAddr::from([ip[12], ip[13], ip[14], ip[15]]),
+            IpAddr::from([ip[16], ip[17], ip[18], ip[19]]),
+        )
+    };
+    conns.on_tx(
+        SocketAddr::new(src, port(0)),
+        SocketAddr::new(dst, port(2)),
+        &ip[hl..],
+    );
 }
 
 /// What to do with a validated packet.
