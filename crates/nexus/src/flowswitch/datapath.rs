@@ -9,7 +9,7 @@
 //!   given an Ethernet header and sent.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 use netchannel_shm::control::ChannelId;
 
@@ -93,6 +93,23 @@ pub struct Switch {
 
 const ETH: usize = 14;
 
+/// The MAC address of `dst`'s next hop as `next_hop` finds it, if known now (an unknown one
+/// is being resolved: by the kernel, or by the ARP/NDP request of the caller).
+fn hop_mac(
+    next_hop: NextHop,
+    kernel: Option<&mut KernelNeighbours>,
+    neighbours: &Neighbours,
+    dst: IpAddr,
+    now: std::time::Instant,
+) -> Result<[u8; 6], NoHop> {
+    match (next_hop, kernel) {
+        (NextHop::Fixed(mac), _) => Ok(mac),
+        (NextHop::Kernel(_), Some(k)) => k.lookup(dst, now),
+        (NextHop::Kernel(_), None) => Err(NoHop::Unresolved),
+        (NextHop::Arp, _) => neighbours.get(dst).ok_or(NoHop::Unresolved),
+    }
+}
+
 /// Holds a packet until its next hop is resolved: counted as handed over to the interface
 /// now, sent (or dropped as `tx_unresolved`) by [`Switch::retry_pending`].
 fn hold(
@@ -118,12 +135,6 @@ fn hold(
         since: now,
     });
     Ok(())
-}
-
-fn ip6_at(b: &[u8], at: usize) -> std::net::Ipv6Addr {
-    let mut a = [0u8; 16];
-    a.copy_from_slice(&b[at..at + 16]);
-    a.into()
 }
 
 impl Switch {
@@ -291,13 +302,15 @@ impl Switch {
         let mut sent = 0;
         for r in resets {
             let Some(pkt) = r.packet() else { continue };
-            let mac = match (&mut self.kernel, self.next_hop) {
-                (Some(k), NextHop::Kernel(_)) => k.lookup(r.remote.ip(), now).ok(),
-                (_, NextHop::Arp) => self.neighbours.get(r.remote.ip()),
-                (_, NextHop::Fixed(mac)) => Some(mac),
-                _ => None,
+            let Ok(mac) = hop_mac(
+                self.next_hop,
+                self.kernel.as_mut(),
+                &self.neighbours,
+                r.remote.ip(),
+                now,
+            ) else {
+                continue;
             };
-            let Some(mac) = mac else { continue };
             let mut f = Vec::with_capacity(ETH + pkt.len());
             f.extend_from_slice(&mac);
             f.extend_from_slice(&src_mac);
@@ -332,12 +345,14 @@ impl Switch {
             let Some(mut p) = self.pending.pop_front() else {
                 break;
             };
-            let mac = match (&mut self.kernel, self.next_hop) {
-                (Some(k), NextHop::Kernel(_)) => k.lookup(p.dst, now).ok(),
-                (_, NextHop::Arp) => self.neighbours.get(p.dst),
-                (_, NextHop::Fixed(mac)) => Some(mac),
-                _ => None,
-            };
+            let mac = hop_mac(
+                self.next_hop,
+                self.kernel.as_mut(),
+                &self.neighbours,
+                p.dst,
+                now,
+            )
+            .ok();
             match mac {
                 Some(mac) => {
                     p.frame[..6].copy_from_slice(&mac);
@@ -423,8 +438,12 @@ impl Switch {
             };
             let step = hop.prepare(buf, len)?;
             // What the app sends on a TCP connection tells where a reset must start.
-            if !conns.is_empty() && matches!(step, Step::Send(_)) {
-                track_tx(conns, &buf[ETH..ETH + len]);
+            if let Step::Send(_, key) = &step
+                && key.proto == super::Proto::Tcp
+                && !conns.is_empty()
+            {
+                let iphl = if key.local.is_ipv4() { 20 } else { 40 };
+                conns.on_tx(key.local, key.remote, &buf[ETH + iphl..ETH + len]);
             }
             match step {
                 Step::Held => Ok(()),
@@ -434,7 +453,7 @@ impl Switch {
                     }
                     Ok(())
                 }
-                Step::Send(flow) => {
+                Step::Send(flow, _) => {
                     let sent = if in_place {
                         netif.commit(ETH + len)
                     } else {
@@ -457,36 +476,10 @@ impl Switch {
     }
 }
 
-/// Notes a validated TCP packet an app sends in the connection tracker.
-fn track_tx(conns: &mut super::conntrack::Conns, ip: &[u8]) {
-    let (v6, proto_at, hl) = match ip.first().map(|b| b >> 4) {
-        Some(4) => (false, 9, 20),
-        Some(6) => (true, 6, 40),
-        _ => return,
-    };
-    if ip.get(proto_at) != Some(&6) || ip.len() < hl + 20 {
-        return;
-    }
-    let port = |at: usize| u16::from_be_bytes([ip[hl + at], ip[hl + at + 1]]);
-    let (src, dst) = if v6 {
-        (IpAddr::V6(ip6_at(ip, 8)), IpAddr::V6(ip6_at(ip, 24)))
-    } else {
-        (
-            IpAddr::from([ip[12], ip[13], ip[14], ip[15]]),
-            IpAddr::from([ip[16], ip[17], ip[18], ip[19]]),
-        )
-    };
-    conns.on_tx(
-        SocketAddr::new(src, port(0)),
-        SocketAddr::new(dst, port(2)),
-        &ip[hl..],
-    );
-}
-
 /// What to do with a validated packet.
 enum Step {
     /// Ready in the buffer, Ethernet header and all.
-    Send(FlowId),
+    Send(FlowId, FlowKey),
     /// Held until its next hop is resolved.
     Held,
     /// Held; this request (ARP or neighbour solicitation) goes out to resolve it.
@@ -511,80 +504,43 @@ impl Hop<'_> {
     /// Validates the IP packet at `frame[ETH..ETH + len]` (anti-spoofing) and writes its
     /// Ethernet header, or holds it while its next hop is resolved.
     fn prepare(self, frame: &mut [u8], len: usize) -> Result<Step, &'static str> {
-        let flow = tx::validate(
+        let (flow, key) = tx::validate(
             self.table,
             self.channel,
             &frame[ETH..ETH + len],
             self.host_addrs,
         )
         .map_err(|d| d.name())?;
-        let v6 = frame[ETH] >> 4 == 6;
-        let dst = if v6 {
-            IpAddr::V6(ip6_at(frame, ETH + 24))
-        } else {
-            IpAddr::from([
-                frame[ETH + 16],
-                frame[ETH + 17],
-                frame[ETH + 18],
-                frame[ETH + 19],
-            ])
-        };
-        let dst_mac = match self.next_hop {
-            NextHop::Fixed(mac) => mac,
-            NextHop::Kernel(_) => {
-                let (Some(k), Some(now)) = (self.kernel, self.now) else {
-                    return Err("no_neighbour");
-                };
-                match k.lookup(dst, now) {
-                    Ok(mac) => mac,
-                    Err(NoHop::Unresolved) => {
-                        hold(
-                            self.pending,
-                            self.stats,
-                            dst,
-                            &frame[..ETH + len],
-                            flow,
-                            now,
-                        )?;
-                        return Ok(Step::Held);
+        let (v6, dst) = (key.remote.is_ipv6(), key.remote.ip());
+        let now = self.now.unwrap_or_else(std::time::Instant::now);
+        let dst_mac = match hop_mac(self.next_hop, self.kernel, self.neighbours, dst, now) {
+            Ok(mac) => mac,
+            Err(NoHop::OtherInterface) => return Err("other_interface"),
+            Err(NoHop::Unresolved) => {
+                hold(
+                    self.pending,
+                    self.stats,
+                    dst,
+                    &frame[..ETH + len],
+                    flow,
+                    now,
+                )?;
+                // Behind a TAP the nexus resolves its neighbours itself: ask.
+                return Ok(match (self.next_hop, key.local.ip(), dst) {
+                    (NextHop::Arp, IpAddr::V4(src), IpAddr::V4(d)) => {
+                        Step::HeldAsking(Neighbours::request(self.src_mac, src, d))
                     }
-                    Err(NoHop::OtherInterface) => return Err("other_interface"),
-                }
+                    (NextHop::Arp, IpAddr::V6(src), IpAddr::V6(d)) => {
+                        Step::HeldAsking(Neighbours::solicit(self.src_mac, src, d))
+                    }
+                    _ => Step::Held,
+                });
             }
-            NextHop::Arp => match self.neighbours.get(dst) {
-                Some(mac) => mac,
-                None => {
-                    let request = match dst {
-                        IpAddr::V6(d) => {
-                            Neighbours::solicit(self.src_mac, ip6_at(frame, ETH + 8), d)
-                        }
-                        IpAddr::V4(d) => {
-                            let src = Ipv4Addr::new(
-                                frame[ETH + 12],
-                                frame[ETH + 13],
-                                frame[ETH + 14],
-                                frame[ETH + 15],
-                            );
-                            Neighbours::request(self.src_mac, src, d)
-                        }
-                    };
-                    let now = std::time::Instant::now();
-                    hold(
-                        self.pending,
-                        self.stats,
-                        dst,
-                        &frame[..ETH + len],
-                        flow,
-                        now,
-                    )?;
-                    return Ok(Step::HeldAsking(request));
-                }
-            },
         };
         frame[..6].copy_from_slice(&dst_mac);
         frame[6..12].copy_from_slice(&self.src_mac);
         let ethertype: u16 = if v6 { 0x86dd } else { 0x0800 };
         frame[12..14].copy_from_slice(&ethertype.to_be_bytes());
-        Ok(Step::Send(flow))
+        Ok(Step::Send(flow, key))
     }
 }

@@ -39,12 +39,13 @@ impl TxDrop {
 }
 
 /// Checks an IP packet sent by `channel`. `host_addrs` are the addresses of the interface.
+/// Returns the flow and the packet's 5-tuple (local: its source).
 pub fn validate(
     table: &FlowTable,
     channel: ChannelId,
     packet: &[u8],
     host_addrs: &[IpAddr],
-) -> Result<FlowId, TxDrop> {
+) -> Result<(FlowId, FlowKey), TxDrop> {
     let p = parse_ip_headers(packet).map_err(TxDrop::Malformed)?;
     let key = FlowKey {
         proto: p.proto,
@@ -62,7 +63,7 @@ pub fn validate(
         {
             return Err(TxDrop::SpoofedAddress);
         }
-        return Ok(hit.id);
+        return Ok((hit.id, key));
     }
     // Nothing matches: a flow of this channel on the same port means a forged address.
     if table.channel_uses_port(channel, p.proto, p.src.1) {
@@ -92,7 +93,7 @@ mod tests {
             .unwrap();
         let host = [IpAddr::from(A)];
         let send = |src: [u8; 4], sport, dport| {
-            validate(&t, 1, &udp4(src, sport, B, dport, b"x")[14..], &host)
+            validate(&t, 1, &udp4(src, sport, B, dport, b"x")[14..], &host).map(|(id, _)| id)
         };
         assert_eq!(send(A, 5000, 9), Ok(mine));
         assert_eq!(send(A, 5001, 9), Err(TxDrop::NoFlow), "other source port");

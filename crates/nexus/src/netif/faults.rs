@@ -14,6 +14,9 @@ use serde::Deserialize;
 
 use super::{Netif, NetifError};
 
+/// Longest delay the layer inflicts (a longer one would hold frames, and memory, for ever).
+const MAX_DELAY_US: u64 = 10_000_000;
+
 /// What to inflict, per frame and direction. Rates are probabilities in `[0, 1]`.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -55,10 +58,14 @@ impl FaultConfig {
             ("delay", self.delay),
         ] {
             if !(0.0..=1.0).contains(&v) {
-                return Err(format!(
-                    "interface.faults.{name} = {v} must be between 0 and 1"
-                ));
+                return Err(format!("faults.{name} = {v} must be between 0 and 1"));
             }
+        }
+        if self.delay_us > MAX_DELAY_US {
+            return Err(format!(
+                "faults.delay_us = {} must be at most {MAX_DELAY_US} (10 s)",
+                self.delay_us
+            ));
         }
         Ok(())
     }
@@ -308,6 +315,24 @@ mod tests {
         std::thread::sleep(Duration::from_millis(1));
         b.recv(usize::MAX, &mut |fs| got.extend(fs.iter().map(|f| f[0])));
         (got, a.counters())
+    }
+
+    #[test]
+    fn out_of_range_settings_are_refused() {
+        let bad = |f: FaultConfig| f.validate().is_err();
+        assert!(bad(FaultConfig {
+            drop: 1.5,
+            ..FaultConfig::default()
+        }));
+        assert!(bad(FaultConfig {
+            reorder: -0.1,
+            ..FaultConfig::default()
+        }));
+        assert!(bad(FaultConfig {
+            delay_us: u64::MAX,
+            ..FaultConfig::default()
+        }));
+        assert!(!bad(FaultConfig::default()));
     }
 
     #[test]
