@@ -1049,6 +1049,8 @@ fn control_socket_abuse_is_refused_counted_and_leaks_no_fd() {
                 kind: Default::default(),
                 ring_slots: None,
                 buffers: None,
+                buf_size: None,
+                offloads: Default::default(),
             }),
             1,
             "unasked_fds",
@@ -1091,6 +1093,8 @@ fn control_socket_abuse_is_refused_counted_and_leaks_no_fd() {
         kind: Default::default(),
         ring_slots: None,
         buffers: None,
+        buf_size: None,
+        offloads: Default::default(),
     });
     for (nfds, counter) in [(2, "bad_app_region"), (1, "malformed"), (3, "malformed")] {
         let before = count(&status(&mut mon).control_errors, counter);

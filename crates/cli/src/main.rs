@@ -232,7 +232,17 @@ enum BenchCommand {
     Nexus(BenchArgs),
     /// TCP bulk both ways and UDP round trips with a kernel peer across a veth (root): an app on
     /// the user-space stack through the nexus on AF_XDP vs this host's kernel stack.
-    Tcp(BenchArgs),
+    Tcp {
+        #[command(flatten)]
+        args: BenchArgs,
+        /// Run only this metric (repeatable): gbps_to_app, gbps_from_app, cpu_to_app,
+        /// cpu_from_app, rtt_udp_p50.
+        #[arg(long = "metric")]
+        only: Vec<String>,
+        /// Run one path only (kernel or netchannel), to profile it; no ratios then.
+        #[arg(long, hide = true)]
+        only_path: Option<String>,
+    },
     /// UDP across a veth pair (root): an app on a channel of a nexus on AF_XDP vs a kernel UDP
     /// socket, fed by an AF_PACKET generator in a namespace; receive and transmit packets/s and
     /// the machine's CPU per packet.
@@ -368,8 +378,17 @@ fn main() -> ExitCode {
         }
         .map_err(|e| e.to_string()),
         Command::Bench {
-            what: BenchCommand::Tcp(a),
-        } => bench::tcp::tcp(&a.options()),
+            what:
+                BenchCommand::Tcp {
+                    args,
+                    only,
+                    only_path,
+                },
+        } => bench::tcp::tcp(&bench::tcp::TcpOptions {
+            common: args.options(),
+            only,
+            only_path,
+        }),
         Command::BenchPeer {
             mode,
             addr,

@@ -41,7 +41,7 @@ use netchannel_shm::fdpass::{recv_with_fds, send_with_fds};
 use netchannel_shm::{Endpoint, Error};
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 
-pub use netchannel_shm::control::{DEFAULT_SOCKET, FlowProto};
+pub use netchannel_shm::control::{DEFAULT_SOCKET, FlowProto, Offloads};
 
 /// How long a control request may take before the nexus is considered unresponsive.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -55,6 +55,11 @@ pub struct ChannelOptions {
     pub ring_slots: Option<u32>,
     /// Buffers in the channel's pool.
     pub buffers: Option<u32>,
+    /// Bytes per pool buffer (a power of two from 2 KiB to 64 KiB; 2 KiB if `None`).
+    pub buf_size: Option<u32>,
+    /// Offloads to ask for (granted only by a nexus on an interface, with buffers of at
+    /// least [`Offloads::MIN_BUF_SIZE`]); [`Channel::offloads`] says what was granted.
+    pub offloads: Offloads,
 }
 
 /// A connection to a nexus's control socket.
@@ -131,6 +136,8 @@ impl Nexus {
             kind: opts.kind,
             ring_slots: opts.ring_slots,
             buffers: opts.buffers,
+            buf_size: opts.buf_size,
+            offloads: opts.offloads,
         };
         let (reply, fds) = self.request(&req, &[])?;
         let Reply::ChannelOffer { channel } = reply else {
@@ -148,6 +155,7 @@ impl Nexus {
             channel: opened,
             addresses,
             mtu,
+            offloads,
         } = reply
         else {
             return Err(Error::Protocol(format!(
@@ -169,6 +177,7 @@ impl Nexus {
             ep,
             addresses,
             mtu,
+            offloads,
         })
     }
 
@@ -264,9 +273,15 @@ pub struct Channel {
     ep: Endpoint,
     addresses: Vec<std::net::IpAddr>,
     mtu: u32,
+    offloads: Offloads,
 }
 
 impl Channel {
+    /// The offloads the nexus applies to this channel's packets.
+    pub fn offloads(&self) -> Offloads {
+        self.offloads
+    }
+
     /// The addresses of the interface the nexus serves this channel on (empty if it serves
     /// none): what an app's protocol stack uses as its own.
     pub fn addresses(&self) -> &[std::net::IpAddr] {

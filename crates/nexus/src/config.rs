@@ -185,6 +185,9 @@ pub struct ChannelConfig {
     pub max_buffers: u32,
     /// Buffers per pool segment (a segment is the unit of growth and of release).
     pub buffers_per_segment: u32,
+    /// Largest pool buffer an app may ask for (bytes, a power of two up to 65536). A pool of
+    /// larger buffers holds proportionally fewer: `max_buffers` counts 2 KiB buffers.
+    pub max_buf_size: u32,
     /// Empty buffers the nexus keeps on a channel's ALLOC ring at first and when idle; the
     /// stock doubles whenever a busy app empties the ring, up to `alloc_ring_max`.
     pub alloc_ring_min: u32,
@@ -205,6 +208,7 @@ impl Default for ChannelConfig {
             buffers: 4096,
             max_buffers: 65536,
             buffers_per_segment: 64,
+            max_buf_size: 65536,
             alloc_ring_min: 32,
             alloc_ring_max: 512,
             idle_trim_ms: 1000,
@@ -290,6 +294,11 @@ impl Config {
                 "channel.max_buffers is at most {}",
                 netchannel_shm::layout::MAX_BUFFERS
             )));
+        }
+        if !c.max_buf_size.is_power_of_two() || !(2048..=65536).contains(&c.max_buf_size) {
+            return Err(ConfigError::Invalid(
+                "channel.max_buf_size must be a power of two from 2048 to 65536".into(),
+            ));
         }
         self.control_mode()?;
         if self.datapath.batch == 0 || self.datapath.batch > 4096 {

@@ -198,7 +198,7 @@ impl Nexus {
         let mut last_housekeeping = Instant::now();
         tracing::info!(socket = %self.config.control.socket.display(), "nexus serving");
         while !self.shutting_down && !self.stop.load(Ordering::Relaxed) {
-            let moved = self.service_channels();
+            let (moved, sent) = self.service_channels();
             passes = passes.wrapping_add(1);
             let now = Instant::now();
             if now.saturating_duration_since(last_housekeeping) >= HOUSEKEEPING {
@@ -213,7 +213,7 @@ impl Nexus {
             } else {
                 Duration::MAX
             };
-            match pacer.after_pass(moved, now) {
+            match pacer.after_pass(moved, sent, now) {
                 // While polling, look at control events without sleeping every so often.
                 Next::Poll if passes.is_multiple_of(32) => {
                     self.wait_events(&mut events, Some(Duration::ZERO))?
@@ -221,14 +221,16 @@ impl Nexus {
                 Next::Poll => {}
                 Next::Sleep {
                     timeout,
-                    arm: false,
+                    arm,
+                    netif,
                 } => {
-                    // A coalescing sleep ends on its timer, not on the interface's next frame.
-                    self.watch_netif(false)?;
-                    self.wait_events(&mut events, Some(timeout.min(cap)))?
-                }
-                Next::Sleep { timeout, arm: true } => {
-                    self.watch_netif(true)?;
+                    // A coalescing sleep ends on its timer (or an app's doorbell), not on the
+                    // interface's next frame.
+                    self.watch_netif(netif)?;
+                    if !arm {
+                        self.wait_events(&mut events, Some(timeout.min(cap)))?;
+                        continue;
+                    }
                     if self.arm_all() {
                         continue;
                     }
@@ -308,10 +310,11 @@ impl Nexus {
         Ok(())
     }
 
-    /// One pass over every channel; returns packets moved.
-    fn service_channels(&mut self) -> usize {
+    /// One pass over the interface and every channel: packets moved, and of them, sent by
+    /// apps.
+    fn service_channels(&mut self) -> (usize, usize) {
         let (cfg, batch) = (&self.config.channel, self.config.datapath.batch);
-        let mut moved = 0;
+        let (mut moved, mut sent_all) = (0, 0);
         let mut quarantine = Vec::new();
         match &mut self.switch {
             // With an interface: the flowswitch moves packets between it and the channels.
@@ -328,6 +331,7 @@ impl Nexus {
                             continue;
                         }
                     };
+                    sent_all += sent;
                     match c.service_buffers(cfg, sent) {
                         Ok(r) => moved += sent + r,
                         Err(q) => quarantine.push((c.id, q)),
@@ -339,7 +343,11 @@ impl Nexus {
             None => {
                 for c in self.channels.values_mut() {
                     match c.service(cfg, batch) {
-                        Ok(n) => moved += n,
+                        Ok(n) => {
+                            // Everything here was sent by an app (and reflected).
+                            moved += n;
+                            sent_all += n;
+                        }
                         Err(q) => quarantine.push((c.id, q)),
                     }
                 }
@@ -354,7 +362,7 @@ impl Nexus {
                 });
             }
         }
-        moved
+        (moved, sent_all)
     }
 
     /// Arms every channel's need-wakeup flags before sleeping; true if work arrived meanwhile.
@@ -457,6 +465,7 @@ impl Nexus {
                         ("tx_netif_errors".to_owned(), st.tx_netif_errors),
                         ("tx_unresolved".to_owned(), st.tx_unresolved),
                         ("tx_resets".to_owned(), st.tx_resets),
+                        ("rx_coalesced".to_owned(), st.rx_coalesced),
                     ];
                     v.extend(st.rx_drops.iter().map(|(k, n)| (format!("rx_{k}"), *n)));
                     v.extend(

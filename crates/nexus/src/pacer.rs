@@ -10,9 +10,12 @@
 //!   and it sleeps at once;
 //! * the **batch** found by one pass in the last busy period: traffic that arrives in batches of at least
 //!   `coalesce_batch` is already latency-tolerant, so the nexus sleeps on a `coalesce` timer
-//!   *without* asking apps to ring it, and serves whatever accumulated when it wakes (NAPI-style
-//!   moderation). Smaller batches arm the need-wakeup flags, so a single packet wakes the nexus
-//!   at once.
+//!   that frames from the interface do not cut short, and serves whatever accumulated when it
+//!   wakes (NAPI-style moderation). Whether apps ring it during that sleep depends on what
+//!   *they* sent: apps that streamed (batches of `coalesce_batch` or more) need not; apps that
+//!   sent little while receiving a lot (TCP acknowledgements, requests) do, because their few
+//!   packets are what their peers wait for. Smaller batches arm everything, so a single packet
+//!   wakes the nexus at once.
 //!
 //! A plain function of (state, packets moved, now), tested without I/O.
 
@@ -23,18 +26,26 @@ use std::time::{Duration, Instant};
 pub enum Next {
     /// Pass over the channels again at once.
     Poll,
-    /// Sleep in epoll. `arm`: set the channels' need-wakeup flags first (apps' sends ring the
-    /// nexus); otherwise only the timer (or a control event) ends the sleep.
+    /// Sleep in epoll, until the timer or a control event, or:
     Sleep {
         /// Longest sleep.
         timeout: Duration,
-        /// Whether apps should ring the nexus.
+        /// an app's send (the channels' need-wakeup flags are set first);
         arm: bool,
+        /// a frame from the interface.
+        netif: bool,
     },
 }
 
 /// How long an armed sleep lasts before housekeeping.
 pub const IDLE_SLEEP: Duration = Duration::from_secs(1);
+
+/// The sleep of an idle nexus: anything wakes it.
+const IDLE: Next = Next::Sleep {
+    timeout: IDLE_SLEEP,
+    arm: true,
+    netif: true,
+};
 
 /// The pacer's state.
 #[derive(Debug, Clone)]
@@ -48,6 +59,8 @@ pub struct Pacer {
     coalesced: bool,
     gap: Duration,
     period_peak: usize,
+    /// The largest number of packets apps sent in one pass of the busy period.
+    period_sent: usize,
     heavy: usize,
 }
 
@@ -72,6 +85,7 @@ impl Pacer {
             coalesced: false,
             gap: Duration::ZERO,
             period_peak: 0,
+            period_sent: 0,
             heavy: heavy.max(1),
         }
     }
@@ -81,8 +95,8 @@ impl Pacer {
         self.gap
     }
 
-    /// Decides after a pass that moved `moved` packets.
-    pub fn after_pass(&mut self, moved: usize, now: Instant) -> Next {
+    /// Decides after a pass that moved `moved` packets, `sent` of them sent by apps.
+    pub fn after_pass(&mut self, moved: usize, sent: usize, now: Instant) -> Next {
         if moved > 0 {
             if self.idle {
                 if !self.coalesced {
@@ -97,6 +111,7 @@ impl Pacer {
             }
             self.last_work = now;
             self.period_peak = self.period_peak.max(moved);
+            self.period_sent = self.period_sent.max(sent);
             return Next::Poll;
         }
         let spin = if self.gap <= self.spin {
@@ -109,17 +124,20 @@ impl Pacer {
         }
         self.idle = true;
         let batch = std::mem::take(&mut self.period_peak);
-        self.coalesced = !self.coalesce.is_zero() && batch >= self.coalesce_batch;
+        let sent = std::mem::take(&mut self.period_sent);
+        // Apps that answer what they receive (TCP acknowledgements, replies) are in a
+        // conversation whose peer waits on them: a timer would add to every round trip (and a
+        // BBR sender sizes its window from the shortest one it sees), so they get no timer.
+        let answering = sent > 0 && sent < self.coalesce_batch;
+        self.coalesced = !self.coalesce.is_zero() && batch >= self.coalesce_batch && !answering;
         if self.coalesced {
             Next::Sleep {
                 timeout: self.coalesce,
-                arm: false,
+                arm: sent == 0,
+                netif: false,
             }
         } else {
-            Next::Sleep {
-                timeout: IDLE_SLEEP,
-                arm: true,
-            }
+            IDLE
         }
     }
 }
@@ -138,12 +156,12 @@ mod tests {
         let mut out = Vec::new();
         for (i, &(at, n)) in arrivals.iter().enumerate() {
             let start = t0 + Duration::from_micros(at);
-            p.after_pass(n, start);
+            p.after_pass(n, n, start);
             let until = arrivals.get(i + 1).map_or(at + 1000, |a| a.0);
             let mut t = at + 1;
             let mut decision = Next::Poll;
             while t < until {
-                decision = p.after_pass(0, t0 + Duration::from_micros(t));
+                decision = p.after_pass(0, 0, t0 + Duration::from_micros(t));
                 if decision != Next::Poll {
                     break;
                 }
@@ -162,24 +180,11 @@ mod tests {
         let close: Vec<(u64, usize)> = (0..50).map(|i| (i * 20, 1)).collect();
         let d = drive(&mut p, t0, &close);
         assert!(d[..d.len() - 1].iter().all(|d| *d == Next::Poll), "{d:?}");
-        assert_eq!(
-            d.last(),
-            Some(&Next::Sleep {
-                timeout: IDLE_SLEEP,
-                arm: true
-            }),
-            "single packets never coalesce"
-        );
+        assert_eq!(d.last(), Some(&IDLE), "single packets never coalesce");
         // One packet every 500 µs: the gap outgrows the spin, so it sleeps armed at once.
         let sparse: Vec<(u64, usize)> = (0..50).map(|i| 2000 + i * 500).map(|t| (t, 1)).collect();
         let d = drive(&mut p, t0, &sparse);
-        assert_eq!(
-            d.last(),
-            Some(&Next::Sleep {
-                timeout: IDLE_SLEEP,
-                arm: true
-            })
-        );
+        assert_eq!(d.last(), Some(&IDLE));
         assert!(p.gap() > SPIN);
     }
 
@@ -193,15 +198,38 @@ mod tests {
             d.last(),
             Some(&Next::Sleep {
                 timeout: CO,
-                arm: false
+                arm: false,
+                netif: false
             })
         );
         // When the load stops, the next empty wake-up arms the flags for the idle sleep.
+        assert_eq!(p.after_pass(0, 0, t0 + Duration::from_millis(100)), IDLE);
+    }
+
+    #[test]
+    fn apps_that_answer_heavy_receive_traffic_get_no_timer() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(SPIN, CO, 8, 64, t0);
+        // 16 frames in, 1 acknowledgement out, every 160 µs: no timer, everything wakes.
+        let mut last = Next::Poll;
+        for i in 0..50u64 {
+            let at = t0 + Duration::from_micros(i * 160);
+            p.after_pass(17, 1, at);
+            last = p.after_pass(0, 0, at + SPIN + Duration::from_micros(1));
+        }
+        assert_eq!(last, IDLE);
+        // 16 frames in and nothing out: the timer, and an app that sends rings.
+        for i in 50..100u64 {
+            let at = t0 + Duration::from_micros(i * 160);
+            p.after_pass(16, 0, at);
+            last = p.after_pass(0, 0, at + SPIN + Duration::from_micros(1));
+        }
         assert_eq!(
-            p.after_pass(0, t0 + Duration::from_millis(100)),
+            last,
             Next::Sleep {
-                timeout: IDLE_SLEEP,
-                arm: true
+                timeout: CO,
+                arm: true,
+                netif: false
             }
         );
     }
@@ -216,15 +244,16 @@ mod tests {
             drive(&mut p, t0, &ticks).last(),
             Some(&Next::Sleep {
                 timeout: CO,
-                arm: false
+                arm: false,
+                netif: false
             })
         );
         // Then a flood: the first wake-up finds a full pass, and the pacer polls from then on.
         let t = t0 + Duration::from_micros(20_000);
-        assert_eq!(p.after_pass(64, t), Next::Poll);
+        assert_eq!(p.after_pass(64, 64, t), Next::Poll);
         assert_eq!(p.gap(), Duration::ZERO);
         assert_eq!(
-            p.after_pass(0, t + Duration::from_micros(10)),
+            p.after_pass(0, 0, t + Duration::from_micros(10)),
             Next::Poll,
             "spins between batches"
         );
@@ -234,13 +263,7 @@ mod tests {
     fn zero_spin_and_zero_coalesce_sleep_armed_at_once() {
         let t0 = Instant::now();
         let mut p = Pacer::new(Duration::ZERO, Duration::ZERO, 8, 64, t0);
-        assert_eq!(p.after_pass(100, t0), Next::Poll);
-        assert_eq!(
-            p.after_pass(0, t0),
-            Next::Sleep {
-                timeout: IDLE_SLEEP,
-                arm: true
-            }
-        );
+        assert_eq!(p.after_pass(100, 100, t0), Next::Poll);
+        assert_eq!(p.after_pass(0, 0, t0), IDLE);
     }
 }

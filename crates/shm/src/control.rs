@@ -42,6 +42,44 @@ pub enum ChannelKind {
     Monitor,
 }
 
+/// Packet offloads between an app's stack and the nexus: the nexus reshapes a channel's TCP
+/// packets so that the app's stack handles fewer, larger ones (a per-packet cost saved in the
+/// app for every segment on the wire). An app asks for them in `open_channel`; only a nexus
+/// serving an interface grants them, and only on channels whose buffers are at least
+/// [`Offloads::MIN_BUF_SIZE`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offloads {
+    /// Receive coalescing: in-order TCP segments of one connection that reach the nexus
+    /// together are delivered as one packet, up to a pool buffer, with lengths, flags and
+    /// checksums as if the peer had sent it so (the window is the newest segment's). The MSS
+    /// option of a peer's SYN is raised to what a pool buffer holds, so that the app's stack
+    /// sends large segments.
+    #[serde(default)]
+    pub rx_coalesce: bool,
+    /// Segmentation and checksums: the app may send TCP packets up to a pool buffer, larger
+    /// than the MTU; the nexus cuts each into segments the peer accepts (its SYN's MSS,
+    /// bounded by the MTU) and computes every TCP checksum, so the app's stack leaves them
+    /// out. The MSS option of the app's own SYN is lowered to what the MTU carries.
+    #[serde(default)]
+    pub tx_segment: bool,
+}
+
+impl Offloads {
+    /// Smallest buffer size on which offloads are granted.
+    pub const MIN_BUF_SIZE: u32 = 8192;
+
+    /// Both offloads.
+    pub const ALL: Self = Self {
+        rx_coalesce: true,
+        tx_segment: true,
+    };
+
+    /// Whether any offload is on.
+    pub fn any(self) -> bool {
+        self.rx_coalesce || self.tx_segment
+    }
+}
+
 /// What an app asks of the nexus.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -55,6 +93,13 @@ pub enum Request {
         ring_slots: Option<u32>,
         /// Maximum number of buffers in the pool.
         buffers: Option<u32>,
+        /// Bytes per pool buffer (a power of two from 2 KiB to 64 KiB; 2 KiB if left out).
+        /// Offloads coalesce and send packets up to one buffer.
+        #[serde(default)]
+        buf_size: Option<u32>,
+        /// The offloads asked for; `channel_opened` says which were granted.
+        #[serde(default)]
+        offloads: Offloads,
     },
     /// The app has mapped the offer; its region and doorbell are attached.
     ChannelReady {
@@ -152,6 +197,9 @@ pub enum Reply {
         /// Largest IP packet the interface carries (0: no interface).
         #[serde(default)]
         mtu: u32,
+        /// The offloads the nexus applies to this channel.
+        #[serde(default)]
+        offloads: Offloads,
     },
     /// The request was carried out.
     Done,
@@ -329,6 +377,8 @@ mod tests {
             kind: ChannelKind::Normal,
             ring_slots: Some(256),
             buffers: None,
+            buf_size: Some(16384),
+            offloads: Offloads::ALL,
         };
         assert_eq!(decode::<Request>(&encode(&r), MAX_REQUEST).unwrap(), r);
         let s = Reply::Status(Box::new(NexusStatus {

@@ -265,7 +265,14 @@ fn nexus_trial(bed: &Bed, t: Trial, d: Duration, rtts: usize) -> Result<Measured
         }
     };
     drop(stack);
-    drop(run);
+    if std::env::var_os("NC_BENCH_STATUS").is_some() {
+        let mut run = run;
+        if let Ok(s) = run.control.status() {
+            eprintln!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+        }
+    } else {
+        drop(run);
+    }
     Ok(m)
 }
 
@@ -290,12 +297,22 @@ fn rtt(m: &Measured) -> f64 {
     m.rtt_p50_us
 }
 
+/// Options of `bench tcp`.
+#[derive(Debug, Clone)]
+pub(crate) struct TcpOptions {
+    pub(crate) common: Options,
+    /// Metric keys to run; all when empty.
+    pub(crate) only: Vec<String>,
+    /// Only one path (`kernel` or `netchannel`), for profiling one at a time.
+    pub(crate) only_path: Option<String>,
+}
+
 /// `netchannel bench tcp`.
-pub(crate) fn tcp(o: &Options) -> Result<(), String> {
+pub(crate) fn tcp(to: &TcpOptions) -> Result<(), String> {
+    let o = &to.common;
     if !rustix::process::geteuid().is_root() {
         return Err("bench tcp makes a network namespace and attaches XDP: run it as root".into());
     }
-    let bed = Bed::new()?;
     let metrics = [
         TcpMetric {
             key: "gbps_to_app",
@@ -338,6 +355,37 @@ pub(crate) fn tcp(o: &Options) -> Result<(), String> {
             value: rtt,
         },
     ];
+    if let Some(bad) = to
+        .only
+        .iter()
+        .find(|k| !metrics.iter().any(|m| m.key == *k))
+    {
+        let keys: Vec<_> = metrics.iter().map(|m| m.key).collect();
+        return Err(format!(
+            "unknown metric {bad:?}: pick from {}",
+            keys.join(", ")
+        ));
+    }
+    if let Some(p) = to
+        .only_path
+        .as_deref()
+        .filter(|p| !matches!(*p, "kernel" | "netchannel"))
+    {
+        return Err(format!("unknown path {p:?}: pick kernel or netchannel"));
+    }
+    let metrics: Vec<&TcpMetric> = metrics
+        .iter()
+        .filter(|m| to.only.is_empty() || to.only.iter().any(|k| k == m.key))
+        .collect();
+    let bed = Bed::new()?;
+    if let Some(c) = std::env::var("NC_APP_CPU")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        let mut set = rustix::thread::CpuSet::new();
+        set.set(c);
+        let _ = rustix::thread::sched_setaffinity(None, &set);
+    }
     let d = Duration::from_millis(o.duration_ms.max(200));
     let rtts = (o.rtt_iterations / 10).clamp(100, 100_000);
     let mut rows: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); metrics.len()];
@@ -351,6 +399,13 @@ pub(crate) fn tcp(o: &Options) -> Result<(), String> {
             };
             let mut vals = [0.0; 2];
             for nc in order {
+                if to
+                    .only_path
+                    .as_deref()
+                    .is_some_and(|p| (p == "netchannel") != nc)
+                {
+                    continue;
+                }
                 let meas = match cache.iter().find(|(t, n, _)| *t == m.trial && *n == nc) {
                     Some(&(_, _, meas)) => meas,
                     None => {

@@ -18,12 +18,17 @@ const RX_BATCH: usize = 64;
 /// Packets smoltcp takes in per poll: it acknowledges once per poll, and a peer that gets one
 /// ACK per few segments keeps its window open better than one per hundred.
 const RX_PER_POLL: usize = 16;
+/// Bytes smoltcp takes in per poll (coalesced packets hold many segments each).
+const RX_BYTES_PER_POLL: usize = 16 * 1024;
 
 /// A channel as smoltcp's network device (IP packets, no link layer).
 #[derive(Debug)]
 pub(crate) struct ChannelDevice {
     ch: Channel,
+    /// The link's MTU (what one datagram may be).
     mtu: usize,
+    /// The largest packet smoltcp may build: a pool buffer when the nexus segments TCP.
+    ip_mtu: usize,
     rxq: VecDeque<Packet>,
     /// Received buffers smoltcp is done with.
     done: Vec<u32>,
@@ -34,8 +39,9 @@ pub(crate) struct ChannelDevice {
     scratch: Vec<Packet>,
     /// The channel broke (defunct, or the nexus is gone).
     pub(crate) broken: Option<Error>,
-    /// Packets handed to smoltcp in this poll.
+    /// Packets and bytes handed to smoltcp in this poll.
     taken: usize,
+    taken_bytes: usize,
 }
 
 impl ChannelDevice {
@@ -47,9 +53,17 @@ impl ChannelDevice {
             m => m as usize,
         }
         .min(buf);
+        // With segmentation offload, smoltcp writes TCP segments as large as a buffer (and
+        // IPv4's 16-bit length) allows; the nexus cuts them to the wire's MSS.
+        let ip_mtu = if ch.offloads().tx_segment {
+            buf.min(65535)
+        } else {
+            mtu
+        };
         Self {
             ch,
             mtu,
+            ip_mtu,
             rxq: VecDeque::with_capacity(RX_BATCH),
             done: Vec::with_capacity(RX_BATCH),
             spare: None,
@@ -57,12 +71,14 @@ impl ChannelDevice {
             scratch: Vec::with_capacity(RX_BATCH),
             broken: None,
             taken: 0,
+            taken_bytes: 0,
         }
     }
 
     /// A new poll starts: smoltcp may take [`RX_PER_POLL`] packets again.
     pub(crate) fn begin_poll(&mut self) {
         self.taken = 0;
+        self.taken_bytes = 0;
     }
 
     pub(crate) fn mtu(&self) -> usize {
@@ -147,7 +163,7 @@ impl phy::Device for ChannelDevice {
     type TxToken<'a> = TxToken<'a>;
 
     fn receive(&mut self, _: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
-        if self.taken >= RX_PER_POLL {
+        if self.taken >= RX_PER_POLL || self.taken_bytes >= RX_BYTES_PER_POLL {
             return None;
         }
         if self.rxq.is_empty() {
@@ -159,6 +175,7 @@ impl phy::Device for ChannelDevice {
         }
         let pkt = self.rxq.pop_front()?;
         self.taken += 1;
+        self.taken_bytes += pkt.len as usize;
         let spare_buf = self.spare?;
         let Self {
             ch,
@@ -197,13 +214,18 @@ impl phy::Device for ChannelDevice {
     fn capabilities(&self) -> DeviceCapabilities {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ip;
-        caps.max_transmission_unit = self.mtu;
+        caps.max_transmission_unit = self.ip_mtu;
         caps.max_burst_size = Some(RX_BATCH);
-        // The nexus verifies every checksum it delivers; smoltcp computes the ones it sends.
+        // The nexus verifies every checksum it delivers; smoltcp computes the ones it sends,
+        // except TCP's when the nexus segments (it computes them for each segment it cuts).
         let mut sums = ChecksumCapabilities::default();
         sums.ipv4 = Checksum::Tx;
         sums.udp = Checksum::Tx;
-        sums.tcp = Checksum::Tx;
+        sums.tcp = if self.ch.offloads().tx_segment {
+            Checksum::None
+        } else {
+            Checksum::Tx
+        };
         caps.checksum = sums;
         caps
     }

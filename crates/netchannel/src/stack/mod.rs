@@ -47,7 +47,7 @@ use netchannel_shm::control::{ErrorCode, FlowProto};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
 
-use crate::nexus::{ChannelOptions, Nexus};
+use crate::nexus::{ChannelOptions, Nexus, Offloads};
 use crate::{Error, Interest};
 use device::ChannelDevice;
 
@@ -56,6 +56,11 @@ const SPIN: Duration = Duration::from_micros(50);
 
 /// Longest a driver sleeps without a reason to wake (timers are polled at least this often).
 const MAX_SLEEP: Duration = Duration::from_millis(50);
+/// Pool buffers the stack asks for: large enough for a coalesced run of segments (and a
+/// large segment to send), as the production system's 16 KiB "large buffers".
+const OFFLOAD_BUF_SIZE: u32 = 16 * 1024;
+/// Buffers in the stack's pool (32 MiB of address space, touched as used).
+const OFFLOAD_BUFFERS: u32 = 2048;
 
 /// A user-space TCP/IP stack on one channel of a nexus. Cheap to clone; the last clone (and
 /// the last socket) to go closes the channel.
@@ -151,8 +156,19 @@ impl Stack {
                 format!("connecting to the nexus at {socket}: {e}"),
             )
         })?;
+        // Large buffers, so that the nexus can coalesce what it receives and the stack can
+        // send large TCP segments (an older or stricter nexus gets the plain request).
         let ch = control
-            .open_channel(ChannelOptions::default())
+            .open_channel(ChannelOptions {
+                buf_size: Some(OFFLOAD_BUF_SIZE),
+                buffers: Some(OFFLOAD_BUFFERS),
+                offloads: Offloads {
+                    rx_coalesce: true,
+                    tx_segment: false,
+                },
+                ..ChannelOptions::default()
+            })
+            .or_else(|_| control.open_channel(ChannelOptions::default()))
             .map_err(|e| io::Error::other(format!("opening a channel: {e}")))?;
         // Link-local addresses need a scope the stack does not track; global ones first, so
         // that they are the source of what the stack sends.

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use netchannel_shm::control::{ChannelId, ChannelStatus};
+use netchannel_shm::control::{ChannelId, ChannelStatus, Offloads};
 use netchannel_shm::{DefunctReason, Endpoint, Interest, Packet};
 
 use crate::config::ChannelConfig;
@@ -53,6 +53,8 @@ pub struct Channel {
     alloc_target: u32,
     last_active: Instant,
     trimmed: bool,
+    /// The offloads granted at open (the flowswitch applies them).
+    pub offloads: Offloads,
 }
 
 impl Channel {
@@ -71,6 +73,7 @@ impl Channel {
             alloc_target: cfg.alloc_ring_min,
             last_active: Instant::now(),
             trimmed: false,
+            offloads: Offloads::default(),
         }
     }
 
@@ -149,27 +152,49 @@ impl Channel {
     /// channel's pool (the copy is the isolation boundary). Counted as `rx_no_buf` when the
     /// pool is exhausted. Call [`Channel::flush_rx`] after the batch.
     pub fn stage(&mut self, packet: &[u8]) {
+        self.stage_with(packet.len(), |b| {
+            b.copy_from_slice(packet);
+            true
+        });
+    }
+
+    /// Stages a `len`-byte packet that `fill` writes into a fresh buffer (given exactly `len`
+    /// bytes). If `fill` returns false the buffer goes back to the pool and nothing is
+    /// staged. True if a packet was staged.
+    pub fn stage_with(&mut self, len: usize, fill: impl FnOnce(&mut [u8]) -> bool) -> bool {
         if self.defunct.is_some() {
-            return;
+            return false;
         }
         let Some(buf) = self.ep.alloc() else {
             self.drops.rx_no_buf += 1;
-            return;
+            return false;
         };
-        match self.ep.buffer_mut(buf) {
-            Some(bytes) if packet.len() <= bytes.len() => {
-                bytes[..packet.len()].copy_from_slice(packet);
-                self.rx.push(Packet {
-                    buf,
-                    offset: 0,
-                    len: packet.len() as u32,
-                });
-            }
-            _ => {
+        let filled = match self.ep.buffer_mut(buf).and_then(|b| b.get_mut(..len)) {
+            Some(bytes) => fill(bytes),
+            None => {
                 self.drops.rx_too_big += 1;
                 let _ = self.ep.free([buf]);
+                return false;
             }
+        };
+        if filled {
+            self.rx.push(Packet {
+                buf,
+                offset: 0,
+                len: len as u32,
+            });
+        } else {
+            let _ = self.ep.free([buf]);
         }
+        filled
+    }
+
+    /// The packet staged last in this batch: its length (which the caller may grow) and its
+    /// whole buffer. Receive coalescing appends to it.
+    pub fn last_staged(&mut self) -> Option<(&mut u32, &mut [u8])> {
+        let p = self.rx.last_mut()?;
+        let bytes = self.ep.buffer_mut(p.buf)?;
+        Some((&mut p.len, bytes))
     }
 
     /// Delivers the staged packets on the RX ring; what does not fit is dropped and counted

@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
 
 use netchannel_shm::control::{
-    self, ChannelId, ChannelKind, DecodeError, ErrorCode, MAX_REPLY, MAX_REQUEST, Reply, Request,
+    self, ChannelId, ChannelKind, DecodeError, ErrorCode, MAX_REPLY, MAX_REQUEST, Offloads, Reply,
+    Request,
 };
 use netchannel_shm::endpoint::{Home, ServerSetup};
 use netchannel_shm::fdpass::{recv_with_fds, send_with_fds};
@@ -58,7 +59,8 @@ impl ControlErrors {
 pub struct Client {
     sock: OwnedFd,
     cred: Cred,
-    offers: BTreeMap<ChannelId, ServerSetup>,
+    /// Channels offered and not yet ready, with the offloads they were granted.
+    offers: BTreeMap<ChannelId, (ServerSetup, Offloads)>,
 }
 
 /// Binds the control socket per the config (refusing to steal it from a live nexus).
@@ -325,7 +327,9 @@ impl Nexus {
                 kind,
                 ring_slots,
                 buffers,
-            } => self.open_channel(id, kind, ring_slots, buffers),
+                buf_size,
+                offloads,
+            } => self.open_channel(id, kind, ring_slots, buffers, buf_size, offloads),
             Request::ChannelReady { channel } => (self.channel_ready(id, channel, fds), vec![]),
             Request::CloseChannel { channel } => (self.close_channel(id, channel), vec![]),
             Request::Status => {
@@ -353,6 +357,8 @@ impl Nexus {
         kind: ChannelKind,
         ring_slots: Option<u32>,
         buffers: Option<u32>,
+        buf_size: Option<u32>,
+        offloads: Offloads,
     ) -> (Reply, Vec<OwnedFd>) {
         let Some(client) = self.clients.get(&id) else {
             return (refuse(ErrorCode::OutOfOrder, "unknown client"), vec![]);
@@ -420,12 +426,36 @@ impl Nexus {
                 vec![],
             );
         }
+        let buf_size = buf_size.unwrap_or(2048);
+        if !buf_size.is_power_of_two() || !(2048..=c.max_buf_size).contains(&buf_size) {
+            return (
+                refuse(
+                    ErrorCode::Resource,
+                    format!(
+                        "buf_size must be a power of two from 2048 to {} (channel.max_buf_size)",
+                        c.max_buf_size
+                    ),
+                ),
+                vec![],
+            );
+        }
+        // Larger buffers mean fewer of them: a pool never exceeds the bytes of the largest
+        // pool of 2 KiB buffers.
+        let max_buffers = (u64::from(c.max_buffers) * 2048 / u64::from(buf_size))
+            .max(u64::from(c.buffers_per_segment)) as u32;
         let want = buffers
             .unwrap_or(c.buffers)
-            .clamp(c.buffers_per_segment, c.max_buffers);
+            .clamp(c.buffers_per_segment, max_buffers);
+        // Offloads need an interface to reshape packets for, and buffers that hold several
+        // segments.
+        let offloads = if self.switch.is_some() && buf_size >= Offloads::MIN_BUF_SIZE {
+            offloads
+        } else {
+            Offloads::default()
+        };
         let geometry = Geometry {
             ring_slots: [slots, slots, slots, slots, 64],
-            buf_size: 2048,
+            buf_size,
             bufs_per_segment: c.buffers_per_segment,
             segments: want.div_ceil(c.buffers_per_segment),
         };
@@ -457,7 +487,7 @@ impl Nexus {
         let channel = self.next_id;
         self.next_id += 1;
         if let Some(client) = self.clients.get_mut(&id) {
-            client.offers.insert(channel, setup);
+            client.offers.insert(channel, (setup, offloads));
         }
         (Reply::ChannelOffer { channel }, fds)
     }
@@ -466,7 +496,7 @@ impl Nexus {
         let Some(client) = self.clients.get_mut(&id) else {
             return refuse(ErrorCode::OutOfOrder, "unknown client");
         };
-        let Some(setup) = client.offers.remove(&channel) else {
+        let Some((setup, offloads)) = client.offers.remove(&channel) else {
             self.errors.count("out_of_order");
             return refuse(
                 ErrorCode::OutOfOrder,
@@ -492,6 +522,7 @@ impl Nexus {
             }
         };
         let mut ch = Channel::new(channel, id, cred, ep, &self.config.channel);
+        ch.offloads = offloads;
         if let Err(q) = ch.service(&self.config.channel, 0) {
             tracing::warn!(channel, ?q, "a new channel failed its first pass");
         }
@@ -513,6 +544,7 @@ impl Nexus {
             channel,
             addresses,
             mtu,
+            offloads,
         }
     }
 

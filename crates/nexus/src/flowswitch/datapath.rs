@@ -13,8 +13,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use netchannel_shm::control::ChannelId;
 
+use super::coalesce::{Coalescer, Incoming};
 use super::neighbour::{ArpAction, KernelNeighbours, Neighbours, NoHop};
-use super::parse::{RxDrop, parse_frame};
+use super::parse::{RxDrop, parse_frame_headers};
 use super::table::{BatchScratch, FlowId, FlowKey, FlowTable, Hit};
 use super::tx;
 use crate::channel::Channel;
@@ -38,6 +39,8 @@ pub struct SwitchStats {
     pub tx_unresolved: u64,
     /// Resets sent to the peers of a dead app's TCP connections.
     pub tx_resets: u64,
+    /// TCP segments appended to the previous one by receive coalescing.
+    pub rx_coalesced: u64,
 }
 
 /// A packet waiting for its next hop to be resolved, as the kernel holds packets while it
@@ -82,6 +85,7 @@ pub struct Switch {
     kernel: Option<KernelNeighbours>,
     pending: std::collections::VecDeque<Pending>,
     conns: super::conntrack::Conns,
+    coalescer: Coalescer,
     frame: Vec<u8>,
     touched: Vec<ChannelId>,
     keys: Vec<FlowKey>,
@@ -152,6 +156,7 @@ impl Switch {
             },
             pending: std::collections::VecDeque::new(),
             conns: super::conntrack::Conns::default(),
+            coalescer: Coalescer::default(),
             frame: vec![0; ETH + 65_535],
             touched: Vec::new(),
             keys: Vec::new(),
@@ -197,6 +202,7 @@ impl Switch {
             next_hop,
             host_addrs,
             conns,
+            coalescer,
             ..
         } = self;
         touched.clear();
@@ -231,7 +237,7 @@ impl Switch {
                         continue;
                     }
                 }
-                match parse_frame(frame) {
+                match parse_frame_headers(frame) {
                     Ok(p) => {
                         keys.push(FlowKey {
                             proto: p.proto,
@@ -252,6 +258,16 @@ impl Switch {
                 match channels.get_mut(&hit.channel) {
                     Some(c) if c.is_active() => {
                         let ip = &frames[j][off..off + len];
+                        let p = Incoming {
+                            ip,
+                            proto: key.proto,
+                            src: key.remote.ip(),
+                            dst: key.local.ip(),
+                        };
+                        if let Err(d) = coalescer.deliver(c, &p) {
+                            *stats.rx_drops.entry(d.name()).or_default() += 1;
+                            continue;
+                        }
                         if key.proto == super::Proto::Tcp {
                             // IPv4 options are refused, so the header is 20 or 40 bytes.
                             let iphl = if key.local.is_ipv4() { 20 } else { 40 };
@@ -259,7 +275,6 @@ impl Switch {
                                 conns.on_rx(hit.channel, key.local, key.remote, tcp);
                             }
                         }
-                        c.stage(ip);
                         table.count(hit.id, false);
                         if !touched.contains(&hit.channel) {
                             touched.push(hit.channel);
@@ -269,6 +284,9 @@ impl Switch {
                     _ => *stats.rx_drops.entry("channel_gone").or_default() += 1,
                 }
             }
+            // Growing packets get their checksums before the rings are published.
+            coalescer.finish(channels);
+            stats.rx_coalesced = coalescer.stats.merged;
         });
         for r in &replies {
             if netif.send(r).is_ok() {

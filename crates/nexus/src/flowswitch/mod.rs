@@ -1,6 +1,9 @@
 //! The flowswitch: classifies packets into flows and flows into channels.
 //!
 //! * [`parse`]: one pass over L2/L3/L4 with validated lengths and software checksums;
+//! * [`checksum`]: the Internet checksum, summed wide and folded into copies;
+//! * [`coalesce`]: delivery into a channel (checksums verified while copying) and receive
+//!   coalescing of TCP segments;
 //! * [`table`]: the flow table, exact 5-tuples first, then listeners;
 //! * [`tx`]: validation of what an app sends (anti-spoofing);
 //! * [`conntrack`]: just enough of each TCP connection to reset it when its app dies;
@@ -14,6 +17,8 @@
 //! guesswork could hand one app's data to another. Fragments are dropped and counted
 //! (`rx_fragment`); apps are told the path MTU instead. Apps may not send fragments either.
 
+pub mod checksum;
+pub mod coalesce;
 pub mod conntrack;
 pub mod datapath;
 pub mod index;

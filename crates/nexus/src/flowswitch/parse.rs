@@ -90,6 +90,40 @@ pub fn parse_frame(frame: &[u8]) -> Result<Parsed, RxDrop> {
     finish(&sliced, frame, 14, true)
 }
 
+/// Parses an Ethernet frame's headers, leaving the UDP/TCP checksum to the copy into a channel
+/// (`coalesce`), which sums the payload as it copies it.
+pub fn parse_frame_headers(frame: &[u8]) -> Result<Parsed, RxDrop> {
+    let sliced = SlicedPacket::from_ethernet(frame).map_err(|e| slice_error(&e))?;
+    if !sliced.link_exts.is_empty() {
+        return Err(RxDrop::NotIp);
+    }
+    finish(&sliced, frame, 14, false)
+}
+
+/// Where the value of a TCP header's MSS option is (offset into `tcp`), if it has one.
+pub fn tcp_mss_option(tcp: &[u8]) -> Option<usize> {
+    let hl = usize::from(tcp.get(12)? >> 4) * 4;
+    let opts = tcp.get(20..hl)?;
+    let mut i = 0;
+    while i < opts.len() {
+        match opts[i] {
+            0 => return None,
+            1 => i += 1,
+            kind => {
+                let len = usize::from(*opts.get(i + 1)?);
+                if len < 2 || i + len > opts.len() {
+                    return None;
+                }
+                if kind == 2 && len == 4 {
+                    return Some(20 + i + 2);
+                }
+                i += len;
+            }
+        }
+    }
+    None
+}
+
 /// Parses an IP packet (what apps send and receive), checksums included.
 pub fn parse_ip(packet: &[u8]) -> Result<Parsed, RxDrop> {
     let sliced = SlicedPacket::from_ip(packet).map_err(|e| slice_error(&e))?;
@@ -265,6 +299,23 @@ pub(crate) mod tests {
     pub(crate) const B: [u8; 4] = [198, 18, 0, 2];
     pub(crate) const A6: [u8; 16] = [0xfd, 0, 1, 0x98, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
     pub(crate) const B6: [u8; 16] = [0xfd, 0, 1, 0x98, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+
+    #[test]
+    fn mss_option_is_found_behind_other_options() {
+        // NOP, NOP, timestamps (10 bytes), MSS 1460: header of 20 + 16 bytes.
+        let mut h = vec![0u8; 36];
+        h[12] = 9 << 4;
+        h[20..22].copy_from_slice(&[1, 1]);
+        h[22..32].copy_from_slice(&[8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
+        h[32..36].copy_from_slice(&[2, 4, 0x05, 0xb4]);
+        assert_eq!(tcp_mss_option(&h), Some(34));
+        // A bad option length ends the walk.
+        h[23] = 40;
+        assert_eq!(tcp_mss_option(&h), None);
+        // No options at all.
+        h[12] = 5 << 4;
+        assert_eq!(tcp_mss_option(&h), None);
+    }
 
     #[test]
     fn good_packets_parse() {
