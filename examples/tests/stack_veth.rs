@@ -361,12 +361,10 @@ impl InProcess {
     fn start(net: &Net, tag: &str) -> Self {
         let socket = format!("/tmp/netchannel-stack-{}-{tag}.sock", std::process::id());
         let _ = std::fs::remove_file(&socket);
-        let sw = netchannel_nexus::netif::open(&netchannel_nexus::config::InterfaceConfig {
-            name: net.host.clone(),
-            backend: netchannel_nexus::config::Backend::Afxdp,
-            xdp_mode: None,
-            addresses: vec![],
-        })
+        let sw = netchannel_nexus::netif::open(&netchannel_nexus::config::InterfaceConfig::new(
+            net.host.clone(),
+            netchannel_nexus::config::Backend::Afxdp,
+        ))
         .expect("AF_XDP on the veth's host end");
         let mut cfg = netchannel_nexus::Config::default();
         cfg.control.socket = socket.clone().into();

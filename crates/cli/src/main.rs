@@ -277,12 +277,9 @@ fn run_nexus(
         cfg.control.socket = s;
     }
     if let Some(name) = iface.interface {
-        let i = cfg.interface.get_or_insert(InterfaceConfig {
-            name: name.clone(),
-            backend: Backend::Afxdp,
-            xdp_mode: None,
-            addresses: Vec::new(),
-        });
+        let i = cfg
+            .interface
+            .get_or_insert(InterfaceConfig::new(name.clone(), Backend::Afxdp));
         i.name = name;
         if let Some(b) = iface.backend {
             i.backend = match b {

@@ -77,6 +77,18 @@ pub struct InterfaceConfig {
     pub addresses: Vec<std::net::IpAddr>,
 }
 
+impl InterfaceConfig {
+    /// `name` served by `backend`, everything else as a config file leaves it by default.
+    pub fn new(name: impl Into<String>, backend: Backend) -> Self {
+        Self {
+            name: name.into(),
+            backend,
+            xdp_mode: None,
+            addresses: Vec::new(),
+        }
+    }
+}
+
 /// Where the control socket lives and who may connect.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]

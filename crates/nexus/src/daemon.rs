@@ -466,6 +466,7 @@ impl Nexus {
                         ("tx_unresolved".to_owned(), st.tx_unresolved),
                         ("tx_resets".to_owned(), st.tx_resets),
                         ("rx_coalesced".to_owned(), st.rx_coalesced),
+                        ("tx_segmented".to_owned(), st.tx_segmented),
                     ];
                     v.extend(st.rx_drops.iter().map(|(k, n)| (format!("rx_{k}"), *n)));
                     v.extend(

@@ -75,12 +75,7 @@ impl Bed {
         netchannel_nexus::netns::offload::disable_offloads_in(&bed.ns, &peer)
             .expect("offloads off");
         let sw = netchannel_nexus::netif::open_impaired(
-            &InterfaceConfig {
-                name: bed.host.clone(),
-                backend: Backend::Afxdp,
-                xdp_mode: None,
-                addresses: Vec::new(),
-            },
+            &InterfaceConfig::new(bed.host.clone(), Backend::Afxdp),
             faults,
         )
         .expect("AF_XDP on the veth");

@@ -162,10 +162,7 @@ impl Stack {
             .open_channel(ChannelOptions {
                 buf_size: Some(OFFLOAD_BUF_SIZE),
                 buffers: Some(OFFLOAD_BUFFERS),
-                offloads: Offloads {
-                    rx_coalesce: true,
-                    tx_segment: false,
-                },
+                offloads: Offloads::ALL,
                 ..ChannelOptions::default()
             })
             .or_else(|_| control.open_channel(ChannelOptions::default()))

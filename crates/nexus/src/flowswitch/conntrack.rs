@@ -29,6 +29,8 @@ struct Conn {
     sent: Option<u32>,
     /// The sequence number after the peer's last segment.
     next: u32,
+    /// The MSS option of the peer's SYN (what segmentation offload cuts to).
+    mss: Option<u16>,
 }
 
 /// A reset to send: from `local` (the app's side) to `remote`.
@@ -77,9 +79,19 @@ impl Conns {
             ack: None,
             sent: None,
             next,
+            mss: None,
         });
         c.channel = channel;
         c.next = next;
+        if flags & SYN != 0 {
+            // No option means the RFC 9293 default.
+            let default = if local.is_ipv4() { 536 } else { 1220 };
+            c.mss = Some(
+                super::parse::tcp_mss_option(tcp)
+                    .and_then(|at| tcp.get(at..at + 2))
+                    .map_or(default, |v| u16::from_be_bytes([v[0], v[1]])),
+            );
+        }
         if flags & ACK != 0 {
             c.ack = Some(ack);
         }
@@ -104,6 +116,11 @@ impl Conns {
             Some(s) if (s.wrapping_sub(end) as i32) > 0 => s,
             _ => end,
         });
+    }
+
+    /// The MSS the peer of (`local`, `remote`) announced, if its SYN was seen.
+    pub fn mss(&self, local: SocketAddr, remote: SocketAddr) -> Option<u16> {
+        self.map.get(&(local, remote)).and_then(|c| c.mss)
     }
 
     /// Forgets the connections of `channel` and returns the resets its peers should get.
@@ -216,6 +233,23 @@ mod tests {
         let r: SocketAddr = "198.18.0.2:4000".parse().expect("addr");
         c.on_rx(1, l, r, &seg(1001, 5000, ACK, 10));
         assert_eq!(c.take_channel(1)[0].seq, 5000);
+    }
+
+    #[test]
+    fn the_peers_mss_is_remembered_from_its_syn() {
+        let mut c = Conns::default();
+        let l: SocketAddr = "198.18.0.1:80".parse().expect("addr");
+        let r: SocketAddr = "198.18.0.2:4000".parse().expect("addr");
+        let mut syn = seg(1, 0, SYN, 0);
+        syn[12] = 6 << 4;
+        syn.extend_from_slice(&[2, 4, 0x04, 0xd8]);
+        c.on_rx(1, l, r, &syn);
+        assert_eq!(c.mss(l, r), Some(1240));
+        // A later segment keeps it; a SYN without the option means 536.
+        c.on_rx(1, l, r, &seg(2, 1, ACK, 10));
+        assert_eq!(c.mss(l, r), Some(1240));
+        c.on_rx(1, l, r, &seg(1, 0, SYN, 0));
+        assert_eq!(c.mss(l, r), Some(536));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use netchannel_shm::control::ChannelId;
 use super::coalesce::{Coalescer, Incoming};
 use super::neighbour::{ArpAction, KernelNeighbours, Neighbours, NoHop};
 use super::parse::{RxDrop, parse_frame_headers};
+use super::segment::{self, TcpLayout};
 use super::table::{BatchScratch, FlowId, FlowKey, FlowTable, Hit};
 use super::tx;
 use crate::channel::Channel;
@@ -41,6 +42,8 @@ pub struct SwitchStats {
     pub tx_resets: u64,
     /// TCP segments appended to the previous one by receive coalescing.
     pub rx_coalesced: u64,
+    /// Large TCP packets from apps cut into segments (segmentation offload).
+    pub tx_segmented: u64,
 }
 
 /// A packet waiting for its next hop to be resolved, as the kernel holds packets while it
@@ -87,6 +90,8 @@ pub struct Switch {
     conns: super::conntrack::Conns,
     coalescer: Coalescer,
     frame: Vec<u8>,
+    /// Where a segment is built when the interface lends no frame.
+    seg_frame: Vec<u8>,
     touched: Vec<ChannelId>,
     keys: Vec<FlowKey>,
     parsed: Vec<(usize, usize, usize)>,
@@ -158,6 +163,7 @@ impl Switch {
             conns: super::conntrack::Conns::default(),
             coalescer: Coalescer::default(),
             frame: vec![0; ETH + 65_535],
+            seg_frame: vec![0; ETH + 65_535],
             touched: Vec::new(),
             keys: Vec::new(),
             parsed: Vec::new(),
@@ -413,6 +419,7 @@ impl Switch {
         budget: usize,
     ) -> Result<usize, crate::channel::Quarantine> {
         let id = channel.id;
+        let offloads = channel.offloads;
         let Self {
             netif,
             host_addrs,
@@ -422,19 +429,29 @@ impl Switch {
             pending,
             conns,
             frame,
+            seg_frame,
             stats,
             ..
         } = self;
         let src_mac = netif.mac();
+        let mtu = netif.mtu() as usize;
         let now = kernel.as_ref().map(|_| std::time::Instant::now());
         channel.drain_tx(budget, |pkt| {
             let len = pkt.len();
             if len == 0 || ETH + len > frame.len() {
                 return Err("bad_len");
             }
+            // (Read from the app's memory only to choose the path; what is sent is decided on
+            // the nexus's copy.)
+            let segmenting = offloads.tx_segment;
+            let large = segmenting && len > mtu && TcpLayout::of(pkt).is_some();
             // Straight into the interface's own frame where it lends one (AF_XDP's UMEM),
             // else into the switch's scratch frame: either way the nexus's memory.
-            let lent = netif.tx_buffer().filter(|b| b.len() >= ETH + len);
+            let lent = if large {
+                None
+            } else {
+                netif.tx_buffer().filter(|b| b.len() >= ETH + len)
+            };
             let in_place = lent.is_some();
             let buf: &mut [u8] = match lent {
                 Some(b) => b,
@@ -442,6 +459,13 @@ impl Switch {
             };
             // Copy first: the app may still be writing its buffer.
             buf[ETH..ETH + len].copy_from_slice(pkt);
+            if segmenting
+                && !large
+                && let Some(t) = TcpLayout::of(&buf[ETH..ETH + len])
+            {
+                let max = segment::link_mss(mtu as u32, t.src.is_ipv4());
+                segment::finish_whole(&mut buf[ETH..ETH + len], &t, max);
+            }
             let hop = Hop {
                 table,
                 channel: id,
@@ -453,6 +477,9 @@ impl Switch {
                 stats,
                 src_mac,
                 now,
+                // A large packet cannot wait whole for its neighbour (it would go out
+                // uncut); TCP sends it again.
+                may_hold: !large,
             };
             let step = hop.prepare(buf, len)?;
             // What the app sends on a TCP connection tells where a reset must start.
@@ -470,6 +497,28 @@ impl Switch {
                         stats.tx_frames += 1;
                     }
                     Ok(())
+                }
+                Step::Send(flow, key) if large => {
+                    let peer_mss = conns.mss(key.local, key.remote);
+                    let cut = send_segments(
+                        netif.as_mut(),
+                        &frame[..ETH + len],
+                        seg_frame,
+                        peer_mss,
+                        mtu,
+                    );
+                    stats.tx_frames += cut.sent as u64;
+                    stats.tx_segmented += 1;
+                    table.count(flow, true);
+                    match cut.error {
+                        None => Ok(()),
+                        Some(e) => {
+                            if e == "netif" {
+                                stats.tx_netif_errors += 1;
+                            }
+                            Err(e)
+                        }
+                    }
                 }
                 Step::Send(flow, _) => {
                     let sent = if in_place {
@@ -494,6 +543,73 @@ impl Switch {
     }
 }
 
+/// What cutting a large packet did.
+struct Cut {
+    sent: usize,
+    error: Option<&'static str>,
+}
+
+/// Cuts the validated large TCP packet in `frame` (Ethernet header written) into segments of
+/// the peer's MSS (bounded by the MTU) and queues them on the interface.
+fn send_segments(
+    netif: &mut dyn Netif,
+    frame: &[u8],
+    scratch: &mut [u8],
+    peer_mss: Option<u16>,
+    mtu: usize,
+) -> Cut {
+    let mut cut = Cut {
+        sent: 0,
+        error: None,
+    };
+    let ip = &frame[ETH..];
+    let Some(t) = TcpLayout::of(ip) else {
+        cut.error = Some("bad_header");
+        return cut;
+    };
+    // The MSS excludes options; each segment repeats the packet's.
+    let wire = segment::link_mss(mtu as u32, t.src.is_ipv4());
+    let mss = usize::from(peer_mss.unwrap_or(wire).min(wire)).saturating_sub(t.hl - 20);
+    if mss == 0 {
+        cut.error = Some("bad_header");
+        return cut;
+    }
+    let payload = t.payload_len();
+    for (k, r) in segment::cuts(&t, mss).enumerate() {
+        let last = r.end == payload;
+        let need = ETH + t.l4 + t.hl + r.len();
+        let queued = match netif.tx_buffer().filter(|b| b.len() >= need) {
+            Some(out) => {
+                out[..ETH].copy_from_slice(&frame[..ETH]);
+                match segment::write_segment(ip, &t, k, r, last, &mut out[ETH..]) {
+                    Some(n) => netif.commit(ETH + n),
+                    None => {
+                        cut.error = Some("bad_len");
+                        return cut;
+                    }
+                }
+            }
+            None => {
+                scratch[..ETH].copy_from_slice(&frame[..ETH]);
+                match segment::write_segment(ip, &t, k, r, last, &mut scratch[ETH..]) {
+                    Some(n) => netif.send(&scratch[..ETH + n]),
+                    None => {
+                        cut.error = Some("bad_len");
+                        return cut;
+                    }
+                }
+            }
+        };
+        if queued.is_err() {
+            // The rest is lost; TCP sends it again.
+            cut.error = Some("netif");
+            return cut;
+        }
+        cut.sent += 1;
+    }
+    cut
+}
+
 /// What to do with a validated packet.
 enum Step {
     /// Ready in the buffer, Ethernet header and all.
@@ -516,6 +632,8 @@ struct Hop<'a> {
     stats: &'a mut SwitchStats,
     src_mac: [u8; 6],
     now: Option<std::time::Instant>,
+    /// Whether the packet may wait for its neighbour (else it is dropped as `unresolved`).
+    may_hold: bool,
 }
 
 impl Hop<'_> {
@@ -534,6 +652,7 @@ impl Hop<'_> {
         let dst_mac = match hop_mac(self.next_hop, self.kernel, self.neighbours, dst, now) {
             Ok(mac) => mac,
             Err(NoHop::OtherInterface) => return Err("other_interface"),
+            Err(NoHop::Unresolved) if !self.may_hold => return Err("unresolved"),
             Err(NoHop::Unresolved) => {
                 hold(
                     self.pending,

@@ -4,6 +4,7 @@
 //! * [`checksum`]: the Internet checksum, summed wide and folded into copies;
 //! * [`coalesce`]: delivery into a channel (checksums verified while copying) and receive
 //!   coalescing of TCP segments;
+//! * [`segment`]: segmentation offload, large TCP packets from apps cut to the wire's MSS;
 //! * [`table`]: the flow table, exact 5-tuples first, then listeners;
 //! * [`tx`]: validation of what an app sends (anti-spoofing);
 //! * [`conntrack`]: just enough of each TCP connection to reset it when its app dies;
@@ -24,6 +25,7 @@ pub mod datapath;
 pub mod index;
 pub mod neighbour;
 pub mod parse;
+pub mod segment;
 pub mod table;
 pub mod tx;
 

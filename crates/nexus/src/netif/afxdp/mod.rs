@@ -77,6 +77,8 @@ pub struct AfXdp {
     ifname: String,
     ifindex: u32,
     mac: [u8; 6],
+    /// The interface's MTU when it was opened, within what one frame holds.
+    mtu: u32,
     zerocopy: bool,
     free_tx: Vec<u64>,
     /// TX entries written but not yet published.
@@ -192,6 +194,11 @@ impl AfXdp {
             .map(|i| u64::from(i) * FRAME as u64)
             .collect();
         tracing::info!(ifname, mode = ?program.mode(), zerocopy, "AF_XDP socket bound");
+        let mtu = std::fs::read_to_string(format!("/sys/class/net/{ifname}/mtu"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .unwrap_or(1500)
+            .min(FRAME as u32 - 14 - 256);
         Ok(Self {
             fill,
             comp,
@@ -203,6 +210,7 @@ impl AfXdp {
             ifname: ifname.to_owned(),
             ifindex,
             mac,
+            mtu,
             zerocopy,
             free_tx,
             pending: 0,
@@ -385,12 +393,7 @@ impl Netif for AfXdp {
     }
 
     fn mtu(&self) -> u32 {
-        // The interface's MTU, within what one UMEM frame holds.
-        let sys = std::fs::read_to_string(format!("/sys/class/net/{}/mtu", self.ifname));
-        sys.ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-            .unwrap_or(1500)
-            .min(FRAME as u32 - 14 - 256)
+        self.mtu
     }
 
     fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
