@@ -233,7 +233,9 @@ impl Default for ChannelConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatapathConfig {
-    /// Microseconds the nexus keeps polling idle channels before it sleeps.
+    /// Microseconds the nexus keeps polling idle channels before it sleeps (only while
+    /// packets come back within it: a round trip through a sleeping peer on this kind of VM
+    /// takes 50–150 µs, and each wake-up of the nexus would add as much again).
     pub spin_us: u64,
     /// Most packets taken from one channel's TX ring per pass (fairness between channels).
     pub batch: usize,
@@ -247,7 +249,7 @@ pub struct DatapathConfig {
 impl Default for DatapathConfig {
     fn default() -> Self {
         Self {
-            spin_us: 50,
+            spin_us: 200,
             batch: 64,
             coalesce_us: 100,
             coalesce_batch: 8,

@@ -114,22 +114,29 @@ impl Pacer {
             self.period_sent = self.period_sent.max(sent);
             return Next::Poll;
         }
-        let spin = if self.gap <= self.spin {
-            self.spin
-        } else {
+        // Apps that answer what they receive (TCP acknowledgements, replies) are in a
+        // conversation whose peer waits on them: a timer would add to every round trip (and a
+        // BBR sender sizes its window from the shortest one it sees), so they get no timer.
+        let coalescing = !self.coalesce.is_zero()
+            && self.period_peak >= self.coalesce_batch
+            && !(self.period_sent > 0 && self.period_sent < self.coalesce_batch);
+        // Spin only while packets come back within the spin; and traffic the timer will
+        // coalesce gets at most half a timer of it (spinning through the timer would turn
+        // moderation into busy polling).
+        let spin = if self.gap > self.spin {
             Duration::ZERO
+        } else if coalescing {
+            self.spin.min(self.coalesce / 2)
+        } else {
+            self.spin
         };
         if now.saturating_duration_since(self.last_work) < spin {
             return Next::Poll;
         }
         self.idle = true;
-        let batch = std::mem::take(&mut self.period_peak);
+        self.period_peak = 0;
         let sent = std::mem::take(&mut self.period_sent);
-        // Apps that answer what they receive (TCP acknowledgements, replies) are in a
-        // conversation whose peer waits on them: a timer would add to every round trip (and a
-        // BBR sender sizes its window from the shortest one it sees), so they get no timer.
-        let answering = sent > 0 && sent < self.coalesce_batch;
-        self.coalesced = !self.coalesce.is_zero() && batch >= self.coalesce_batch && !answering;
+        self.coalesced = coalescing;
         if self.coalesced {
             Next::Sleep {
                 timeout: self.coalesce,

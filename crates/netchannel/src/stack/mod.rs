@@ -51,8 +51,9 @@ use crate::nexus::{ChannelOptions, Nexus, Offloads};
 use crate::{Error, Interest};
 use device::ChannelDevice;
 
-/// How long a blocking call polls the stack itself before it sleeps.
-const SPIN: Duration = Duration::from_micros(50);
+/// How long a blocking call polls the stack itself before it sleeps: a reply from a kernel
+/// peer that has to be woken takes 50–150 µs here, and a wake-up of our own would add as much.
+const SPIN: Duration = Duration::from_micros(200);
 
 /// Longest a driver sleeps without a reason to wake (timers are polled at least this often).
 const MAX_SLEEP: Duration = Duration::from_millis(50);
