@@ -752,6 +752,27 @@ fn tcp_bulk_100mib_from_a_kernel_client_and_to_a_kernel_server_intact() {
         rate(N, wall),
         g[3]
     );
+    // Both offloads did the work: segments were coalesced on the way in, and the app's large
+    // packets cut on the way out (100 MiB is about 72 000 segments each way).
+    let coalesced = interface_counter(&nexus.socket, "rx_coalesced");
+    let segmented = interface_counter(&nexus.socket, "tx_segmented");
+    eprintln!("offloads: rx_coalesced {coalesced}, tx_segmented {segmented}");
+    assert!(
+        coalesced > 10_000,
+        "receive coalescing merged {coalesced} segments"
+    );
+    assert!(segmented > 1_000, "segmentation cut {segmented} packets");
+}
+
+/// One of the nexus's interface counters, from its status.
+fn interface_counter(socket: &str, name: &str) -> u64 {
+    let mut c = netchannel::nexus::Nexus::connect(socket).expect("the nexus's control socket");
+    let status = c.status().expect("the nexus's status");
+    status
+        .interface
+        .iter()
+        .find(|(k, _)| k == name)
+        .map_or(0, |(_, v)| *v)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -242,6 +242,9 @@ enum BenchCommand {
         /// Run one path only (kernel or netchannel), to profile it; no ratios then.
         #[arg(long, hide = true)]
         only_path: Option<String>,
+        /// Print the nexus's status (counters) after each of its trials.
+        #[arg(long, hide = true)]
+        nexus_status: bool,
     },
     /// UDP across a veth pair (root): an app on a channel of a nexus on AF_XDP vs a kernel UDP
     /// socket, fed by an AF_PACKET generator in a namespace; receive and transmit packets/s and
@@ -380,11 +383,13 @@ fn main() -> ExitCode {
                     args,
                     only,
                     only_path,
+                    nexus_status,
                 },
         } => bench::tcp::tcp(&bench::tcp::TcpOptions {
             common: args.options(),
             only,
             only_path,
+            show_status: nexus_status,
         }),
         Command::BenchPeer {
             mode,

@@ -8,7 +8,8 @@
 //! * [`daemon`]: the event loop that ties them together, and [`pacer`], which decides when it
 //!   polls and when it sleeps;
 //! * [`flowswitch`]: parsing, the flow table, RX demux, TX validation (anti-spoofing), next
-//!   hops, and just enough TCP state to reset a dead app's connections;
+//!   hops, TCP offloads for apps' stacks (receive coalescing, segmentation, checksums folded
+//!   into the copies), and just enough TCP state to reset a dead app's connections;
 //! * [`netif`]: interface backends (AF_XDP with its XDP program, TAP, an in-memory pair) and a
 //!   fault-injecting layer for tests;
 //! * [`netns`]: one port space with the host (port reservations), netlink, offloads;

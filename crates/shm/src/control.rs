@@ -51,15 +51,15 @@ pub enum ChannelKind {
 pub struct Offloads {
     /// Receive coalescing: in-order TCP segments of one connection that reach the nexus
     /// together are delivered as one packet, up to a pool buffer, with lengths, flags and
-    /// checksums as if the peer had sent it so (the window is the newest segment's). The MSS
-    /// option of a peer's SYN is raised to what a pool buffer holds, so that the app's stack
-    /// sends large segments.
+    /// checksums as if the peer had sent it so (the window is the newest segment's).
     #[serde(default)]
     pub rx_coalesce: bool,
     /// Segmentation and checksums: the app may send TCP packets up to a pool buffer, larger
     /// than the MTU; the nexus cuts each into segments the peer accepts (its SYN's MSS,
     /// bounded by the MTU) and computes every TCP checksum, so the app's stack leaves them
-    /// out. The MSS option of the app's own SYN is lowered to what the MTU carries.
+    /// out. To let the app's stack build such packets, the nexus raises the MSS option of a
+    /// peer's SYN to what a pool buffer holds, and lowers that of the app's own SYN to what
+    /// the MTU carries.
     #[serde(default)]
     pub tx_segment: bool,
 }

@@ -189,7 +189,15 @@ fn rtt_loop(
     Ok(median(&v))
 }
 
-fn nexus_trial(bed: &Bed, t: Trial, d: Duration, rtts: usize) -> Result<Measured, String> {
+/// One trial of the app on the user-space stack; `show_status` prints the nexus's status after
+/// it (its counters say what the offloads did).
+fn nexus_trial(
+    bed: &Bed,
+    t: Trial,
+    d: Duration,
+    rtts: usize,
+    show_status: bool,
+) -> Result<Measured, String> {
     use netchannel::stack::{
         Stack, TcpListener as NcListener, TcpStream as NcStream, UdpSocket as NcUdp,
     };
@@ -265,13 +273,10 @@ fn nexus_trial(bed: &Bed, t: Trial, d: Duration, rtts: usize) -> Result<Measured
         }
     };
     drop(stack);
-    if std::env::var_os("NC_BENCH_STATUS").is_some() {
+    if show_status {
         let mut run = run;
-        if let Ok(s) = run.control.status() {
-            eprintln!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
-        }
-    } else {
-        drop(run);
+        let s = run.control.status().map_err(|e| e.to_string())?;
+        eprintln!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
     }
     Ok(m)
 }
@@ -305,6 +310,8 @@ pub(crate) struct TcpOptions {
     pub(crate) only: Vec<String>,
     /// Only one path (`kernel` or `netchannel`), for profiling one at a time.
     pub(crate) only_path: Option<String>,
+    /// Print the nexus's status after each of its trials.
+    pub(crate) show_status: bool,
 }
 
 /// `netchannel bench tcp`.
@@ -378,14 +385,6 @@ pub(crate) fn tcp(to: &TcpOptions) -> Result<(), String> {
         .filter(|m| to.only.is_empty() || to.only.iter().any(|k| k == m.key))
         .collect();
     let bed = Bed::new()?;
-    if let Some(c) = std::env::var("NC_APP_CPU")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-    {
-        let mut set = rustix::thread::CpuSet::new();
-        set.set(c);
-        let _ = rustix::thread::sched_setaffinity(None, &set);
-    }
     let d = Duration::from_millis(o.duration_ms.max(200));
     let rtts = (o.rtt_iterations / 10).clamp(100, 100_000);
     let mut rows: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); metrics.len()];
@@ -410,7 +409,7 @@ pub(crate) fn tcp(to: &TcpOptions) -> Result<(), String> {
                     Some(&(_, _, meas)) => meas,
                     None => {
                         let meas = if nc {
-                            nexus_trial(&bed, m.trial, d, rtts)?
+                            nexus_trial(&bed, m.trial, d, rtts, to.show_status)?
                         } else {
                             kernel_trial(&bed, m.trial, d, rtts)?
                         };

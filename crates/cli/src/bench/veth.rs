@@ -333,31 +333,11 @@ impl NexusRun {
         );
         let mut cfg = netchannel_nexus::Config::default();
         cfg.control.socket = bed.socket.clone().into();
-        if let Some(v) = std::env::var("NC_COALESCE_US")
-            .ok()
-            .and_then(|v| v.parse().ok())
-        {
-            cfg.datapath.coalesce_us = v;
-        }
-        if let Some(v) = std::env::var("NC_SPIN_US")
-            .ok()
-            .and_then(|v| v.parse().ok())
-        {
-            cfg.datapath.spin_us = v;
-        }
         let mut nexus = netchannel_nexus::Nexus::with_switch(cfg, sw).map_err(|e| e.to_string())?;
         let stop = nexus.stop_flag();
         let thread = std::thread::Builder::new()
             .name("nexus".into())
             .spawn(move || {
-                if let Some(c) = std::env::var("NC_NEXUS_CPU")
-                    .ok()
-                    .and_then(|v| v.parse::<usize>().ok())
-                {
-                    let mut set = rustix::thread::CpuSet::new();
-                    set.set(c);
-                    let _ = rustix::thread::sched_setaffinity(None, &set);
-                }
                 if let Err(e) = nexus.run() {
                     tracing::error!(error = %e, "bench nexus failed");
                 }

@@ -5,6 +5,12 @@
 //! addresses are the ones the nexus serves). Every `bind` or `connect` registers its flow with
 //! the nexus, which reserves the port in the kernel too; dropping the socket releases both.
 //!
+//! The channel has 16 KiB pool buffers and asks for the nexus's TCP offloads
+//! ([`Offloads`](crate::nexus::Offloads)): the nexus delivers in-order segments coalesced, up
+//! to a buffer each, and cuts the large segments this stack sends to the peer's MSS, computing
+//! their checksums as it copies them. smoltcp thus handles one packet per ~11 on the wire. (A
+//! nexus that refuses large buffers gets the plain channel, and segments stay wire-sized.)
+//!
 //! Two ways to drive it:
 //!
 //! * [`Stack::connect`] starts a background thread that polls the stack whenever packets
