@@ -21,6 +21,7 @@ use super::table::{BatchScratch, FlowId, FlowKey, FlowTable, Hit};
 use super::tx;
 use crate::channel::Channel;
 use crate::netif::Netif;
+use crate::netif::gso::Gso;
 
 /// Interface-level counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -500,9 +501,9 @@ impl Switch {
                 }
                 Step::Send(flow, key) if large => {
                     let peer_mss = conns.mss(key.local, key.remote);
-                    let cut = send_segments(
+                    let cut = send_large(
                         netif.as_mut(),
-                        &frame[..ETH + len],
+                        &mut frame[..ETH + len],
                         seg_frame,
                         peer_mss,
                         mtu,
@@ -549,11 +550,12 @@ struct Cut {
     error: Option<&'static str>,
 }
 
-/// Cuts the validated large TCP packet in `frame` (Ethernet header written) into segments of
-/// the peer's MSS (bounded by the MTU) and queues them on the interface.
-fn send_segments(
+/// Sends the validated large TCP packet in `frame` (Ethernet header written) as segments of
+/// the peer's MSS (bounded by the MTU): cut by the kernel where the interface can have it
+/// do so, else cut here while copied into the interface's frames.
+fn send_large(
     netif: &mut dyn Netif,
-    frame: &[u8],
+    frame: &mut [u8],
     scratch: &mut [u8],
     peer_mss: Option<u16>,
     mtu: usize,
@@ -562,8 +564,7 @@ fn send_segments(
         sent: 0,
         error: None,
     };
-    let ip = &frame[ETH..];
-    let Some(t) = TcpLayout::of(ip) else {
+    let Some(t) = TcpLayout::of(&frame[ETH..]) else {
         cut.error = Some("bad_header");
         return cut;
     };
@@ -574,6 +575,29 @@ fn send_segments(
         cut.error = Some("bad_header");
         return cut;
     }
+    // Exactly the packet its IP header declares.
+    let frame = &mut frame[..ETH + t.l4 + t.tcp_len];
+    let gso = Gso {
+        l4: (ETH + t.l4) as u16,
+        headers: (ETH + t.l4 + t.hl) as u16,
+        mss: mss as u16,
+        v6: t.src.is_ipv6(),
+    };
+    segment::prepare_partial(&mut frame[ETH..], &t);
+    match netif.send_gso(frame, &gso) {
+        Ok(true) => {
+            cut.sent = t.payload_len().div_ceil(mss);
+            return cut;
+        }
+        // Cut here (each segment's checksum is computed afresh).
+        Ok(false) => {}
+        Err(_) => {
+            cut.error = Some("netif");
+            return cut;
+        }
+    }
+    let frame = &*frame;
+    let ip = &frame[ETH..];
     let payload = t.payload_len();
     for (k, r) in segment::cuts(&t, mss).enumerate() {
         let last = r.end == payload;

@@ -109,6 +109,14 @@ pub fn finish_whole(ip: &mut [u8], t: &TcpLayout, max_mss: u16) {
     tcp[16..18].copy_from_slice(&sum.finish().to_be_bytes());
 }
 
+/// Readies a large TCP packet for the kernel's segmentation (CHECKSUM_PARTIAL): its checksum
+/// field holds the pseudo-header sum over the whole packet's TCP length, which the kernel
+/// adjusts for each segment and completes over its bytes.
+pub fn prepare_partial(ip: &mut [u8], t: &TcpLayout) {
+    let sum = checksum::pseudo(t.src, t.dst, TCP, t.tcp_len).fold();
+    ip[t.l4 + 16..t.l4 + 18].copy_from_slice(&sum.to_be_bytes());
+}
+
 /// The payload ranges of the segments `t`'s payload is cut into, `mss` bytes each (at least 1).
 pub fn cuts(t: &TcpLayout, mss: usize) -> impl Iterator<Item = Range<usize>> {
     let (len, mss) = (t.payload_len(), mss.max(1));

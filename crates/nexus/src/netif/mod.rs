@@ -7,6 +7,7 @@
 
 pub mod afxdp;
 pub mod faults;
+pub mod gso;
 pub mod pair;
 pub mod tap;
 pub mod xdp;
@@ -53,6 +54,14 @@ pub trait Netif: std::fmt::Debug + Send {
     /// Largest IP packet the interface carries.
     fn mtu(&self) -> u32 {
         1500
+    }
+    /// Sends a TCP frame larger than the MTU for the kernel to cut into segments as `gso`
+    /// says (its TCP checksum field holding the pseudo-header sum), in order after every frame
+    /// queued before it. `Ok(false)`: this backend cannot, and the caller cuts the frame
+    /// itself.
+    fn send_gso(&mut self, frame: &[u8], gso: &gso::Gso) -> Result<bool, NetifError> {
+        let _ = (frame, gso);
+        Ok(false)
     }
     /// The interface's MAC address (the source of every frame the nexus sends).
     fn mac(&self) -> [u8; 6];

@@ -79,6 +79,8 @@ pub struct AfXdp {
     mac: [u8; 6],
     /// The interface's MTU when it was opened, within what one frame holds.
     mtu: u32,
+    /// Where large TCP frames go to be segmented by the kernel (none if it could not open).
+    gso: Option<super::gso::GsoSocket>,
     zerocopy: bool,
     free_tx: Vec<u64>,
     /// TX entries written but not yet published.
@@ -199,7 +201,15 @@ impl AfXdp {
             .and_then(|s| s.trim().parse::<u32>().ok())
             .unwrap_or(1500)
             .min(FRAME as u32 - 14 - 256);
+        let gso = match super::gso::GsoSocket::open(ifindex) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                tracing::info!(ifname, error = %e, "no kernel segmentation; the nexus segments TCP itself");
+                None
+            }
+        };
         Ok(Self {
+            gso,
             fill,
             comp,
             rx,
@@ -394,6 +404,26 @@ impl Netif for AfXdp {
 
     fn mtu(&self) -> u32 {
         self.mtu
+    }
+
+    fn send_gso(&mut self, frame: &[u8], gso: &super::gso::Gso) -> Result<bool, NetifError> {
+        if self.gso.is_none() {
+            return Ok(false);
+        }
+        // What was queued before goes first (the kick sends it in copy mode).
+        if self.pending > 0 || self.tx.outstanding() {
+            self.flush();
+        }
+        match self.gso.as_ref().map(|g| g.send(frame, gso)) {
+            Some(Ok(())) => Ok(true),
+            Some(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => Err(NetifError::Full),
+            Some(Err(e)) => {
+                tracing::warn!(ifname = %self.ifname, error = %e, "kernel segmentation failed; the nexus segments TCP itself from now on");
+                self.gso = None;
+                Ok(false)
+            }
+            None => Ok(false),
+        }
     }
 
     fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
