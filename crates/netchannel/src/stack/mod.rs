@@ -61,6 +61,10 @@ use device::ChannelDevice;
 /// peer that has to be woken takes 50–150 µs here, and a wake-up of our own would add as much.
 const SPIN: Duration = Duration::from_micros(200);
 
+/// While spinning, a blocking call polls the stack at least this often (timers), and
+/// whenever packets wait.
+const SPIN_POLL: Duration = Duration::from_micros(20);
+
 /// Longest a driver sleeps without a reason to wake (timers are polled at least this often).
 const MAX_SLEEP: Duration = Duration::from_millis(50);
 /// Pool buffers the stack asks for: large enough for a coalesced run of segments (and a
@@ -528,14 +532,22 @@ impl Shared {
         // Before handing over to the driver thread, poll the stack from this thread for a
         // moment: an answer that comes back within it costs no thread wake-up.
         let spin_until = Instant::now() + SPIN;
+        let mut next_poll = Instant::now();
         loop {
             if let Some(v) = ready(&mut g)? {
                 return Ok(v);
             }
             g.check()?;
-            if self.driven && Instant::now() < spin_until {
-                if g.poll(self) {
-                    self.notify();
+            let now = Instant::now();
+            if self.driven && now < spin_until {
+                // Poll when packets wait, and now and then for timers: a full pass of the
+                // stack per turn of the loop would take the lock (and the core) from the
+                // threads doing the work.
+                if g.dev.rx_pending() || now >= next_poll {
+                    next_poll = now + SPIN_POLL;
+                    if g.poll(self) {
+                        self.notify();
+                    }
                 }
                 drop(g);
                 std::hint::spin_loop();
