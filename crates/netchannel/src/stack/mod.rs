@@ -85,6 +85,10 @@ pub(crate) struct Shared {
     inner: Mutex<Inner>,
     /// Notified after every poll that changed something.
     changed: Condvar,
+    /// A blocking call is driving the stack in the thread's place (see [`Shared::wait`]).
+    poller: AtomicBool,
+    /// Notified when it stops.
+    handoff: Condvar,
     /// A duplicate of the channel's doorbell, to sleep on without holding the lock.
     bell: OwnedFd,
     driven: bool,
@@ -223,6 +227,8 @@ impl Stack {
                 addresses,
             }),
             changed: Condvar::new(),
+            poller: AtomicBool::new(false),
+            handoff: Condvar::new(),
             bell,
             driven,
             stop: AtomicBool::new(false),
@@ -316,6 +322,19 @@ fn drive(shared: &std::sync::Weak<Shared>) {
         if s.stop.load(Ordering::Relaxed) {
             return;
         }
+        {
+            // A blocking call drives the stack (it sleeps on the doorbell itself): stand
+            // aside until it is done. (It stops under the lock, so the notice cannot be lost.)
+            let g = lock(&s.inner);
+            if s.poller.load(Ordering::Acquire) {
+                drop(
+                    s.handoff
+                        .wait_timeout(g, MAX_SLEEP)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                );
+                continue;
+            }
+        }
         let (changed, sleep) = {
             let mut g = lock(&s.inner);
             let changed = g.poll(&s);
@@ -343,8 +362,11 @@ fn drive(shared: &std::sync::Weak<Shared>) {
         if let Some(d) = sleep {
             sleep_on(s.bell.as_fd(), d);
             let g = lock(&s.inner);
-            g.dev.channel().arm(Interest::Readable, false);
-            g.dev.channel().clear_bell();
+            // A caller that took over meanwhile owns the doorbell and its flag.
+            if !s.poller.load(Ordering::Acquire) {
+                g.dev.channel().arm(Interest::Readable, false);
+                g.dev.channel().clear_bell();
+            }
         }
     }
 }
@@ -474,6 +496,27 @@ fn flow_error(e: &Error, local: SocketAddr) -> io::Error {
     io::Error::new(kind, format!("{local}: {e}"))
 }
 
+/// A blocking call driving the stack in the driver thread's place.
+struct Poller<'a>(&'a Shared);
+
+impl<'a> Poller<'a> {
+    /// Takes over (with the stack locked).
+    fn claim(s: &'a Shared) -> Self {
+        s.poller.store(true, Ordering::Release);
+        Self(s)
+    }
+}
+
+impl Drop for Poller<'_> {
+    /// Hands back (with the stack locked): the driver thread resumes, whether it is waiting
+    /// for the hand-back or still asleep on the doorbell.
+    fn drop(&mut self) {
+        self.0.poller.store(false, Ordering::Release);
+        self.0.handoff.notify_all();
+        let _ = rustix::io::write(&self.0.bell, &1u64.to_ne_bytes());
+    }
+}
+
 impl Shared {
     /// Wakes every blocking call and async task waiting on the stack.
     pub(crate) fn notify(&self) {
@@ -533,6 +576,8 @@ impl Shared {
         // moment: an answer that comes back within it costs no thread wake-up.
         let spin_until = Instant::now() + SPIN;
         let mut next_poll = Instant::now();
+        // Declared after the guard, so that it is dropped while the stack is still locked.
+        let mut poller: Option<Poller<'_>> = None;
         loop {
             if let Some(v) = ready(&mut g)? {
                 return Ok(v);
@@ -561,28 +606,39 @@ impl Shared {
                 },
                 None => MAX_SLEEP,
             };
-            if self.driven {
+            // Past the spin, the first blocking call drives the stack itself and sleeps on the
+            // doorbell, as without a driver thread: a packet then wakes the thread that wants
+            // it, not the driver first and this thread second (each wake-up is a trip through
+            // the scheduler, which on a busy small machine takes up to a millisecond).
+            if self.driven && poller.is_none() && !self.poller.load(Ordering::Acquire) {
+                poller = Some(Poller::claim(self));
+            }
+            if self.driven && poller.is_none() {
+                // Another call drives: wait for it (or the thread) to report a change.
                 g = self
                     .changed
                     .wait_timeout(g, left.min(MAX_SLEEP))
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .0;
-            } else {
-                if g.poll(self) {
-                    continue;
-                }
-                let delay = g.sleep_for(Some(left));
-                g.dev.channel().arm(Interest::Readable, true);
-                if g.dev.rx_pending() {
-                    g.dev.channel().arm(Interest::Readable, false);
-                    continue;
-                }
-                drop(g);
-                sleep_on(self.bell.as_fd(), delay);
-                g = lock(&self.inner);
-                g.dev.channel().arm(Interest::Readable, false);
-                g.dev.channel().clear_bell();
+                continue;
             }
+            if g.poll(self) {
+                if self.driven {
+                    self.notify();
+                }
+                continue;
+            }
+            let delay = g.sleep_for(Some(left));
+            g.dev.channel().arm(Interest::Readable, true);
+            if g.dev.rx_pending() {
+                g.dev.channel().arm(Interest::Readable, false);
+                continue;
+            }
+            drop(g);
+            sleep_on(self.bell.as_fd(), delay);
+            g = lock(&self.inner);
+            g.dev.channel().arm(Interest::Readable, false);
+            g.dev.channel().clear_bell();
         }
     }
 
