@@ -218,9 +218,6 @@ impl Nexus {
                 Next::Poll if passes.is_multiple_of(32) => {
                     self.wait_events(&mut events, Some(Duration::ZERO))?
                 }
-                // Spinning on empty passes: let any other thread waiting for this core run
-                // (on a small machine, the app that should send the next packet).
-                Next::Poll if moved == 0 => std::thread::yield_now(),
                 Next::Poll => {}
                 Next::Sleep {
                     timeout,

@@ -19,7 +19,8 @@
 
 // Unsafe code is denied here except in the modules that talk to the kernel without a safe
 // wrapper: the TAP ioctl (`netif::tap`), AF_XDP's shared rings (`netif::afxdp::ring`), bpf(2)
-// (`netif::xdp::bpf`) and the ethtool ioctl (`netns::offload`).
+// (`netif::xdp::bpf`), AF_PACKET's socket address and options (`netif::packet`) and the
+// ethtool ioctl (`netns::offload`).
 #![deny(unsafe_code)]
 
 pub mod channel;

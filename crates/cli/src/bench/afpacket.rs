@@ -11,14 +11,13 @@ use std::net::{SocketAddr, SocketAddrV4};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use netchannel_nexus::netif::packet;
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 
 /// `sendmmsg` sends at most `UIO_MAXIOV` messages per call; so does [`Generator::send_batch`].
 const MAX_BATCH: usize = 1024;
 /// Time to live of the generated IPv4 datagrams (hop limit, for IPv6).
 const TTL: u8 = 64;
-/// `PACKET_QDISC_BYPASS` (`linux/if_packet.h`): hand frames straight to the driver.
-const PACKET_QDISC_BYPASS: libc::c_int = 20;
 
 /// What the generator sends: one UDP datagram of `payload_len` bytes, framed for Ethernet.
 ///
@@ -124,57 +123,27 @@ impl Generator {
     /// kernel refuses, they go through it instead).
     pub(crate) fn open(ifname: &str, spec: FrameSpec) -> io::Result<Self> {
         let mut frame = spec.build()?.into_boxed_slice();
-        let fd = rustix::net::socket_with(
-            AddressFamily::PACKET,
-            SocketType::RAW,
+        // Any socket serves to look the name up; the AF_PACKET one is bound to the index.
+        let probe = rustix::net::socket_with(
+            AddressFamily::INET,
+            SocketType::DGRAM,
             SocketFlags::CLOEXEC,
             None,
-        )
-        .map_err(|e| {
-            io::Error::new(
-                io::Error::from(e).kind(),
-                format!("socket(AF_PACKET, SOCK_RAW): {e} (needs root or CAP_NET_RAW)"),
-            )
-        })?;
-        let ifindex = rustix::net::netdevice::name_to_index(&fd, ifname).map_err(|e| {
+        )?;
+        let ifindex = rustix::net::netdevice::name_to_index(&probe, ifname).map_err(|e| {
             io::Error::new(
                 io::Error::from(e).kind(),
                 format!("no interface {ifname:?} in this network namespace: {e}"),
             )
         })?;
-        // SAFETY: an all-zero sockaddr_ll is a valid value of that plain C struct.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = 0;
-        sll.sll_ifindex = ifindex as i32;
-        // SAFETY: the pointer and length describe `sll`, a whole sockaddr_ll that lives across
-        // the call; bind only reads it.
-        let r = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&raw const sll).cast::<libc::sockaddr>(),
-                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            return Err(io::Error::new(
+        let fd = packet::send_only_socket(ifindex).map_err(|e| {
+            io::Error::new(
                 e.kind(),
-                format!("binding an AF_PACKET socket to {ifname:?}: {e}"),
-            ));
-        }
-        let one: libc::c_int = 1;
-        // SAFETY: PACKET_QDISC_BYPASS reads one int from the pointer, which points at `one`
-        // for the duration of the call. Failure (older kernels) is harmless and ignored.
-        let _ = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_PACKET,
-                PACKET_QDISC_BYPASS,
-                (&raw const one).cast::<libc::c_void>(),
-                size_of::<libc::c_int>() as libc::socklen_t,
+                format!("an AF_PACKET socket on {ifname:?}: {e} (needs root or CAP_NET_RAW)"),
             )
-        };
+        })?;
+        // Failure (older kernels) is harmless: the frames go through the qdisc.
+        let _ = packet::set_option(&fd, packet::PACKET_QDISC_BYPASS, 1);
         let iov = Box::new(libc::iovec {
             iov_base: frame.as_mut_ptr().cast(),
             iov_len: frame.len(),

@@ -21,7 +21,7 @@ use super::table::{BatchScratch, FlowId, FlowKey, FlowTable, Hit};
 use super::tx;
 use crate::channel::Channel;
 use crate::netif::Netif;
-use crate::netif::gso::Gso;
+use crate::netif::packet::Gso;
 
 /// Interface-level counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

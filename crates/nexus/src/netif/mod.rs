@@ -2,12 +2,13 @@
 //!
 //! Every backend is a [`Netif`]: a batch receive, a send, the interface's MAC address and an fd
 //! to sleep on. Backends: [`afxdp`], a kernel interface shared with the kernel's stack through
-//! an AF_XDP socket and the [`xdp`] steering program; [`tap`], a TAP device; [`pair`], an
-//! in-memory pair of interfaces for in-process tests.
+//! an AF_XDP socket and the [`xdp`] steering program (with [`packet`]'s GSO socket beside it
+//! for large TCP frames); [`tap`], a TAP device; [`pair`], an in-memory pair of interfaces for
+//! in-process tests.
 
 pub mod afxdp;
 pub mod faults;
-pub mod gso;
+pub mod packet;
 pub mod pair;
 pub mod tap;
 pub mod xdp;
@@ -59,7 +60,7 @@ pub trait Netif: std::fmt::Debug + Send {
     /// says (its TCP checksum field holding the pseudo-header sum), in order after every frame
     /// queued before it. `Ok(false)`: this backend cannot, and the caller cuts the frame
     /// itself.
-    fn send_gso(&mut self, frame: &[u8], gso: &gso::Gso) -> Result<bool, NetifError> {
+    fn send_gso(&mut self, frame: &[u8], gso: &packet::Gso) -> Result<bool, NetifError> {
         let _ = (frame, gso);
         Ok(false)
     }

@@ -80,7 +80,7 @@ pub struct AfXdp {
     /// The interface's MTU when it was opened, within what one frame holds.
     mtu: u32,
     /// Where large TCP frames go to be segmented by the kernel (none if it could not open).
-    gso: Option<super::gso::GsoSocket>,
+    gso: Option<super::packet::GsoSocket>,
     zerocopy: bool,
     free_tx: Vec<u64>,
     /// TX entries written but not yet published.
@@ -201,7 +201,7 @@ impl AfXdp {
             .and_then(|s| s.trim().parse::<u32>().ok())
             .unwrap_or(1500)
             .min(FRAME as u32 - 14 - 256);
-        let gso = match super::gso::GsoSocket::open(ifindex) {
+        let gso = match super::packet::GsoSocket::open(ifindex) {
             Ok(g) => Some(g),
             Err(e) => {
                 tracing::info!(ifname, error = %e, "no kernel segmentation; the nexus segments TCP itself");
@@ -406,7 +406,7 @@ impl Netif for AfXdp {
         self.mtu
     }
 
-    fn send_gso(&mut self, frame: &[u8], gso: &super::gso::Gso) -> Result<bool, NetifError> {
+    fn send_gso(&mut self, frame: &[u8], gso: &super::packet::Gso) -> Result<bool, NetifError> {
         if self.gso.is_none() {
             return Ok(false);
         }
