@@ -764,6 +764,85 @@ fn tcp_bulk_100mib_from_a_kernel_client_and_to_a_kernel_server_intact() {
     assert!(segmented > 1_000, "segmentation cut {segmented} packets");
 }
 
+/// The same both ways over IPv6 (16 MiB each): segmentation and coalescing with 40-byte IP
+/// headers and the IPv6 MSS.
+#[test]
+fn tcp_bulk_over_ipv6_both_ways_intact() {
+    if skip() {
+        return;
+    }
+    let _serial = serial();
+    let net = Net::new(14);
+    let nexus = InProcess::start(&net, "bulk6");
+    const N: usize = 16 * MIB;
+    let (recv, addr) = app(
+        "tcp_bulk recv",
+        TCP_BULK,
+        &["recv", "--socket", &nexus.socket, "--listen", "[::]:0"],
+    );
+    let mut client = net.python(
+        "the python client",
+        UPLOAD_100MIB,
+        &[
+            ("N", N.to_string()),
+            ("HOST", net.host6.to_string()),
+            ("PORT", addr.port().to_string()),
+        ],
+    );
+    let sent = client.expect_line("sent ", BULK);
+    let received = recv.succeed(SHORT);
+    let _ = client.succeed(SHORT);
+    let r = received
+        .iter()
+        .find(|l| l.starts_with("received "))
+        .unwrap_or_else(|| panic!("tcp_bulk recv's report: {received:?}"));
+    assert_eq!(words(r)[1], N.to_string(), "every byte over IPv6: {r}");
+    assert_eq!(words(r)[3], words(&sent)[2], "the same bytes over IPv6");
+
+    let mut server = net.python(
+        "the python server",
+        SINK_SERVER,
+        &[("FAM", "AF_INET6".into()), ("HOST", net.peer6.to_string())],
+    );
+    let port = words(&server.expect_line("port ", SHORT))[1].to_owned();
+    let to = format!("[{}]:{port}", net.peer6);
+    let sender = Kid::spawn(
+        Command::new(TCP_BULK).args([
+            "send",
+            "--socket",
+            &nexus.socket,
+            "--to",
+            &to,
+            "--bytes",
+            &N.to_string(),
+        ]),
+        "tcp_bulk send",
+    );
+    let got = server.expect_line("received ", BULK);
+    let sent = sender.succeed(SHORT);
+    let _ = server.succeed(SHORT);
+    let s = sent
+        .iter()
+        .find(|l| l.starts_with("sent "))
+        .unwrap_or_else(|| panic!("tcp_bulk send's report: {sent:?}"));
+    assert_eq!(
+        words(&got)[1],
+        N.to_string(),
+        "python got every byte: {got}"
+    );
+    assert_eq!(
+        words(&got)[2],
+        words(s)[3],
+        "what python hashed is what the app sent"
+    );
+    let segmented = interface_counter(&nexus.socket, "tx_segmented");
+    let coalesced = interface_counter(&nexus.socket, "rx_coalesced");
+    assert!(
+        segmented > 100 && coalesced > 1_000,
+        "offloads over IPv6: segmented {segmented}, coalesced {coalesced}"
+    );
+}
+
 /// One of the nexus's interface counters, from its status.
 fn interface_counter(socket: &str, name: &str) -> u64 {
     let mut c = netchannel::nexus::Nexus::connect(socket).expect("the nexus's control socket");
