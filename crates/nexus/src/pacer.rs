@@ -59,7 +59,8 @@ pub struct Pacer {
     coalesced: bool,
     gap: Duration,
     period_peak: usize,
-    /// The largest number of packets apps sent in one pass of the busy period.
+    /// Packets moved in the busy period, and of them, sent by apps.
+    period_moved: usize,
     period_sent: usize,
     heavy: usize,
 }
@@ -85,6 +86,7 @@ impl Pacer {
             coalesced: false,
             gap: Duration::ZERO,
             period_peak: 0,
+            period_moved: 0,
             period_sent: 0,
             heavy: heavy.max(1),
         }
@@ -111,15 +113,18 @@ impl Pacer {
             }
             self.last_work = now;
             self.period_peak = self.period_peak.max(moved);
-            self.period_sent = self.period_sent.max(sent);
+            self.period_moved = self.period_moved.saturating_add(moved);
+            self.period_sent = self.period_sent.saturating_add(sent);
             return Next::Poll;
         }
-        // Apps that answer what they receive (TCP acknowledgements, replies) are in a
-        // conversation whose peer waits on them: a timer would add to every round trip (and a
-        // BBR sender sizes its window from the shortest one it sees), so they get no timer.
-        let coalescing = !self.coalesce.is_zero()
-            && self.period_peak >= self.coalesce_batch
-            && !(self.period_sent > 0 && self.period_sent < self.coalesce_batch);
+        // Apps that answer what they receive (TCP acknowledgements, replies: a few packets
+        // out for many in) are in a conversation whose peer waits on them: a timer would add
+        // to every round trip (and a BBR sender sizes its window from the shortest one it
+        // sees), so they get no timer.
+        let received = self.period_moved.saturating_sub(self.period_sent);
+        let answering = self.period_sent > 0 && self.period_sent.saturating_mul(4) <= received;
+        let coalescing =
+            !self.coalesce.is_zero() && self.period_peak >= self.coalesce_batch && !answering;
         // Spin only while packets come back within the spin; and traffic the timer will
         // coalesce gets at most half a timer of it (spinning through the timer would turn
         // moderation into busy polling).
@@ -135,6 +140,7 @@ impl Pacer {
         }
         self.idle = true;
         self.period_peak = 0;
+        self.period_moved = 0;
         let sent = std::mem::take(&mut self.period_sent);
         self.coalesced = coalescing;
         if self.coalesced {
