@@ -1757,6 +1757,45 @@ impl Memory {
     }
 }
 
+/// Large pool buffers: granted up to `channel.max_buf_size`, in segments of the same bytes as
+/// 2 KiB ones, and refused (with the limit named) beyond it or when not a power of two;
+/// offloads are not granted by a nexus without an interface, whatever the app asks.
+#[test]
+fn large_buffers_keep_segment_bytes_and_offloads_need_an_interface() {
+    let _serial = serial();
+    let d = Daemon::start("large-buffers", None);
+    let mut nx = d.monitor();
+    let ch = nx
+        .open_channel(ChannelOptions {
+            buf_size: Some(16384),
+            offloads: netchannel::nexus::Offloads::ALL,
+            ..ChannelOptions::default()
+        })
+        .expect("a channel of 16 KiB buffers");
+    let g = ch.pool().geometry();
+    assert_eq!(g.buf_size, 16384);
+    assert_eq!(
+        g.segment_bytes(),
+        64 * 2048,
+        "a segment keeps the bytes of 64 buffers of 2 KiB"
+    );
+    assert_eq!(
+        ch.offloads(),
+        Default::default(),
+        "no interface, no offloads"
+    );
+    nx.close_channel(ch).expect("close");
+    for bad in [3000, 1024, 131072] {
+        let e = nx
+            .open_channel(ChannelOptions {
+                buf_size: Some(bad),
+                ..ChannelOptions::default()
+            })
+            .expect_err("refused");
+        assert!(e.to_string().contains("buf_size"), "{bad}: {e}");
+    }
+}
+
 /// How long the idle-memory test lets its channels idle.
 const IDLE: Duration = Duration::from_millis(2500);
 

@@ -453,11 +453,14 @@ impl Nexus {
         } else {
             Offloads::default()
         };
+        // A segment (the unit of growth and of return to the OS) keeps its bytes whatever
+        // the buffer size: fewer buffers per segment when they are larger.
+        let per_segment = (c.buffers_per_segment * 2048 / buf_size).max(1);
         let geometry = Geometry {
             ring_slots: [slots, slots, slots, slots, 64],
             buf_size,
-            bufs_per_segment: c.buffers_per_segment,
-            segments: want.div_ceil(c.buffers_per_segment),
+            bufs_per_segment: per_segment,
+            segments: want.div_ceil(per_segment),
         };
         let setup = match ServerSetup::new(geometry) {
             Ok(s) => s,
