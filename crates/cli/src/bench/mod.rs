@@ -83,7 +83,7 @@ fn rtt_p99_us(_: &Kind, _: &Report, client: &Report) -> f64 {
 }
 
 /// The per-metric record in the report.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 struct Row {
     label: &'static str,
     unit: &'static str,
@@ -526,6 +526,95 @@ fn compare(o: &Options, bench: Bench, ms: &[Metric]) -> Result<(), String> {
         table.push((m.key.to_owned(), Row::new(m.label, m.unit, m.better, k, n)));
     }
     report(o, bench, &table)
+}
+
+/// A metric of a bench whose trials run whole on one path at a time (`bench veth`, `bench
+/// tcp`): the trial `T` it reads, and how it reads the trial's measurement `M`.
+struct PathMetric<T, M> {
+    key: &'static str,
+    label: &'static str,
+    unit: &'static str,
+    better: Better,
+    trial: T,
+    value: fn(&M, T) -> f64,
+}
+
+/// The metrics named in `only` (all when it is empty); refuses an unknown name, and a path
+/// other than `kernel` or `netchannel`.
+fn select<'a, T, M>(
+    metrics: &'a [PathMetric<T, M>],
+    only: &[String],
+    only_path: Option<&str>,
+) -> Result<Vec<&'a PathMetric<T, M>>, String> {
+    if let Some(bad) = only.iter().find(|k| !metrics.iter().any(|m| m.key == *k)) {
+        let keys: Vec<_> = metrics.iter().map(|m| m.key).collect();
+        return Err(format!(
+            "unknown metric {bad:?}: pick from {}",
+            keys.join(", ")
+        ));
+    }
+    if let Some(p) = only_path.filter(|p| !matches!(*p, "kernel" | "netchannel")) {
+        return Err(format!("unknown path {p:?}: pick kernel or netchannel"));
+    }
+    Ok(metrics
+        .iter()
+        .filter(|m| only.is_empty() || only.iter().any(|k| k == m.key))
+        .collect())
+}
+
+/// Runs `metrics` for `reps` interleaved repetitions: each metric on both paths, which one goes
+/// first alternating; a trial runs once per repetition and path however many metrics read
+/// it; `only_path` runs one path (to profile it). `run(trial, netchannel)` measures. Prints a
+/// line per metric and repetition; returns the table.
+fn interleave<T: Copy + PartialEq, M: Copy>(
+    reps: usize,
+    metrics: &[&PathMetric<T, M>],
+    only_path: Option<&str>,
+    mut run: impl FnMut(T, bool) -> Result<M, String>,
+) -> Result<Vec<(String, Row)>, String> {
+    let mut rows: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); metrics.len()];
+    for rep in 0..reps {
+        let mut cache: Vec<(T, bool, M)> = Vec::new();
+        for (i, m) in metrics.iter().enumerate() {
+            let order = if rep % 2 == 0 {
+                [false, true]
+            } else {
+                [true, false]
+            };
+            let mut vals = [0.0; 2];
+            for nc in order {
+                if only_path.is_some_and(|p| (p == "netchannel") != nc) {
+                    continue;
+                }
+                let meas = match cache.iter().find(|(t, n, _)| *t == m.trial && *n == nc) {
+                    Some(&(_, _, meas)) => meas,
+                    None => {
+                        let meas = run(m.trial, nc)?;
+                        cache.push((m.trial, nc, meas));
+                        meas
+                    }
+                };
+                vals[usize::from(nc)] = (m.value)(&meas, m.trial);
+            }
+            rows[i].0.push(vals[0]);
+            rows[i].1.push(vals[1]);
+            eprintln!(
+                "[rep {}/{}] {:<62} kernel {:>9.3} {u:<6} netchannel {:>9.3} {u:<6} ({:.2}×)",
+                rep + 1,
+                reps,
+                m.label,
+                vals[0],
+                vals[1],
+                oriented(m.better, vals[0], vals[1]),
+                u = m.unit,
+            );
+        }
+    }
+    Ok(metrics
+        .iter()
+        .zip(rows)
+        .map(|(m, (k, n))| (m.key.to_owned(), Row::new(m.label, m.unit, m.better, k, n)))
+        .collect())
 }
 
 /// netchannel/kernel for rates, kernel/netchannel for latencies: bigger is better.

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::veth::{Bed, HOST_IP, NexusRun, PEER_IP, busy_seconds_since, finish, machine_ticks};
-use super::{Better, Options, Row, median, oriented};
+use super::{Better, Options, Row, median};
 
 const HOST_PORT: u16 = 9201;
 const PEER_PORT: u16 = 9202;
@@ -281,24 +281,17 @@ fn nexus_trial(
     Ok(m)
 }
 
-struct TcpMetric {
-    key: &'static str,
-    label: &'static str,
-    unit: &'static str,
-    better: Better,
-    trial: Trial,
-    value: fn(&Measured) -> f64,
-}
+type TcpMetric = super::PathMetric<Trial, Measured>;
 
-fn gbps(m: &Measured) -> f64 {
+fn gbps(m: &Measured, _: Trial) -> f64 {
     m.bytes as f64 * 8.0 / m.secs.max(1e-9) / 1e9
 }
 
-fn cpu_s_per_gb(m: &Measured) -> f64 {
+fn cpu_s_per_gb(m: &Measured, _: Trial) -> f64 {
     m.busy_s / (m.bytes.max(1) as f64 / 1e9)
 }
 
-fn rtt(m: &Measured) -> f64 {
+fn rtt(m: &Measured, _: Trial) -> f64 {
     m.rtt_p50_us
 }
 
@@ -362,82 +355,17 @@ pub(crate) fn tcp(to: &TcpOptions) -> Result<(), String> {
             value: rtt,
         },
     ];
-    if let Some(bad) = to
-        .only
-        .iter()
-        .find(|k| !metrics.iter().any(|m| m.key == *k))
-    {
-        let keys: Vec<_> = metrics.iter().map(|m| m.key).collect();
-        return Err(format!(
-            "unknown metric {bad:?}: pick from {}",
-            keys.join(", ")
-        ));
-    }
-    if let Some(p) = to
-        .only_path
-        .as_deref()
-        .filter(|p| !matches!(*p, "kernel" | "netchannel"))
-    {
-        return Err(format!("unknown path {p:?}: pick kernel or netchannel"));
-    }
-    let metrics: Vec<&TcpMetric> = metrics
-        .iter()
-        .filter(|m| to.only.is_empty() || to.only.iter().any(|k| k == m.key))
-        .collect();
+    let metrics = super::select(&metrics, &to.only, to.only_path.as_deref())?;
     let bed = Bed::new()?;
     let d = Duration::from_millis(o.duration_ms.max(200));
     let rtts = (o.rtt_iterations / 10).clamp(100, 100_000);
-    let mut rows: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); metrics.len()];
-    for rep in 0..o.reps {
-        let mut cache: Vec<(Trial, bool, Measured)> = Vec::new();
-        for (i, m) in metrics.iter().enumerate() {
-            let order = if rep % 2 == 0 {
-                [false, true]
-            } else {
-                [true, false]
-            };
-            let mut vals = [0.0; 2];
-            for nc in order {
-                if to
-                    .only_path
-                    .as_deref()
-                    .is_some_and(|p| (p == "netchannel") != nc)
-                {
-                    continue;
-                }
-                let meas = match cache.iter().find(|(t, n, _)| *t == m.trial && *n == nc) {
-                    Some(&(_, _, meas)) => meas,
-                    None => {
-                        let meas = if nc {
-                            nexus_trial(&bed, m.trial, d, rtts, to.show_status)?
-                        } else {
-                            kernel_trial(&bed, m.trial, d, rtts)?
-                        };
-                        cache.push((m.trial, nc, meas));
-                        meas
-                    }
-                };
-                vals[usize::from(nc)] = (m.value)(&meas);
-            }
-            rows[i].0.push(vals[0]);
-            rows[i].1.push(vals[1]);
-            eprintln!(
-                "[rep {}/{}] {:<52} kernel {:>9.3} {u:<6} netchannel {:>9.3} {u:<6} ({:.2}×)",
-                rep + 1,
-                o.reps,
-                m.label,
-                vals[0],
-                vals[1],
-                oriented(m.better, vals[0], vals[1]),
-                u = m.unit,
-            );
+    let mut table = super::interleave(o.reps, &metrics, to.only_path.as_deref(), |t, nc| {
+        if nc {
+            nexus_trial(&bed, t, d, rtts, to.show_status)
+        } else {
+            kernel_trial(&bed, t, d, rtts)
         }
-    }
-    let mut table: Vec<(String, Row)> = metrics
-        .iter()
-        .zip(rows)
-        .map(|(m, (k, n))| (m.key.to_owned(), Row::new(m.label, m.unit, m.better, k, n)))
-        .collect();
+    })?;
     // The headline: the worse of the two directions.
     if let Some((_, worse)) = table
         .iter()
@@ -446,13 +374,7 @@ pub(crate) fn tcp(to: &TcpOptions) -> Result<(), String> {
     {
         let row = Row {
             label: "TCP bulk, the worse direction",
-            unit: "Gbit/s",
-            kernel: worse.kernel.clone(),
-            netchannel: worse.netchannel.clone(),
-            ratios: worse.ratios.clone(),
-            kernel_median: worse.kernel_median,
-            netchannel_median: worse.netchannel_median,
-            ratio_median: worse.ratio_median,
+            ..worse.clone()
         };
         table.push(("gbps".to_owned(), row));
     }

@@ -29,7 +29,7 @@ use netchannel_nexus::netif::afxdp::{AfXdp, AfXdpOptions};
 use serde::{Deserialize, Serialize};
 
 use super::sys::MsgBatch;
-use super::{Better, Options, Row, oriented};
+use super::{Better, Options};
 
 pub(super) const HOST_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 pub(super) const PEER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
@@ -545,14 +545,7 @@ fn nexus_tx(bed: &Bed, size: usize, ms: u64) -> Result<Measured, String> {
     })
 }
 
-struct VethMetric {
-    key: &'static str,
-    label: &'static str,
-    unit: &'static str,
-    better: Better,
-    trial: Trial,
-    value: fn(&Measured, Trial) -> f64,
-}
+type VethMetric = super::PathMetric<Trial, Measured>;
 
 fn mpps(m: &Measured, _: Trial) -> f64 {
     m.pps() / 1e6
@@ -619,74 +612,18 @@ pub(crate) fn veth(o: &VethOptions) -> Result<(), String> {
             value: cpu_us,
         },
     ];
-    let metrics: Vec<VethMetric> = metrics
-        .into_iter()
-        .filter(|m| o.only.is_empty() || o.only.iter().any(|k| k == m.key))
-        .collect();
-    if metrics.is_empty() {
-        return Err(format!(
-            "no metric named {:?}; choose among pps_64, gbps_1400, cpu_per_packet, tx_pps_64, tx_cpu_per_packet",
-            o.only
-        ));
-    }
-    let mut rows: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); metrics.len()];
-    for rep in 0..c.reps {
-        let mut cache: Vec<(Trial, bool, Measured)> = Vec::new();
-        for (i, m) in metrics.iter().enumerate() {
-            let mut vals = [0.0; 2];
-            let order = if rep % 2 == 0 {
-                [false, true]
-            } else {
-                [true, false]
-            };
-            for nc in order {
-                if o.only_path
-                    .as_deref()
-                    .is_some_and(|p| (p == "netchannel") != nc)
-                {
-                    continue;
-                }
-                let meas = match cache.iter().find(|(t, n, _)| *t == m.trial && *n == nc) {
-                    Some(&(_, _, meas)) => meas,
-                    None => {
-                        let ms = c.duration_ms;
-                        let meas = match (m.trial, nc) {
-                            (Trial::Rx(s), false) => kernel_rx(&bed, s, ms, None)?,
-                            (Trial::Rx(s), true) => nexus_rx(&bed, s, ms, None)?,
-                            (Trial::RxPaced, false) => {
-                                kernel_rx(&bed, 64, ms.max(2000), Some(o.cpu_rate))?
-                            }
-                            (Trial::RxPaced, true) => {
-                                nexus_rx(&bed, 64, ms.max(2000), Some(o.cpu_rate))?
-                            }
-                            (Trial::Tx(s), false) => kernel_tx(&bed, s, ms)?,
-                            (Trial::Tx(s), true) => nexus_tx(&bed, s, ms)?,
-                        };
-                        cache.push((m.trial, nc, meas));
-                        meas
-                    }
-                };
-                vals[usize::from(nc)] = (m.value)(&meas, m.trial);
-            }
-            rows[i].0.push(vals[0]);
-            rows[i].1.push(vals[1]);
-            eprintln!(
-                "[rep {}/{}] {:<62} kernel {:>9.3} {u:<6} netchannel {:>9.3} {u:<6} ({:.2}×)",
-                rep + 1,
-                c.reps,
-                m.label,
-                vals[0],
-                vals[1],
-                oriented(m.better, vals[0], vals[1]),
-                u = m.unit,
-            );
+    let metrics = super::select(&metrics, &o.only, o.only_path.as_deref())?;
+    let table = super::interleave(c.reps, &metrics, o.only_path.as_deref(), |t, nc| {
+        let ms = c.duration_ms;
+        match (t, nc) {
+            (Trial::Rx(s), false) => kernel_rx(&bed, s, ms, None),
+            (Trial::Rx(s), true) => nexus_rx(&bed, s, ms, None),
+            (Trial::RxPaced, false) => kernel_rx(&bed, 64, ms.max(2000), Some(o.cpu_rate)),
+            (Trial::RxPaced, true) => nexus_rx(&bed, 64, ms.max(2000), Some(o.cpu_rate)),
+            (Trial::Tx(s), false) => kernel_tx(&bed, s, ms),
+            (Trial::Tx(s), true) => nexus_tx(&bed, s, ms),
         }
-    }
-    let table: Vec<(String, Row)> = metrics
-        .iter()
-        .zip(rows)
-        .map(|(m, (k, n))| (m.key.to_owned(), Row::new(m.label, m.unit, m.better, k, n)))
-        .collect();
+    })?;
     drop(bed);
     super::report(c, super::Bench::Veth, &table)
 }
