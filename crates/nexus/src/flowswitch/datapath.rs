@@ -102,6 +102,9 @@ pub struct Switch {
 }
 
 const ETH: usize = 14;
+/// The most header bytes a packet the flowswitch sends can have: IPv6 (IPv4 options are
+/// refused) and a TCP header with the most options.
+const MAX_HEADERS: usize = 40 + 60;
 
 /// The MAC address of `dst`'s next hop as `next_hop` finds it, if known now (an unknown one
 /// is being resolved: by the kernel, or by the ARP/NDP request of the caller).
@@ -458,8 +461,12 @@ impl Switch {
                 Some(b) => b,
                 None => &mut frame[..],
             };
-            // Copy first: the app may still be writing its buffer.
-            buf[ETH..ETH + len].copy_from_slice(pkt);
+            // Copy first: the app may still be writing its buffer. Of a large packet only the
+            // headers: its payload goes from the app's buffer to the interface in one copy
+            // (what an app changes there only spoils its own data; the checksums are computed
+            // over what is sent).
+            let copied = if large { len.min(MAX_HEADERS) } else { len };
+            buf[ETH..ETH + copied].copy_from_slice(&pkt[..copied]);
             if segmenting
                 && !large
                 && let Some(t) = TcpLayout::of(&buf[ETH..ETH + len])
@@ -504,6 +511,7 @@ impl Switch {
                     let cut = send_large(
                         netif.as_mut(),
                         &mut frame[..ETH + len],
+                        pkt,
                         seg_frame,
                         peer_mss,
                         mtu,
@@ -550,12 +558,14 @@ struct Cut {
     error: Option<&'static str>,
 }
 
-/// Sends the validated large TCP packet in `frame` (Ethernet header written) as segments of
-/// the peer's MSS (bounded by the MTU): cut by the kernel where the interface can have it
-/// do so, else cut here while copied into the interface's frames.
+/// Sends a validated large TCP packet as segments of the peer's MSS (bounded by the MTU): its
+/// headers from `frame` (Ethernet header written), its payload from `pkt` (the app's packet,
+/// in the app's buffer). Cut by the kernel where the interface can have it do so, else cut
+/// here while copied into the interface's frames.
 fn send_large(
     netif: &mut dyn Netif,
     frame: &mut [u8],
+    pkt: &[u8],
     scratch: &mut [u8],
     peer_mss: Option<u16>,
     mtu: usize,
@@ -575,16 +585,19 @@ fn send_large(
         cut.error = Some("bad_header");
         return cut;
     }
-    // Exactly the packet its IP header declares.
-    let frame = &mut frame[..ETH + t.l4 + t.tcp_len];
+    let Some(payload) = pkt.get(t.l4 + t.hl..t.l4 + t.tcp_len) else {
+        cut.error = Some("bad_len");
+        return cut;
+    };
+    let headers = &mut frame[..ETH + t.l4 + t.hl];
     let gso = Gso {
         l4: (ETH + t.l4) as u16,
         headers: (ETH + t.l4 + t.hl) as u16,
         mss: mss as u16,
         v6: t.src.is_ipv6(),
     };
-    segment::prepare_partial(&mut frame[ETH..], &t);
-    match netif.send_gso(frame, &gso) {
+    segment::prepare_partial(&mut headers[ETH..], &t);
+    match netif.send_gso(headers, payload, &gso) {
         Ok(true) => {
             cut.sent = t.payload_len().div_ceil(mss);
             return cut;
@@ -596,16 +609,15 @@ fn send_large(
             return cut;
         }
     }
-    let frame = &*frame;
-    let ip = &frame[ETH..];
-    let payload = t.payload_len();
+    let headers = &*headers;
+    let ip = &headers[ETH..];
     for (k, r) in segment::cuts(&t, mss).enumerate() {
-        let last = r.end == payload;
+        let last = r.end == payload.len();
         let need = ETH + t.l4 + t.hl + r.len();
         let queued = match netif.tx_buffer().filter(|b| b.len() >= need) {
             Some(out) => {
-                out[..ETH].copy_from_slice(&frame[..ETH]);
-                match segment::write_segment(ip, &t, k, r, last, &mut out[ETH..]) {
+                out[..ETH].copy_from_slice(&headers[..ETH]);
+                match segment::write_segment(ip, payload, &t, k, r, last, &mut out[ETH..]) {
                     Some(n) => netif.commit(ETH + n),
                     None => {
                         cut.error = Some("bad_len");
@@ -614,8 +626,8 @@ fn send_large(
                 }
             }
             None => {
-                scratch[..ETH].copy_from_slice(&frame[..ETH]);
-                match segment::write_segment(ip, &t, k, r, last, &mut scratch[ETH..]) {
+                scratch[..ETH].copy_from_slice(&headers[..ETH]);
+                match segment::write_segment(ip, payload, &t, k, r, last, &mut scratch[ETH..]) {
                     Some(n) => netif.send(&scratch[..ETH + n]),
                     None => {
                         cut.error = Some("bad_len");

@@ -123,10 +123,12 @@ pub fn cuts(t: &TcpLayout, mss: usize) -> impl Iterator<Item = Range<usize>> {
     (0..len.div_ceil(mss)).map(move |k| k * mss..((k + 1) * mss).min(len))
 }
 
-/// Writes segment `index` (payload bytes `range` of `pkt`'s payload) into `out`; returns its
-/// length, or `None` if `out` is too small.
+/// Writes segment `index` into `out`: the headers of `headers` (the packet's IP and TCP
+/// headers, `t`'s layout) and bytes `range` of `payload` (the packet's payload, wherever it
+/// lies). Returns its length, or `None` if `out` is too small.
 pub fn write_segment(
-    pkt: &[u8],
+    headers: &[u8],
+    payload: &[u8],
     t: &TcpLayout,
     index: usize,
     range: Range<usize>,
@@ -136,9 +138,9 @@ pub fn write_segment(
     let (l4, hl) = (t.l4, t.hl);
     let n = range.len();
     let total = l4 + hl + n;
-    let payload = pkt.get(l4 + hl + range.start..l4 + hl + range.end)?;
+    let payload = payload.get(range.start..range.end)?;
     let out = out.get_mut(..total)?;
-    out[..l4 + hl].copy_from_slice(pkt.get(..l4 + hl)?);
+    out[..l4 + hl].copy_from_slice(headers.get(..l4 + hl)?);
     if t.src.is_ipv4() {
         out[2..4].copy_from_slice(&(total as u16).to_be_bytes());
         let id = u16::from_be_bytes([out[4], out[5]]).wrapping_add(index as u16);
@@ -214,7 +216,8 @@ mod tests {
             let mut out = vec![0u8; 2048];
             for (k, r) in cuts.iter().enumerate() {
                 let last = k + 1 == cuts.len();
-                let n = write_segment(&pkt, &t, k, r.clone(), last, &mut out).unwrap();
+                let body = &pkt[t.l4 + t.hl..];
+                let n = write_segment(&pkt, body, &t, k, r.clone(), last, &mut out).unwrap();
                 assert!(n <= 1500);
                 // Every segment is valid on the wire: lengths, IP and TCP checksums.
                 let p = parse_ip(&out[..n]).unwrap();

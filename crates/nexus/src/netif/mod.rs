@@ -56,12 +56,17 @@ pub trait Netif: std::fmt::Debug + Send {
     fn mtu(&self) -> u32 {
         1500
     }
-    /// Sends a TCP frame larger than the MTU for the kernel to cut into segments as `gso`
-    /// says (its TCP checksum field holding the pseudo-header sum), in order after every frame
-    /// queued before it. `Ok(false)`: this backend cannot, and the caller cuts the frame
-    /// itself.
-    fn send_gso(&mut self, frame: &[u8], gso: &packet::Gso) -> Result<bool, NetifError> {
-        let _ = (frame, gso);
+    /// Sends a TCP frame larger than the MTU, `headers` (Ethernet to TCP, the TCP checksum
+    /// field holding the pseudo-header sum) then `payload`, for the kernel to cut into segments
+    /// as `gso` says, in order after every frame queued before it. `Ok(false)`: this backend
+    /// cannot, and the caller cuts the frame itself.
+    fn send_gso(
+        &mut self,
+        headers: &[u8],
+        payload: &[u8],
+        gso: &packet::Gso,
+    ) -> Result<bool, NetifError> {
+        let _ = (headers, payload, gso);
         Ok(false)
     }
     /// The interface's MAC address (the source of every frame the nexus sends).

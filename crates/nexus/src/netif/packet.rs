@@ -117,11 +117,16 @@ impl GsoSocket {
         Ok(Self { fd })
     }
 
-    /// Sends `frame` (Ethernet header first; the TCP checksum field holding the
-    /// pseudo-header sum) to be cut as `gso` says.
-    pub fn send(&self, frame: &[u8], gso: &Gso) -> std::io::Result<()> {
+    /// Sends the frame `headers` + `payload` (Ethernet, IP and TCP headers, the TCP checksum
+    /// field holding the pseudo-header sum; then the payload, wherever it lies) to be cut as
+    /// `gso` says.
+    pub fn send(&self, headers: &[u8], payload: &[u8], gso: &Gso) -> std::io::Result<()> {
         let h = gso.header();
-        let iov = [IoSlice::new(&h), IoSlice::new(frame)];
+        let iov = [
+            IoSlice::new(&h),
+            IoSlice::new(headers),
+            IoSlice::new(payload),
+        ];
         rustix::net::sendmsg(
             &self.fd,
             &iov,

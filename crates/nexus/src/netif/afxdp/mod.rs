@@ -406,7 +406,12 @@ impl Netif for AfXdp {
         self.mtu
     }
 
-    fn send_gso(&mut self, frame: &[u8], gso: &super::packet::Gso) -> Result<bool, NetifError> {
+    fn send_gso(
+        &mut self,
+        headers: &[u8],
+        payload: &[u8],
+        gso: &super::packet::Gso,
+    ) -> Result<bool, NetifError> {
         if self.gso.is_none() {
             return Ok(false);
         }
@@ -414,7 +419,7 @@ impl Netif for AfXdp {
         if self.pending > 0 || self.tx.outstanding() {
             self.flush();
         }
-        match self.gso.as_ref().map(|g| g.send(frame, gso)) {
+        match self.gso.as_ref().map(|g| g.send(headers, payload, gso)) {
             Some(Ok(())) => Ok(true),
             Some(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => Err(NetifError::Full),
             Some(Err(e)) => {
