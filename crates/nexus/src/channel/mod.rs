@@ -148,19 +148,11 @@ impl Channel {
         tracing::debug!(channel = self.id, released, "idle channel trimmed");
     }
 
-    /// Stages one incoming IP packet for delivery: copies it into a fresh buffer of this
-    /// channel's pool (the copy is the isolation boundary). Counted as `rx_no_buf` when the
-    /// pool is exhausted. Call [`Channel::flush_rx`] after the batch.
-    pub fn stage(&mut self, packet: &[u8]) {
-        self.stage_with(packet.len(), |b| {
-            b.copy_from_slice(packet);
-            true
-        });
-    }
-
-    /// Stages a `len`-byte packet that `fill` writes into a fresh buffer (given exactly `len`
-    /// bytes). If `fill` returns false the buffer goes back to the pool and nothing is
-    /// staged. True if a packet was staged.
+    /// Stages one incoming IP packet of `len` bytes for delivery: `fill` writes it into a
+    /// fresh buffer of this channel's pool (given exactly `len` bytes; the copy is the
+    /// isolation boundary). If `fill` returns false the buffer goes back to the pool and
+    /// nothing is staged. Counted as `rx_no_buf` when the pool is exhausted. True if a packet
+    /// was staged; call [`Channel::flush_rx`] after the batch.
     pub fn stage_with(&mut self, len: usize, fill: impl FnOnce(&mut [u8]) -> bool) -> bool {
         if self.defunct.is_some() {
             return false;

@@ -284,7 +284,7 @@ fn seq(tcp: &[u8]) -> u32 {
 /// The largest TCP payload (without options) a pool buffer of `buf_size` bytes holds.
 pub fn max_segment(buf_size: usize, v4: bool) -> u16 {
     let ip = if v4 { 20 } else { 40 };
-    (buf_size.min(65535) - ip - 20) as u16
+    buf_size.min(65535).saturating_sub(ip + 20) as u16
 }
 
 /// Raises the MSS option of a SYN (`tcp`: the TCP header, checksum valid) to `mss`, and
