@@ -182,6 +182,10 @@ fn desc(buf: u32, offset: u32, len: u32, flags: u32) -> Desc {
 
 // ---------------------------------------------------------------------------------------------
 
+/// Reflections a `stream` app lets be outstanding: half the default ring (the nexus's
+/// `channel.ring_slots`).
+const STREAM_IN_FLIGHT: u64 = 512;
+
 fn burn() -> Result<(), String> {
     say("ready");
     let mut x = 1u64;
@@ -190,7 +194,10 @@ fn burn() -> Result<(), String> {
     }
 }
 
-/// Streams checked packets forever, holding buffers at random moments.
+/// Streams checked packets forever, holding buffers at random moments. Every reflection must
+/// come back, in order: at most [`STREAM_IN_FLIGHT`] packets are out at once, well under the RX
+/// ring's slots (a reflector whose app does not keep up drops what its RX ring cannot hold,
+/// as `rx_ring_full`, which is right for it and no loss to complain of here).
 fn stream(ch: &mut Channel) -> Result<(), String> {
     let seed = u64::from(std::process::id())
         ^ std::time::SystemTime::now()
@@ -213,7 +220,8 @@ fn stream(ch: &mut Channel) -> Result<(), String> {
                 None => break,
             }
         }
-        let k = rng.below(unsent.len() as u64 + 1) as usize;
+        let room = STREAM_IN_FLIGHT.saturating_sub(next_seq - expect) as usize;
+        let k = (rng.below(unsent.len() as u64 + 1) as usize).min(room);
         pkts.clear();
         for (i, &b) in unsent[..k].iter().enumerate() {
             let bytes = ch.buffer_mut(b).expect("an allocated buffer is held");
