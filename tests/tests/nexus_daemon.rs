@@ -1766,13 +1766,35 @@ fn large_buffers_keep_segment_bytes_and_offloads_need_an_interface() {
     let _serial = serial();
     let d = Daemon::start("large-buffers", None);
     let mut nx = d.monitor();
-    let ch = nx
+    let mut ch = nx
         .open_channel(ChannelOptions {
             buf_size: Some(16384),
             offloads: netchannel::nexus::Offloads::ALL,
             ..ChannelOptions::default()
         })
         .expect("a channel of 16 KiB buffers");
+    // The ALLOC stock keeps the bytes of the configured 32 to 512 buffers of 2 KiB: 4 to 64.
+    let (s, _) = status_until(&mut nx, "the first ALLOC stock", |s| {
+        channel(s, ch.id()).is_some_and(|c| c.buffers_app > 0)
+    });
+    assert_eq!(channel(&s, ch.id()).expect("listed").buffers_app, 4);
+    // An app that keeps emptying the ring makes the stock double, up to its bound.
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        while let Some(b) = ch.alloc() {
+            held.push(b);
+        }
+        ch.free(held.drain(..)).expect("free what it took");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let stock = channel(&status(&mut nx), ch.id())
+        .expect("listed")
+        .buffers_app;
+    assert!(
+        (8..=64).contains(&stock),
+        "the stock grew from 4 and stayed within 64 buffers of 16 KiB: {stock}"
+    );
     let g = ch.pool().geometry();
     assert_eq!(g.buf_size, 16384);
     assert_eq!(

@@ -201,9 +201,10 @@ pub struct ChannelConfig {
     /// larger buffers holds proportionally fewer: `max_buffers` counts 2 KiB buffers.
     pub max_buf_size: u32,
     /// Empty buffers the nexus keeps on a channel's ALLOC ring at first and when idle; the
-    /// stock doubles whenever a busy app empties the ring, up to `alloc_ring_max`.
+    /// stock doubles whenever a busy app empties the ring, up to `alloc_ring_max`. Both count
+    /// 2 KiB buffers: a pool of larger buffers keeps the same bytes in fewer (at least one).
     pub alloc_ring_min: u32,
-    /// Most empty buffers on a channel's ALLOC ring.
+    /// Most empty buffers on a channel's ALLOC ring (in 2 KiB buffers, as `alloc_ring_min`).
     pub alloc_ring_max: u32,
     /// A channel idle this long (milliseconds) has its ALLOC stock cut back to the minimum and
     /// its idle pool segments given back to the OS.

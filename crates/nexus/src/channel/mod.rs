@@ -49,17 +49,30 @@ pub struct Channel {
     tx: Vec<Packet>,
     rx: Vec<Packet>,
     audit: String,
-    /// Current ALLOC-ring stock (self-tuned between the configured minimum and maximum).
+    /// Current ALLOC-ring stock (self-tuned between `alloc_min` and `alloc_max`).
     alloc_target: u32,
+    /// The configured stock bounds, in buffers of this pool's size (see [`alloc_bounds`]).
+    alloc_min: u32,
+    alloc_max: u32,
     last_active: Instant,
     trimmed: bool,
     /// The offloads granted at open (the flowswitch applies them).
     pub offloads: Offloads,
 }
 
+/// The ALLOC stock's bounds for a pool of `buf_size`-byte buffers: the configured ones count
+/// 2 KiB buffers, so a pool of larger buffers keeps the same bytes on its ring in fewer of them
+/// (16 KiB buffers: 4 to 64, 64 KiB to 1 MiB, not 512 KiB to 8 MiB), and at least one.
+fn alloc_bounds(cfg: &ChannelConfig, buf_size: u32) -> (u32, u32) {
+    let scale = (buf_size / 2048).max(1);
+    let min = (cfg.alloc_ring_min / scale).max(1);
+    (min, (cfg.alloc_ring_max / scale).max(min))
+}
+
 impl Channel {
     /// Wraps an endpoint (server role, home of every segment) that has just been set up.
     pub fn new(id: ChannelId, client: u64, cred: Cred, ep: Endpoint, cfg: &ChannelConfig) -> Self {
+        let (alloc_min, alloc_max) = alloc_bounds(cfg, ep.pool().buf_size());
         Self {
             id,
             client,
@@ -70,7 +83,9 @@ impl Channel {
             tx: Vec::new(),
             rx: Vec::new(),
             audit: "ok".into(),
-            alloc_target: cfg.alloc_ring_min,
+            alloc_target: alloc_min,
+            alloc_min,
+            alloc_max,
             last_active: Instant::now(),
             trimmed: false,
             offloads: Offloads::default(),
@@ -134,7 +149,7 @@ impl Channel {
         {
             return;
         }
-        self.alloc_target = cfg.alloc_ring_min;
+        self.alloc_target = self.alloc_min;
         let mut released = 0;
         while let Ok(Some(_)) = self.ep.shrink_pool() {
             released += 1;
@@ -253,7 +268,7 @@ impl Channel {
             .supply_to(self.alloc_target)
             .map_err(|_| Quarantine::RingCorrupt)?;
         if supplied.starved && moved + returned > 0 {
-            self.alloc_target = (self.alloc_target * 2).min(cfg.alloc_ring_max);
+            self.alloc_target = (self.alloc_target * 2).min(self.alloc_max);
         }
         if self.ep.stats().total_violations() >= cfg.max_strikes {
             return Err(Quarantine::Strikes);
@@ -353,5 +368,26 @@ impl Channel {
             drops,
             audit: self.audit.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_alloc_stock_keeps_its_bytes_whatever_the_buffer_size() {
+        let cfg = ChannelConfig::default();
+        assert_eq!(alloc_bounds(&cfg, 2048), (32, 512));
+        assert_eq!(alloc_bounds(&cfg, 16384), (4, 64));
+        assert_eq!(alloc_bounds(&cfg, 65536), (1, 16));
+        // Small buffers do not raise it, and a tiny configured range keeps one buffer.
+        assert_eq!(alloc_bounds(&cfg, 1024), (32, 512));
+        let tiny = ChannelConfig {
+            alloc_ring_min: 1,
+            alloc_ring_max: 2,
+            ..ChannelConfig::default()
+        };
+        assert_eq!(alloc_bounds(&tiny, 65536), (1, 1));
     }
 }
