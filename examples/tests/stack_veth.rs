@@ -1712,3 +1712,82 @@ fn an_app_killed_mid_transfer_releases_its_flow_and_port() {
     );
     let _ = server.finish(SHORT);
 }
+
+/// A kernel client that asks for a file, half-closes (no more requests), takes the first MiB,
+/// pauses a second so that the server stalls mid-response, then reads on until the end.
+const HALF_CLOSED_CLIENT: &str = r"
+import socket, time
+c = socket.create_connection(('@HOST@', @PORT@), timeout=10)
+c.sendall(b'GET /big HTTP/1.1\r\nhost: x\r\n\r\n')
+c.shutdown(socket.SHUT_WR)
+n, said = 0, False
+try:
+    while True:
+        b = c.recv(1 << 16)
+        if not b:
+            how = 'eof'
+            break
+        n += len(b)
+        if n >= 1 << 20 and not said:
+            said = True
+            print('midway', flush=True)
+            time.sleep(1)
+except ConnectionResetError:
+    how = 'reset'
+except socket.timeout:
+    how = 'timeout'
+print(how, n, flush=True)
+";
+
+/// A peer that half-closed is still owed a reset when the app answering it dies: the nexus
+/// remembers a connection until both sides' FINs (or a reset), not just until the peer's FIN.
+#[test]
+fn a_half_closed_peer_is_reset_when_the_app_answering_it_dies() {
+    if skip() {
+        return;
+    }
+    let _serial = serial();
+    let net = Net::new(15);
+    let nexus = InProcess::start(&net, "half-close-kill");
+    let root = Scratch::new("half-close-root");
+    random_file(&root.join("big"), 100 * MIB);
+    let (mut server, addr) = app(
+        "http_server",
+        HTTP_SERVER,
+        &[
+            "--socket",
+            &nexus.socket,
+            "--root",
+            root.str(),
+            "--listen",
+            "0.0.0.0:0",
+        ],
+    );
+    let mut client = net.python(
+        "the half-closed client",
+        HALF_CLOSED_CLIENT,
+        &[
+            ("HOST", net.host4.to_string()),
+            ("PORT", addr.port().to_string()),
+        ],
+    );
+    client.expect_line("midway", SHORT);
+    server.child.kill().expect("kill -9");
+    let _ = server.child.wait();
+    let killed = Instant::now();
+    let end = client.expect_line("", Duration::from_secs(20));
+    let seen = killed.elapsed();
+    eprintln!("the client saw {end:?} {seen:.3?} after the kill");
+    let w = words(&end);
+    assert_eq!(w[0], "reset", "the half-closed peer is reset: {end:?}");
+    let got: usize = w[1].parse().expect("a byte count");
+    assert!(
+        got < 100 * MIB,
+        "the app died before it sent the whole file ({got} bytes came)"
+    );
+    assert!(
+        seen < Duration::from_secs(3),
+        "the reset came {seen:?} after the kill (1 s of it the client's pause)"
+    );
+    let _ = client.finish(SHORT);
+}

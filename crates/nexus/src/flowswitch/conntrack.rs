@@ -6,6 +6,12 @@
 //! (RFC 5961). The nexus sees every segment the app sends, so it knows that number: the end
 //! of the app's last segment, which the reset follows on the same path. (Before the app has
 //! sent anything, the peer's last acknowledgement stands in.)
+//!
+//! A connection is remembered from the SYN the peer sends (a SYN or a SYN-ACK) until either
+//! side resets it or both have sent their FIN. Only a SYN starts one, so the stray segments
+//! that follow a close (the last ACK, a retransmitted FIN) do not bring it back. A peer that
+//! half-closes is still remembered: the app may go on sending to it, cut to its MSS, and die
+//! while it does.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -31,6 +37,9 @@ struct Conn {
     next: u32,
     /// The MSS option of the peer's SYN (what segmentation offload cuts to).
     mss: Option<u16>,
+    /// The peer sent its FIN; the app sent its own.
+    fin_rx: bool,
+    fin_tx: bool,
 }
 
 /// A reset to send: from `local` (the app's side) to `remote`.
@@ -60,8 +69,12 @@ impl Conns {
         let Some(h) = tcp.get(..20) else { return };
         let flags = h[13];
         let key = (local, remote);
-        if flags & (RST | FIN) != 0 {
+        if flags & RST != 0 {
             self.map.remove(&key);
+            return;
+        }
+        let known = self.map.contains_key(&key);
+        if !known && (flags & SYN == 0 || self.map.len() >= CAPACITY) {
             return;
         }
         let seq = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
@@ -70,19 +83,26 @@ impl Conns {
         let data = tcp.len().saturating_sub(header) as u32;
         let next = seq
             .wrapping_add(data)
-            .wrapping_add(u32::from(flags & SYN != 0));
-        if self.map.len() >= CAPACITY && !self.map.contains_key(&key) {
-            return;
-        }
+            .wrapping_add(u32::from(flags & SYN != 0))
+            .wrapping_add(u32::from(flags & FIN != 0));
         let c = self.map.entry(key).or_insert(Conn {
             channel,
             ack: None,
             sent: None,
             next,
             mss: None,
+            fin_rx: false,
+            fin_tx: false,
         });
         c.channel = channel;
         c.next = next;
+        if flags & FIN != 0 {
+            c.fin_rx = true;
+            if c.fin_tx {
+                self.map.remove(&key);
+                return;
+            }
+        }
         if flags & SYN != 0 {
             // No option means the RFC 9293 default.
             let default = if local.is_ipv4() { 536 } else { 1220 };
@@ -101,10 +121,15 @@ impl Conns {
     /// `remote`, on a connection seen on receive.
     pub fn on_tx(&mut self, local: SocketAddr, remote: SocketAddr, tcp: &[u8]) {
         let Some(h) = tcp.get(..20) else { return };
-        let Some(c) = self.map.get_mut(&(local, remote)) else {
+        let key = (local, remote);
+        let Some(c) = self.map.get_mut(&key) else {
             return;
         };
         let flags = h[13];
+        if flags & RST != 0 {
+            self.map.remove(&key);
+            return;
+        }
         let seq = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
         let header = usize::from(h[12] >> 4) * 4;
         let data = tcp.len().saturating_sub(header) as u32;
@@ -116,6 +141,12 @@ impl Conns {
             Some(s) if (s.wrapping_sub(end) as i32) > 0 => s,
             _ => end,
         });
+        if flags & FIN != 0 {
+            c.fin_tx = true;
+            if c.fin_rx {
+                self.map.remove(&key);
+            }
+        }
     }
 
     /// The MSS the peer of (`local`, `remote`) announced, if its SYN was seen.
@@ -198,6 +229,7 @@ mod tests {
         let other: SocketAddr = "198.18.0.3:4000".parse().expect("addr");
         c.on_rx(1, l, r, &seg(1000, 0, SYN, 0));
         c.on_rx(1, l, r, &seg(1001, 5000, ACK, 100));
+        c.on_rx(2, l, other, &seg(6, 0, SYN, 0));
         c.on_rx(2, l, other, &seg(7, 9, ACK, 0));
         // The app sends 300 bytes, then retransmits its first 100: the peer will expect 5300.
         c.on_tx(l, r, &seg(5000, 1101, ACK, 300));
@@ -231,6 +263,7 @@ mod tests {
         let mut c = Conns::default();
         let l: SocketAddr = "198.18.0.1:80".parse().expect("addr");
         let r: SocketAddr = "198.18.0.2:4000".parse().expect("addr");
+        c.on_rx(1, l, r, &seg(1000, 0, SYN, 0));
         c.on_rx(1, l, r, &seg(1001, 5000, ACK, 10));
         assert_eq!(c.take_channel(1)[0].seq, 5000);
     }
@@ -253,15 +286,48 @@ mod tests {
     }
 
     #[test]
-    fn closed_connections_are_forgotten() {
+    fn connections_live_from_the_peers_syn_until_a_reset_or_both_fins() {
         let mut c = Conns::default();
         let l: SocketAddr = "[fd00:198:18::1]:80".parse().expect("addr");
         let r: SocketAddr = "[fd00:198:18::2]:4000".parse().expect("addr");
+        // Only a SYN starts one.
         c.on_rx(1, l, r, &seg(1, 1, ACK, 0));
+        assert!(c.is_empty(), "a segment without SYN starts nothing");
+        c.on_rx(1, l, r, &seg(0, 0, SYN, 0));
+        // The peer half-closes: the app may still send, and still gets a reset sent for it.
+        c.on_rx(1, l, r, &seg(1, 1, ACK | FIN, 10));
+        assert_eq!(c.mss(l, r), Some(1220), "its MSS is still known");
+        c.on_tx(l, r, &seg(1, 12, ACK, 500));
+        assert_eq!(
+            c.take_channel(1),
+            [Reset {
+                local: l,
+                remote: r,
+                seq: 501,
+                ack: 12
+            }],
+            "the reset acknowledges the peer's FIN"
+        );
+        // Both FINs: forgotten, and the stray last ACK or a retransmitted FIN do not revive it.
+        c.on_rx(1, l, r, &seg(0, 0, SYN, 0));
         c.on_rx(1, l, r, &seg(1, 1, ACK | FIN, 0));
-        assert!(c.take_channel(1).is_empty());
-        c.on_rx(1, l, r, &seg(1, 1, ACK, 0));
+        c.on_tx(l, r, &seg(1, 2, ACK | FIN, 0));
+        assert!(c.is_empty());
+        c.on_rx(1, l, r, &seg(2, 2, ACK, 0));
+        c.on_rx(1, l, r, &seg(1, 1, ACK | FIN, 0));
+        assert!(c.is_empty());
+        // The app closes first, then the peer.
+        c.on_rx(1, l, r, &seg(0, 0, SYN, 0));
+        c.on_tx(l, r, &seg(1, 1, ACK | FIN, 0));
+        assert_eq!(c.len(), 1);
+        c.on_rx(1, l, r, &seg(1, 2, ACK | FIN, 0));
+        assert!(c.is_empty());
+        // A reset from either side ends it.
+        c.on_rx(1, l, r, &seg(0, 0, SYN, 0));
         c.on_rx(1, l, r, &seg(1, 1, RST, 0));
+        assert!(c.is_empty());
+        c.on_rx(1, l, r, &seg(0, 0, SYN, 0));
+        c.on_tx(l, r, &seg(1, 1, RST | ACK, 0));
         assert!(c.is_empty());
         c.on_rx(1, l, r, &[0u8; 10]);
         assert!(c.is_empty(), "a truncated header is ignored");
