@@ -479,6 +479,22 @@ fn app(what: &str, bin: &str, args: &[&str]) -> (Kid, SocketAddr) {
     (kid, addr)
 }
 
+/// Starts the example HTTP server on `nexus`, serving `root` on an ephemeral port.
+fn http_server(nexus: &InProcess, root: &Scratch) -> (Kid, SocketAddr) {
+    app(
+        "http_server",
+        HTTP_SERVER,
+        &[
+            "--socket",
+            &nexus.socket,
+            "--root",
+            root.str(),
+            "--listen",
+            "0.0.0.0:0",
+        ],
+    )
+}
+
 /// The words of a line, for the lines our scripts and the apps print.
 fn words(line: &str) -> Vec<&str> {
     line.split_whitespace().collect()
@@ -568,18 +584,7 @@ fn http_server_serves_0b_1kib_10mib_and_100mib_files_to_curl_intact() {
     for (name, len) in files {
         random_file(&root.join(name), len);
     }
-    let (mut server, addr) = app(
-        "http_server",
-        HTTP_SERVER,
-        &[
-            "--socket",
-            &nexus.socket,
-            "--root",
-            root.str(),
-            "--listen",
-            "0.0.0.0:0",
-        ],
-    );
+    let (mut server, addr) = http_server(&nexus, &root);
     assert!(addr.port() != 0, "a real port: {addr}");
     for (name, len) in files {
         let out = got.join(name);
@@ -910,18 +915,7 @@ fn http_server_serves_50_concurrent_connections() {
     for i in 0..N {
         random_file(&root.join(&format!("f{i}")), 20_000 + i * 997);
     }
-    let (mut server, addr) = app(
-        "http_server",
-        HTTP_SERVER,
-        &[
-            "--socket",
-            &nexus.socket,
-            "--root",
-            root.str(),
-            "--listen",
-            "0.0.0.0:0",
-        ],
-    );
+    let (mut server, addr) = http_server(&nexus, &root);
     let t0 = Instant::now();
     let lines = net
         .python(
@@ -1751,18 +1745,7 @@ fn a_half_closed_peer_is_reset_when_the_app_answering_it_dies() {
     let nexus = InProcess::start(&net, "half-close-kill");
     let root = Scratch::new("half-close-root");
     random_file(&root.join("big"), 100 * MIB);
-    let (mut server, addr) = app(
-        "http_server",
-        HTTP_SERVER,
-        &[
-            "--socket",
-            &nexus.socket,
-            "--root",
-            root.str(),
-            "--listen",
-            "0.0.0.0:0",
-        ],
-    );
+    let (mut server, addr) = http_server(&nexus, &root);
     let mut client = net.python(
         "the half-closed client",
         HALF_CLOSED_CLIENT,
