@@ -44,7 +44,7 @@ pub use udp::UdpSocket;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -59,7 +59,9 @@ use device::ChannelDevice;
 
 /// How long a blocking call polls the stack itself before it sleeps: a reply from a kernel
 /// peer that has to be woken takes 50–150 µs here, and a wake-up of our own would add as much.
-const SPIN: Duration = Duration::from_micros(200);
+/// (Only while the socket's waits usually end that soon: see [`Waits`].)
+const SPIN_US: u32 = 200;
+const SPIN: Duration = Duration::from_micros(SPIN_US as u64);
 
 /// While spinning, a blocking call polls the stack at least this often (timers), and
 /// whenever packets wait.
@@ -107,8 +109,8 @@ pub(crate) struct Inner {
     pub(crate) sockets: SocketSet<'static>,
     control: Nexus,
     epoch: Instant,
-    /// Streams the app dropped, closing gracefully before they are removed.
-    closing: Vec<(SocketHandle, Option<Arc<FlowGuard>>)>,
+    /// Sockets the app dropped, kept until they have finished (see [`Closing`]).
+    closing: Vec<Closing>,
     addresses: Vec<IpAddr>,
 }
 
@@ -119,6 +121,40 @@ impl std::fmt::Debug for Inner {
             .field("closing", &self.closing.len())
             .field("addresses", &self.addresses)
             .finish_non_exhaustive()
+    }
+}
+
+/// A socket the app dropped that has not finished yet: a TCP stream until its connection is
+/// closed, a UDP socket until the datagrams it queued have gone (a `send_to` followed by a
+/// drop loses nothing, as with a kernel socket, even when the channel had no buffer free at
+/// that moment), for at most [`UDP_LINGER`]. The flow stays registered meanwhile, or what
+/// is sent would find none.
+#[derive(Debug)]
+pub(crate) struct Closing {
+    handle: SocketHandle,
+    /// `Some` for UDP: when to give up.
+    udp_until: Option<Instant>,
+    _flow: Option<Arc<FlowGuard>>,
+}
+
+/// Longest a dropped UDP socket waits for its queued datagrams to go.
+const UDP_LINGER: Duration = Duration::from_secs(1);
+
+impl Closing {
+    pub(crate) fn tcp(handle: SocketHandle, flow: Option<Arc<FlowGuard>>) -> Self {
+        Self {
+            handle,
+            udp_until: None,
+            _flow: flow,
+        }
+    }
+
+    pub(crate) fn udp(handle: SocketHandle, flow: Arc<FlowGuard>) -> Self {
+        Self {
+            handle,
+            udp_until: Some(Instant::now() + UDP_LINGER),
+            _flow: Some(flow),
+        }
     }
 }
 
@@ -406,19 +442,30 @@ impl Inner {
         had_rx || reaped || r == smoltcp::iface::PollResult::SocketStateChanged
     }
 
-    /// Removes closed streams the app dropped.
+    /// Removes the dropped sockets that have finished.
     fn reap(&mut self) -> bool {
+        if self.closing.is_empty() {
+            return false;
+        }
         let before = self.closing.len();
+        let now = Instant::now();
         let sockets = &mut self.sockets;
-        self.closing.retain(|(h, _)| {
-            let s = sockets.get::<smoltcp::socket::tcp::Socket>(*h);
-            use smoltcp::socket::tcp::State;
-            if matches!(s.state(), State::Closed | State::TimeWait) {
-                sockets.remove(*h);
-                false
-            } else {
-                true
+        self.closing.retain(|c| {
+            let done = match c.udp_until {
+                None => {
+                    use smoltcp::socket::tcp::{Socket, State};
+                    let s = sockets.get::<Socket>(c.handle);
+                    matches!(s.state(), State::Closed | State::TimeWait)
+                }
+                Some(until) => {
+                    let s = sockets.get::<smoltcp::socket::udp::Socket>(c.handle);
+                    s.send_queue() == 0 || now >= until
+                }
+            };
+            if done {
+                sockets.remove(c.handle);
             }
+            !done
         });
         self.closing.len() != before
     }
@@ -496,6 +543,49 @@ fn flow_error(e: &Error, local: SocketAddr) -> io::Error {
     io::Error::new(kind, format!("{local}: {e}"))
 }
 
+/// Whether a socket's blocking waits should spin before they sleep. Spinning pays only when
+/// what the call waits for usually comes within [`SPIN`], as a reply does; a bulk reader whose
+/// data comes in bursts far apart spins in vain, on a core that the nexus or the sender needs
+/// (measured: 200 µs spins in ~700 of ~900 waits per second, each ending after 320 µs or
+/// more). The nexus's pacer decides its own spin the same way.
+///
+/// The history is the share of recent waits that lasted over twice the spin (an EWMA, in
+/// 1/1024); past half, the next wait sleeps at once. A share, not a mean, so that a few long
+/// waits (a peer descheduled) do not switch spinning off for a conversation that mostly
+/// answers at once. Waits that slept without spinning count too: they include the wake-up,
+/// so they can only overstate the wait, and a socket whose waits are short even so spins
+/// again. (Twice the spin, because a wake-up on this busy 2-vCPU machine can itself take a
+/// spin's length: with the spin as the bound, a round-trip test that once fell asleep could
+/// stay asleep, at 70-270 µs round trips instead of 35 µs.)
+///
+/// Measured, A/B over 14 pairs of `bench tcp` trials: bulk peer-to-app throughput +7% and
+/// +11% (11 and 9 pairs of 14 better), the machine's CPU per GB 4% lower, the UDP round
+/// trip's p50 within noise (34 vs 36 µs, 40 vs 44 µs).
+#[derive(Debug, Default)]
+pub(crate) struct Waits {
+    long: AtomicU32,
+}
+
+impl Waits {
+    const ONE: u32 = 1024;
+
+    /// How long the next wait spins.
+    fn spin(&self) -> Duration {
+        if self.long.load(Ordering::Relaxed) < Self::ONE / 2 {
+            SPIN
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// Counts a wait that lasted `waited`.
+    fn record(&self, waited: Duration) {
+        let long = if waited > 2 * SPIN { Self::ONE } else { 0 };
+        let old = self.long.load(Ordering::Relaxed);
+        self.long.store((old * 7 + long) / 8, Ordering::Relaxed);
+    }
+}
+
 /// A blocking call driving the stack in the driver thread's place.
 struct Poller<'a>(&'a Shared);
 
@@ -565,16 +655,34 @@ impl Shared {
     }
 
     /// Waits until `ready` returns a value, or `deadline` passes (`Err(TimedOut)`), driving
-    /// the stack itself when no thread does. `ready` runs with the stack locked.
+    /// the stack itself when no thread does. `ready` runs with the stack locked. `waits` is
+    /// the history of this kind of wait on this socket.
     pub(crate) fn wait<T>(
         self: &Arc<Self>,
         deadline: Option<Instant>,
+        waits: &Waits,
         mut ready: impl FnMut(&mut Inner) -> io::Result<Option<T>>,
     ) -> io::Result<T> {
         let mut g = lock(&self.inner);
+        if let Some(v) = ready(&mut g)? {
+            return Ok(v);
+        }
+        let start = Instant::now();
+        let r = self.wait_more(g, deadline, waits.spin(), ready);
+        waits.record(start.elapsed());
+        r
+    }
+
+    fn wait_more<'a, T>(
+        self: &'a Arc<Self>,
+        mut g: MutexGuard<'a, Inner>,
+        deadline: Option<Instant>,
+        spin: Duration,
+        mut ready: impl FnMut(&mut Inner) -> io::Result<Option<T>>,
+    ) -> io::Result<T> {
         // Before handing over to the driver thread, poll the stack from this thread for a
         // moment: an answer that comes back within it costs no thread wake-up.
-        let spin_until = Instant::now() + SPIN;
+        let spin_until = Instant::now() + spin;
         let mut next_poll = Instant::now();
         // Declared after the guard, so that it is dropped while the stack is still locked.
         let mut poller: Option<Poller<'_>> = None;
@@ -676,4 +784,47 @@ impl Drop for Stack {
 /// A deadline `d` from now.
 pub(crate) fn deadline(d: Option<Duration>) -> Option<Instant> {
     d.map(|d| Instant::now() + d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_spin_until_most_of_them_run_long_and_again_once_most_are_short() {
+        let w = Waits::default();
+        assert_eq!(w.spin(), SPIN, "a new socket spins");
+        // Replies within the spin, with now and then a slow one: it keeps spinning.
+        for i in 0..100 {
+            let d = if i % 4 == 0 { 10 * SPIN } else { SPIN / 4 };
+            w.record(d);
+            assert_eq!(w.spin(), SPIN, "wait {i}");
+        }
+        // A bulk reader's long gaps: a few in a row switch spinning off.
+        let mut off_after = None;
+        for i in 0..20 {
+            w.record(5 * SPIN);
+            if w.spin().is_zero() {
+                off_after = Some(i + 1);
+                break;
+            }
+        }
+        assert!(
+            matches!(off_after, Some(2..=8)),
+            "spinning went off after {off_after:?} long waits"
+        );
+        // Waits between one and two spins (a wake-up's length) count as short.
+        let mut on_after = None;
+        for i in 0..20 {
+            w.record(SPIN * 3 / 2);
+            if w.spin() == SPIN {
+                on_after = Some(i + 1);
+                break;
+            }
+        }
+        assert!(
+            matches!(on_after, Some(1..=8)),
+            "spinning came back after {on_after:?} short waits"
+        );
+    }
 }

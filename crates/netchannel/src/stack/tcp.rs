@@ -11,7 +11,7 @@ use smoltcp::socket::tcp::{self, State};
 use smoltcp::wire::{IpEndpoint, IpListenEndpoint};
 
 use super::udp::would_block;
-use super::{FlowGuard, Inner, Stack, deadline};
+use super::{Closing, FlowGuard, Inner, Stack, Waits, deadline};
 
 /// Bytes of each stream's receive and send buffers (the receive window, scaled).
 const BUFFER: usize = 2 * 1024 * 1024;
@@ -44,6 +44,7 @@ pub struct TcpListener {
     pool: std::sync::Mutex<Vec<SocketHandle>>,
     nonblocking: bool,
     flow: Arc<FlowGuard>,
+    accepts: Waits,
 }
 
 impl TcpListener {
@@ -70,6 +71,7 @@ impl TcpListener {
             pool: std::sync::Mutex::new(pool),
             nonblocking: false,
             flow,
+            accepts: Waits::default(),
         })
     }
 
@@ -106,7 +108,7 @@ impl TcpListener {
         let until = self.nonblocking.then(std::time::Instant::now);
         let local = self.local;
         let mut pool = self.pool();
-        let r = shared.wait(until, |g| try_accept(g, &mut pool, local));
+        let r = shared.wait(until, &self.accepts, |g| try_accept(g, &mut pool, local));
         drop(pool);
         let (handle, peer) = would_block(r, self.nonblocking)?;
         Ok((self.stream(handle, peer), peer))
@@ -174,7 +176,7 @@ impl Drop for TcpListener {
                 } else {
                     // A connection not yet accepted: reset it, as a kernel listener does.
                     s.abort();
-                    g.closing.push((h, None));
+                    g.closing.push(Closing::tcp(h, None));
                 }
             }
         });
@@ -193,6 +195,8 @@ pub struct TcpStream {
     write_timeout: Option<Duration>,
     read_shut: bool,
     flow: Option<Arc<FlowGuard>>,
+    reads: Waits,
+    writes: Waits,
 }
 
 impl TcpStream {
@@ -213,6 +217,8 @@ impl TcpStream {
             write_timeout: None,
             read_shut: false,
             flow: Some(flow),
+            reads: Waits::default(),
+            writes: Waits::default(),
         }
     }
 
@@ -256,7 +262,7 @@ impl TcpStream {
         };
         // Poll now so the SYN leaves at once.
         shared.with(|_| ());
-        let r = shared.wait(deadline(timeout), |g| {
+        let r = shared.wait(deadline(timeout), &Waits::default(), |g| {
             let s = g.sockets.get::<tcp::Socket>(handle);
             match s.state() {
                 State::Established | State::CloseWait => Ok(Some(())),
@@ -270,7 +276,7 @@ impl TcpStream {
         if let Err(e) = r {
             shared.with(|g| {
                 g.sockets.get_mut::<tcp::Socket>(handle).abort();
-                g.closing.push((handle, None));
+                g.closing.push(Closing::tcp(handle, None));
             });
             drop(flow);
             return Err(e);
@@ -351,7 +357,9 @@ impl TcpStream {
         }
         let shared = self.stack.shared().clone();
         let h = self.handle;
-        let r = shared.wait(self.until(self.read_timeout), |g| try_read(g, h, buf));
+        let r = shared.wait(self.until(self.read_timeout), &self.reads, |g| {
+            try_read(g, h, buf)
+        });
         let n = would_block(r, self.nonblocking || self.read_timeout.is_some())?;
         // Reading opened the window: tell the peer now.
         if n > 0 {
@@ -366,7 +374,9 @@ impl TcpStream {
         }
         let shared = self.stack.shared().clone();
         let h = self.handle;
-        let r = shared.wait(self.until(self.write_timeout), |g| try_write(g, h, buf));
+        let r = shared.wait(self.until(self.write_timeout), &self.writes, |g| {
+            try_write(g, h, buf)
+        });
         let n = would_block(r, self.nonblocking || self.write_timeout.is_some())?;
         shared.with(|_| ());
         Ok(n)
@@ -452,7 +462,7 @@ impl Drop for TcpStream {
             s.close();
             // A peer that stops answering must not keep the socket (and its flow) forever.
             s.set_timeout(Some(smoltcp::time::Duration::from_secs(CLOSE_TIMEOUT_S)));
-            g.closing.push((h, flow));
+            g.closing.push(Closing::tcp(h, flow));
         });
     }
 }

@@ -10,14 +10,14 @@ use smoltcp::iface::SocketHandle;
 use smoltcp::socket::udp;
 use smoltcp::wire::{IpEndpoint, IpListenEndpoint};
 
-use super::{FlowGuard, Inner, Stack, deadline};
+use super::{Closing, FlowGuard, Inner, Stack, Waits, deadline};
 
 /// Datagrams each direction may queue, and their bytes.
 const QUEUE_DATAGRAMS: usize = 256;
 const QUEUE_BYTES: usize = 256 * 1024;
 
 /// A UDP socket on a [`Stack`]. Binding registers a flow with the nexus (and reserves the
-/// port in the kernel); dropping the socket releases both.
+/// port in the kernel); dropping the socket releases both, once what it queued has gone.
 #[derive(Debug)]
 pub struct UdpSocket {
     stack: Stack,
@@ -27,7 +27,9 @@ pub struct UdpSocket {
     nonblocking: bool,
     read_timeout: Option<Duration>,
     write_timeout: Option<Duration>,
-    _flow: Arc<FlowGuard>,
+    flow: Arc<FlowGuard>,
+    sends: Waits,
+    recvs: Waits,
 }
 
 fn endpoint(a: SocketAddr) -> IpEndpoint {
@@ -69,7 +71,9 @@ impl UdpSocket {
             nonblocking: false,
             read_timeout: None,
             write_timeout: None,
-            _flow: flow,
+            flow,
+            sends: Waits::default(),
+            recvs: Waits::default(),
         })
     }
 
@@ -136,7 +140,7 @@ impl UdpSocket {
     pub fn send_to(&self, buf: &[u8], addr: SocketAddr) -> io::Result<usize> {
         let shared = self.stack.shared().clone();
         let handle = self.handle;
-        let r = shared.wait(self.wait_deadline(self.write_timeout), |g| {
+        let r = shared.wait(self.wait_deadline(self.write_timeout), &self.sends, |g| {
             try_send_to(g, handle, buf, addr)
         });
         let r = would_block(r, self.nonblocking);
@@ -151,7 +155,7 @@ impl UdpSocket {
         let shared = self.stack.shared().clone();
         let handle = self.handle;
         let peer = self.peer;
-        let r = shared.wait(self.wait_deadline(self.read_timeout), |g| {
+        let r = shared.wait(self.wait_deadline(self.read_timeout), &self.recvs, |g| {
             try_recv_from(g, handle, buf, peer)
         });
         would_block(r, self.nonblocking || self.read_timeout.is_some())
@@ -237,9 +241,8 @@ pub(super) fn would_block<T>(r: io::Result<T>, as_would_block: bool) -> io::Resu
 
 impl Drop for UdpSocket {
     fn drop(&mut self) {
-        let handle = self.handle;
-        self.stack.shared().with(|g| {
-            g.sockets.remove(handle);
-        });
+        // Removed once what it queued has gone (at the poll that follows, mostly).
+        let closing = Closing::udp(self.handle, self.flow.clone());
+        self.stack.shared().with(|g| g.closing.push(closing));
     }
 }
