@@ -238,6 +238,10 @@ pub struct DatapathConfig {
     /// packets come back within it: a round trip through a sleeping peer on this kind of VM
     /// takes 50–150 µs, and each wake-up of the nexus would add as much again).
     pub spin_us: u64,
+    /// At most this long (µs) after a busy period in which apps only answered what they
+    /// received (a frame or fewer sent for four received, as TCP acknowledgements are): their
+    /// next packets come after they have done that work, on the CPU the spin would take.
+    pub answer_spin_us: u64,
     /// Most packets taken from one channel's TX ring per pass (fairness between channels).
     pub batch: usize,
     /// Microseconds the nexus sleeps on a timer, instead of being rung, while traffic arrives in
@@ -251,6 +255,7 @@ impl Default for DatapathConfig {
     fn default() -> Self {
         Self {
             spin_us: 200,
+            answer_spin_us: 50,
             batch: 64,
             coalesce_us: 100,
             coalesce_batch: 8,

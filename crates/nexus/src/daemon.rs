@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::control::{Client, ControlErrors};
 use crate::flowswitch::{FlowTable, Switch};
 use crate::netns::HostPorts;
-use crate::pacer::{Next, Pacer};
+use crate::pacer::{Next, Pacer, Sent};
 
 /// Why the nexus could not start or keep running.
 #[derive(Debug, thiserror::Error)]
@@ -192,7 +192,8 @@ impl Nexus {
             d.coalesce_batch,
             d.batch,
             Instant::now(),
-        );
+        )
+        .with_answer_spin(Duration::from_micros(d.answer_spin_us));
         let mut passes = 0u32;
         let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
         let mut last_housekeeping = Instant::now();
@@ -310,11 +311,10 @@ impl Nexus {
         Ok(())
     }
 
-    /// One pass over the interface and every channel: packets moved, and of them, sent by
-    /// apps.
-    fn service_channels(&mut self) -> (usize, usize) {
+    /// One pass over the interface and every channel: packets moved, and what apps sent.
+    fn service_channels(&mut self) -> (usize, Sent) {
         let (cfg, batch) = (&self.config.channel, self.config.datapath.batch);
-        let (mut moved, mut sent_all) = (0, 0);
+        let (mut moved, mut sent_all) = (0, Sent::default());
         let mut quarantine = Vec::new();
         match &mut self.switch {
             // With an interface: the flowswitch moves packets between it and the channels.
@@ -323,6 +323,7 @@ impl Nexus {
                 let (n, broken) = sw.rx_pass(&mut self.flows, &mut self.channels, RX_BUDGET);
                 moved += n;
                 quarantine.extend(broken.into_iter().map(|id| (id, Quarantine::RingCorrupt)));
+                let frames_before = sw.stats().tx_frames;
                 for c in self.channels.values_mut() {
                     let sent = match sw.tx_pass(&mut self.flows, c, batch) {
                         Ok(k) => k,
@@ -331,13 +332,14 @@ impl Nexus {
                             continue;
                         }
                     };
-                    sent_all += sent;
+                    sent_all.packets += sent;
                     match c.service_buffers(cfg, sent) {
                         Ok(r) => moved += sent + r,
                         Err(q) => quarantine.push((c.id, q)),
                     }
                 }
                 sw.flush();
+                sent_all.frames += sw.stats().tx_frames.saturating_sub(frames_before) as usize;
             }
             // Without one: each channel's packets are reflected back to it.
             None => {
@@ -346,7 +348,8 @@ impl Nexus {
                         Ok(n) => {
                             // Everything here was sent by an app (and reflected).
                             moved += n;
-                            sent_all += n;
+                            sent_all.packets += n;
+                            sent_all.frames += n;
                         }
                         Err(q) => quarantine.push((c.id, q)),
                     }
