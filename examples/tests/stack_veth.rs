@@ -1542,7 +1542,7 @@ print('got', len(got), 'missing', sorted(set(range(@N@)) - got), flush=True)
 ///
 /// Regression too: the stack removed a dropped UDP socket at once, so a datagram still queued
 /// in it (the channel's ALLOC ring empty at that moment: after the idle pauses below, the
-/// stock of a 16 KiB-buffer channel is 4) was lost with it (9 of 1000, in pairs, in 1 of 7
+/// stock of a 16 KiB-buffer channel was 4) was lost with it (9 of 1000, in pairs, in 1 of 7
 /// runs). A dropped UDP socket now lingers, with its flow, until its queue has gone.
 #[test]
 fn datagrams_sent_just_before_their_socket_is_dropped_arrive() {

@@ -5,11 +5,12 @@
 //! addresses are the ones the nexus serves). Every `bind` or `connect` registers its flow with
 //! the nexus, which reserves the port in the kernel too; dropping the socket releases both.
 //!
-//! The channel has 16 KiB pool buffers and asks for the nexus's TCP offloads
+//! The channel has 64 KiB pool buffers and asks for the nexus's TCP offloads
 //! ([`Offloads`](crate::nexus::Offloads)): the nexus delivers in-order segments coalesced, up
 //! to a buffer each, and cuts the large segments this stack sends to the peer's MSS, computing
-//! their checksums as it copies them. smoltcp thus handles one packet per ~11 on the wire. (A
-//! nexus that refuses large buffers gets the plain channel, and segments stay wire-sized.)
+//! their checksums as it copies them. smoltcp thus handles one packet per up to ~45 on the
+//! wire. (A nexus that refuses large buffers gets the plain channel, and segments stay
+//! wire-sized.)
 //!
 //! Two ways to drive it:
 //!
@@ -69,11 +70,13 @@ const SPIN_POLL: Duration = Duration::from_micros(20);
 
 /// Longest a driver sleeps without a reason to wake (timers are polled at least this often).
 const MAX_SLEEP: Duration = Duration::from_millis(50);
-/// Pool buffers the stack asks for: large enough for a coalesced run of segments (and a
-/// large segment to send), as the production system's 16 KiB "large buffers".
-const OFFLOAD_BUF_SIZE: u32 = 16 * 1024;
+/// Pool buffers the stack asks for: large enough for a coalesced run of segments and a large
+/// segment to send, up to IP's 64 KiB (the nexus's GSO then makes one system call per 64 KiB
+/// sent: A/B over 16 pairs against 16 KiB, app-to-peer throughput +15%, better in 14; the
+/// other direction and round trips unchanged).
+const OFFLOAD_BUF_SIZE: u32 = 64 * 1024;
 /// Buffers in the stack's pool (32 MiB of address space, touched as used).
-const OFFLOAD_BUFFERS: u32 = 2048;
+const OFFLOAD_BUFFERS: u32 = 512;
 
 /// A user-space TCP/IP stack on one channel of a nexus. Cheap to clone; the last clone (and
 /// the last socket) to go closes the channel.
