@@ -1148,6 +1148,29 @@ print('closed', flush=True)
 
 /// Asserts a read that timed out: `WouldBlock` (Linux's EAGAIN for SO_RCVTIMEO) after about
 /// 200 ms.
+/// `op` fails with WouldBlock every time, in well under the 200 µs a blocking call may spin
+/// (median of 50 calls under 50 µs).
+fn assert_would_block_at_once<T: std::fmt::Debug>(
+    what: &str,
+    mut op: impl FnMut() -> io::Result<T>,
+) {
+    let mut took: Vec<Duration> = (0..50)
+        .map(|_| {
+            let t0 = Instant::now();
+            let e = op().expect_err(what);
+            let d = t0.elapsed();
+            assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{what}: {e}");
+            d
+        })
+        .collect();
+    took.sort_unstable();
+    assert!(
+        took[25] < Duration::from_micros(50),
+        "{what}: WouldBlock took {:?} (median), not at once",
+        took[25]
+    );
+}
+
 fn assert_timed_out<T: std::fmt::Debug>(what: &str, r: io::Result<T>, took: Duration) {
     let e = r.expect_err(what);
     assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{what}: {e}");
@@ -1199,6 +1222,10 @@ fn read_timeouts_fail_idle_reads_with_would_block_after_200ms_tcp_and_udp() {
         let r = conn.read(&mut buf);
         assert_timed_out(&format!("idle TCP read {i}"), r, t0.elapsed());
     }
+    // Non-blocking, a read returns WouldBlock at once, not after a spin.
+    conn.set_nonblocking(true).unwrap();
+    assert_would_block_at_once("a non-blocking idle TCP read", || conn.read(&mut buf));
+    conn.set_nonblocking(false).unwrap();
     // The connection is as good as before.
     conn.write_all(b"still there?").unwrap();
     let mut got = [0u8; 12];
@@ -1228,6 +1255,10 @@ fn read_timeouts_fail_idle_reads_with_would_block_after_200ms_tcp_and_udp() {
         let t0 = Instant::now();
         let r = u.recv(&mut buf);
         assert_timed_out(&format!("idle UDP recv on {local}"), r, t0.elapsed());
+        u.set_nonblocking(true).unwrap();
+        assert_would_block_at_once(&format!("a non-blocking UDP recv on {local}"), || {
+            u.recv(&mut buf)
+        });
     }
     no_flows_within(&mut control, Duration::from_secs(2));
 }

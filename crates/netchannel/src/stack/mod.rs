@@ -684,10 +684,12 @@ impl Shared {
         mut ready: impl FnMut(&mut Inner) -> io::Result<Option<T>>,
     ) -> io::Result<T> {
         // Before handing over to the driver thread, poll the stack from this thread for a
-        // moment: an answer that comes back within it costs no thread wake-up.
-        let spin_until = Instant::now() + spin;
-        let mut next_poll = Instant::now();
-        // Declared after the guard, so that it is dropped while the stack is still locked.
+        // moment: an answer that comes back within it costs no thread wake-up. Never past the
+        // deadline: a non-blocking call (deadline now) returns WouldBlock at once.
+        let now = Instant::now();
+        let spin_until = deadline.map_or(now + spin, |d| d.min(now + spin));
+        let mut next_poll = now;
+        // A local, dropped before the guard (a parameter), so while the stack is still locked.
         let mut poller: Option<Poller<'_>> = None;
         loop {
             if let Some(v) = ready(&mut g)? {
