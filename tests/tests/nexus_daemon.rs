@@ -1819,6 +1819,42 @@ fn large_buffers_keep_segment_bytes_and_offloads_need_an_interface() {
     }
 }
 
+/// A small pool (64 buffers) whose app keeps emptying its ALLOC ring: the stock grows to a
+/// quarter of the pool at most, so the nexus always has buffers to deliver into, and every
+/// reflection comes back. (Uncapped, the stock grew to the whole pool and the nexus dropped
+/// what it had to deliver as `rx_no_buf`: a stack's bulk transfer stalled for good that way.)
+#[test]
+fn the_alloc_stock_of_a_small_pool_leaves_buffers_to_deliver_into() {
+    let _serial = serial();
+    let d = Daemon::start("small-pool", None);
+    let mut nx = d.monitor();
+    let mut ch = nx
+        .open_channel(ChannelOptions {
+            buffers: Some(64),
+            ..ChannelOptions::default()
+        })
+        .expect("a channel of 64 buffers");
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        while let Some(b) = ch.alloc() {
+            held.push(b);
+        }
+        ch.free(held.drain(..)).expect("free what it took");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let c = channel(&status(&mut nx), ch.id()).expect("listed").clone();
+    assert!(
+        c.buffers_app <= 16,
+        "the stock stays within a quarter of the pool: {} of 64 with the app",
+        c.buffers_app
+    );
+    round_trip(&mut ch, 1000);
+    let c = channel(&status(&mut nx), ch.id()).expect("listed").clone();
+    assert_eq!(c.drops, vec![], "nothing dropped");
+    nx.close_channel(ch).expect("close");
+}
+
 /// How long the idle-memory test lets its channels idle.
 const IDLE: Duration = Duration::from_millis(2500);
 

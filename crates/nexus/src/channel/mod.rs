@@ -60,19 +60,30 @@ pub struct Channel {
     pub offloads: Offloads,
 }
 
-/// The ALLOC stock's bounds for a pool of `buf_size`-byte buffers: the configured ones count
-/// 2 KiB buffers, so a pool of larger buffers keeps the same bytes on its ring in fewer of them
-/// (16 KiB buffers: 4 to 64, 64 KiB to 1 MiB, not 512 KiB to 8 MiB), and at least one.
-fn alloc_bounds(cfg: &ChannelConfig, buf_size: u32) -> (u32, u32) {
+/// The ALLOC stock's bounds for a pool of `pool` buffers of `buf_size` bytes. The configured
+/// ones count 2 KiB buffers, so a pool of larger buffers keeps the same bytes on its ring in
+/// fewer of them (16 KiB buffers: 4 to 64, 64 KiB to 1 MiB, not 512 KiB to 8 MiB). And the
+/// stock never exceeds a quarter of the pool (at least one buffer): what sits on the ALLOC ring
+/// is the app's, and a stock as large as the pool left the nexus no buffer to deliver into
+/// (found as a bulk transfer to an app stalled for good, `rx_no_buf`, with all 512 buffers of
+/// a 64 KiB pool on the ring).
+fn alloc_bounds(cfg: &ChannelConfig, buf_size: u32, pool: u32) -> (u32, u32) {
     let scale = (buf_size / 2048).max(1);
-    let min = (cfg.alloc_ring_min / scale).max(1);
-    (min, (cfg.alloc_ring_max / scale).max(min))
+    let cap = (pool / 4).max(1);
+    let max = (cfg.alloc_ring_max / scale).clamp(1, cap);
+    let min = (cfg.alloc_ring_min / scale).clamp(1, max);
+    (min, max)
 }
 
 impl Channel {
     /// Wraps an endpoint (server role, home of every segment) that has just been set up.
     pub fn new(id: ChannelId, client: u64, cred: Cred, ep: Endpoint, cfg: &ChannelConfig) -> Self {
-        let (alloc_min, alloc_max) = alloc_bounds(cfg, ep.pool().buf_size());
+        let g = ep.pool().geometry();
+        let (alloc_min, alloc_max) = alloc_bounds(
+            cfg,
+            g.buf_size,
+            g.bufs_per_segment.saturating_mul(g.segments),
+        );
         Self {
             id,
             client,
@@ -378,16 +389,28 @@ mod tests {
     #[test]
     fn the_alloc_stock_keeps_its_bytes_whatever_the_buffer_size() {
         let cfg = ChannelConfig::default();
-        assert_eq!(alloc_bounds(&cfg, 2048), (32, 512));
-        assert_eq!(alloc_bounds(&cfg, 16384), (4, 64));
-        assert_eq!(alloc_bounds(&cfg, 65536), (1, 16));
+        let big = 1 << 16;
+        assert_eq!(alloc_bounds(&cfg, 2048, big), (32, 512));
+        assert_eq!(alloc_bounds(&cfg, 16384, big), (4, 64));
+        assert_eq!(alloc_bounds(&cfg, 65536, big), (1, 16));
         // Small buffers do not raise it, and a tiny configured range keeps one buffer.
-        assert_eq!(alloc_bounds(&cfg, 1024), (32, 512));
+        assert_eq!(alloc_bounds(&cfg, 1024, big), (32, 512));
         let tiny = ChannelConfig {
             alloc_ring_min: 1,
             alloc_ring_max: 2,
             ..ChannelConfig::default()
         };
-        assert_eq!(alloc_bounds(&tiny, 65536), (1, 1));
+        assert_eq!(alloc_bounds(&tiny, 65536, big), (1, 1));
+    }
+
+    #[test]
+    fn the_alloc_stock_leaves_three_quarters_of_the_pool_for_delivery() {
+        let cfg = ChannelConfig::default();
+        assert_eq!(alloc_bounds(&cfg, 2048, 4096), (32, 512));
+        assert_eq!(alloc_bounds(&cfg, 2048, 1024), (32, 256));
+        assert_eq!(alloc_bounds(&cfg, 2048, 64), (16, 16));
+        assert_eq!(alloc_bounds(&cfg, 65536, 16), (1, 4));
+        assert_eq!(alloc_bounds(&cfg, 2048, 2), (1, 1));
+        assert_eq!(alloc_bounds(&cfg, 2048, 0), (1, 1));
     }
 }
