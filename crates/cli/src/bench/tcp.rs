@@ -27,6 +27,8 @@ const PEER_PORT: u16 = 9202;
 const ECHO_PORT: u16 = 9203;
 /// Bytes per write.
 const CHUNK: usize = 256 * 1024;
+/// A bulk trial in which nothing moves for this long has stalled: it fails instead of hanging.
+const STALL: Duration = Duration::from_secs(10);
 
 /// What one trial measured.
 #[derive(Debug, Clone, Copy)]
@@ -81,6 +83,20 @@ fn pour(mut w: impl Write, d: Duration) -> std::io::Result<u64> {
     Ok(sent)
 }
 
+/// The error of a bulk trial whose transfer failed or stalled; stops the peer.
+fn stalled(e: std::io::Error, path: &str, peer: &mut std::process::Child) -> String {
+    let _ = peer.kill();
+    let _ = peer.wait();
+    if matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    ) {
+        format!("the {path} path's transfer stalled: nothing moved for {STALL:?}")
+    } else {
+        format!("the {path} path's transfer failed: {e}")
+    }
+}
+
 fn spawn_peer(bed: &Bed, args: &[&str]) -> Result<(std::process::Child, String), String> {
     let mut full = vec!["bench-peer".to_owned()];
     full.extend(args.iter().map(|s| (*s).to_owned()));
@@ -114,7 +130,9 @@ fn kernel_trial(bed: &Bed, t: Trial, d: Duration, rtts: usize) -> Result<Measure
                 ms,
             ])?;
             let (conn, _) = l.accept().map_err(|e| e.to_string())?;
-            let m = drain(&conn).map_err(|e| e.to_string())?;
+            conn.set_read_timeout(Some(STALL))
+                .map_err(|e| e.to_string())?;
+            let m = drain(&conn).map_err(|e| stalled(e, "kernel", &mut child))?;
             drop(conn);
             let busy_s = busy_seconds_since(t0);
             let _ = child.wait();
@@ -127,10 +145,12 @@ fn kernel_trial(bed: &Bed, t: Trial, d: Duration, rtts: usize) -> Result<Measure
         }
         Trial::FromHost => {
             let addr = SocketAddrV4::new(PEER_IP, PEER_PORT).to_string();
-            let (child, _) = spawn_peer(bed, &["tcp-recv", "--addr", &addr])?;
+            let (mut child, _) = spawn_peer(bed, &["tcp-recv", "--addr", &addr])?;
             let mut conn = TcpStream::connect(SocketAddrV4::new(PEER_IP, PEER_PORT))
                 .map_err(|e| e.to_string())?;
-            pour(&conn, d).map_err(|e| e.to_string())?;
+            conn.set_write_timeout(Some(STALL))
+                .map_err(|e| e.to_string())?;
+            pour(&conn, d).map_err(|e| stalled(e, "kernel", &mut child))?;
             conn.shutdown(std::net::Shutdown::Write)
                 .map_err(|e| e.to_string())?;
             let _ = conn.read(&mut [0u8; 16]);
@@ -220,8 +240,10 @@ fn nexus_trial(
                 "--duration-ms".into(),
                 d.as_millis().to_string(),
             ])?;
-            let (conn, _) = l.accept().map_err(|e| e.to_string())?;
-            let m = drain(&conn).map_err(|e| e.to_string())?;
+            let (mut conn, _) = l.accept().map_err(|e| e.to_string())?;
+            conn.set_read_timeout(Some(STALL))
+                .map_err(|e| e.to_string())?;
+            let m = drain(&conn).map_err(|e| stalled(e, "netchannel", &mut child))?;
             drop(conn);
             let busy_s = busy_seconds_since(t0);
             let _ = child.wait();
@@ -234,10 +256,12 @@ fn nexus_trial(
         }
         Trial::FromHost => {
             let addr = SocketAddrV4::new(PEER_IP, PEER_PORT);
-            let (child, _) = spawn_peer(bed, &["tcp-recv", "--addr", &addr.to_string()])?;
+            let (mut child, _) = spawn_peer(bed, &["tcp-recv", "--addr", &addr.to_string()])?;
             let mut conn =
                 NcStream::connect(&stack, SocketAddr::V4(addr)).map_err(|e| e.to_string())?;
-            pour(&conn, d).map_err(|e| e.to_string())?;
+            conn.set_write_timeout(Some(STALL))
+                .map_err(|e| e.to_string())?;
+            pour(&conn, d).map_err(|e| stalled(e, "netchannel", &mut child))?;
             conn.shutdown(std::net::Shutdown::Write)
                 .map_err(|e| e.to_string())?;
             let _ = conn.read(&mut [0u8; 16]);
