@@ -204,7 +204,9 @@ pub struct ChannelConfig {
     /// stock doubles whenever a busy app empties the ring, up to `alloc_ring_max`. Both count
     /// 2 KiB buffers: a pool of larger buffers keeps the same bytes in fewer (at least one).
     pub alloc_ring_min: u32,
-    /// Most empty buffers on a channel's ALLOC ring (in 2 KiB buffers, as `alloc_ring_min`).
+    /// Most empty buffers on a channel's ALLOC ring (in 2 KiB buffers, as `alloc_ring_min`;
+    /// never more than a quarter of the channel's pool, which must keep buffers to deliver
+    /// into).
     pub alloc_ring_max: u32,
     /// A channel idle this long (milliseconds) has its ALLOC stock cut back to the minimum and
     /// its idle pool segments given back to the OS.
