@@ -1810,3 +1810,113 @@ fn a_half_closed_peer_is_reset_when_the_app_answering_it_dies() {
     );
     let _ = client.finish(SHORT);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 7. Half-open handshakes.
+
+/// SYNs from an address nobody owns in the peer's subnet, built by hand on a raw socket: the
+/// listener answers each with a SYN-ACK that can never be delivered.
+const SPOOFED_SYNS: &str = r"
+import socket, struct
+def csum(b):
+    if len(b) % 2:
+        b += b'\0'
+    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))
+    while s >> 16:
+        s = (s & 0xffff) + (s >> 16)
+    return (~s) & 0xffff
+src, dst, port = socket.inet_aton('@SPOOF@'), socket.inet_aton('@HOST@'), @PORT@
+r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for i in range(@N@):
+    tcp = struct.pack('!HHIIBBHHH', 40000 + i, port, 1000 + i, 0, 5 << 4, 0x02, 65535, 0, 0)
+    c = csum(src + dst + struct.pack('!BBH', 0, 6, len(tcp)) + tcp)
+    tcp = tcp[:16] + struct.pack('!H', c) + tcp[18:]
+    ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(tcp), i + 1, 0, 64, 6, 0, src, dst)
+    ip = ip[:10] + struct.pack('!H', csum(ip)) + ip[12:]
+    r.sendto(ip + tcp, ('@HOST@', 0))
+print('sent', @N@, flush=True)
+";
+
+/// A client that tries once at once and once after `WAIT` seconds.
+const TWO_ATTEMPTS: &str = r"
+import socket, time
+def attempt():
+    try:
+        c = socket.create_connection(('@HOST@', @PORT@), timeout=1)
+        return 'served ' + c.recv(16).decode()
+    except ConnectionRefusedError:
+        return 'refused'
+    except socket.timeout:
+        return 'timeout'
+print('first', attempt(), flush=True)
+time.sleep(@WAIT@)
+print('then', attempt(), flush=True)
+";
+
+/// Handshakes that never finish (SYNs from a spoofed source) fill a listener's backlog, as
+/// they would a kernel's, but only for the handshake timeout: then the listener serves again.
+/// (Before it had one, each such SYN held a backlog socket for good: four made a listener
+/// with a backlog of four refuse every client from then on.)
+#[test]
+fn half_open_handshakes_time_out_and_the_listener_serves_again() {
+    if skip() {
+        return;
+    }
+    let _serial = serial();
+    const BACKLOG: usize = 4;
+    let net = Net::new(11);
+    let nexus = InProcess::start(&net, "synflood");
+    let stack = nexus.stack();
+    warm_neighbours(&net);
+    let mut listener = netchannel::stack::TcpListener::bind_with_backlog(
+        &stack,
+        SocketAddr::new(net.host4.into(), 0),
+        BACKLOG,
+    )
+    .expect("listening");
+    listener
+        .set_handshake_timeout(Duration::from_secs(2))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut conn, peer) = listener.accept().expect("a connection");
+        conn.write_all(b"hello").expect("a greeting");
+        peer
+    });
+    let spoof = Ipv4Addr::from(u32::from(net.peer4) + 1);
+    let mut flood = net.python(
+        "the spoofed SYNs",
+        SPOOFED_SYNS,
+        &[
+            ("SPOOF", spoof.to_string()),
+            ("HOST", net.host4.to_string()),
+            ("PORT", port.to_string()),
+            ("N", BACKLOG.to_string()),
+        ],
+    );
+    flood.expect_line("sent ", SHORT);
+    let _ = flood.succeed(SHORT);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut client = net.python(
+        "the python client",
+        TWO_ATTEMPTS,
+        &[
+            ("HOST", net.host4.to_string()),
+            ("PORT", port.to_string()),
+            ("WAIT", "3".into()),
+        ],
+    );
+    let first = client.expect_line("first ", SHORT);
+    assert!(
+        first == "first refused" || first == "first timeout",
+        "the half-open handshakes fill the backlog at first: {first}"
+    );
+    let then = client.expect_line("then ", SHORT);
+    assert_eq!(
+        then, "then served hello",
+        "the handshakes timed out and the listener serves again"
+    );
+    let peer = server.join().expect("the server thread");
+    assert_eq!(peer.ip(), IpAddr::V4(net.peer4));
+    let _ = client.succeed(SHORT);
+}

@@ -39,7 +39,7 @@ mod tcp;
 mod tokio_io;
 mod udp;
 
-pub use tcp::{DEFAULT_BACKLOG, TcpListener, TcpStream};
+pub use tcp::{DEFAULT_BACKLOG, DEFAULT_HANDSHAKE_TIMEOUT, TcpListener, TcpStream};
 pub use udp::UdpSocket;
 
 use std::io;

@@ -19,6 +19,9 @@ const BUFFER: usize = 2 * 1024 * 1024;
 const CLOSE_TIMEOUT_S: u64 = 30;
 /// Listening sockets a listener keeps ready by default (connections it can take at once).
 pub const DEFAULT_BACKLOG: usize = 64;
+/// How long a connection not yet accepted may go without a packet from its peer, by default
+/// (see [`TcpListener::set_handshake_timeout`]).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn new_socket() -> tcp::Socket<'static> {
     let mut s = tcp::Socket::new(
@@ -45,6 +48,7 @@ pub struct TcpListener {
     nonblocking: bool,
     flow: Arc<FlowGuard>,
     accepts: Waits,
+    handshake: Duration,
 }
 
 impl TcpListener {
@@ -62,7 +66,7 @@ impl TcpListener {
         let (flow, local) = g.add_flow(&shared, FlowProto::Tcp, addr, None)?;
         let mut pool = Vec::with_capacity(backlog.max(1));
         for _ in 0..backlog.max(1) {
-            pool.push(listen(&mut g, local)?);
+            pool.push(listen(&mut g, local, DEFAULT_HANDSHAKE_TIMEOUT)?);
         }
         drop(g);
         Ok(Self {
@@ -72,7 +76,32 @@ impl TcpListener {
             nonblocking: false,
             flow,
             accepts: Waits::default(),
+            handshake: DEFAULT_HANDSHAKE_TIMEOUT,
         })
+    }
+
+    /// How long a connection that `accept` has not taken yet may go without a packet from its
+    /// peer, from its SYN on (default [`DEFAULT_HANDSHAKE_TIMEOUT`]). Past it, the connection
+    /// is reset and its socket of the backlog listens again (at the next `accept`). Without
+    /// it, a SYN whose sender never answers (a spoofed source) would hold one of the backlog's
+    /// sockets for good, and enough of them would refuse every client.
+    pub fn set_handshake_timeout(&mut self, d: Duration) -> io::Result<()> {
+        if d.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a handshake timeout must be longer than zero",
+            ));
+        }
+        self.handshake = d;
+        let pool = self.pool().clone();
+        self.stack.shared().with(|g| {
+            for h in pool {
+                g.sockets
+                    .get_mut::<tcp::Socket>(h)
+                    .set_timeout(Some(d.into()));
+            }
+        });
+        Ok(())
     }
 
     /// The local address.
@@ -89,6 +118,11 @@ impl TcpListener {
     #[cfg(feature = "tokio")]
     pub(super) fn stack(&self) -> &Stack {
         &self.stack
+    }
+
+    #[cfg(feature = "tokio")]
+    pub(super) fn handshake(&self) -> Duration {
+        self.handshake
     }
 
     pub(super) fn pool(&self) -> std::sync::MutexGuard<'_, Vec<SocketHandle>> {
@@ -108,7 +142,10 @@ impl TcpListener {
         let until = self.nonblocking.then(std::time::Instant::now);
         let local = self.local;
         let mut pool = self.pool();
-        let r = shared.wait(until, &self.accepts, |g| try_accept(g, &mut pool, local));
+        let handshake = self.handshake;
+        let r = shared.wait(until, &self.accepts, |g| {
+            try_accept(g, &mut pool, local, handshake)
+        });
         drop(pool);
         let (handle, peer) = would_block(r, self.nonblocking)?;
         Ok((self.stream(handle, peer), peer))
@@ -121,13 +158,14 @@ pub(super) fn try_accept(
     g: &mut Inner,
     pool: &mut [SocketHandle],
     local: SocketAddr,
+    handshake: Duration,
 ) -> io::Result<Option<(SocketHandle, SocketAddr)>> {
     let ready = pool.iter().position(|h| {
         let s = g.sockets.get::<tcp::Socket>(*h);
         matches!(s.state(), State::Established | State::CloseWait)
     });
     let Some(i) = ready else {
-        // A socket whose handshake failed (reset) listens again.
+        // A socket whose handshake failed (reset, or timed out) listens again.
         for h in pool.iter() {
             let s = g.sockets.get_mut::<tcp::Socket>(*h);
             if s.state() == State::Closed {
@@ -137,7 +175,9 @@ pub(super) fn try_accept(
         return Ok(None);
     };
     let h = pool[i];
-    pool[i] = listen(g, local)?;
+    pool[i] = listen(g, local, handshake)?;
+    // Accepted: the handshake's timeout does not limit the connection.
+    g.sockets.get_mut::<tcp::Socket>(h).set_timeout(None);
     let peer = g
         .sockets
         .get::<tcp::Socket>(h)
@@ -154,8 +194,9 @@ fn listen_endpoint(local: SocketAddr) -> IpListenEndpoint {
     }
 }
 
-fn listen(g: &mut Inner, local: SocketAddr) -> io::Result<SocketHandle> {
+fn listen(g: &mut Inner, local: SocketAddr, handshake: Duration) -> io::Result<SocketHandle> {
     let mut s = new_socket();
+    s.set_timeout(Some(handshake.into()));
     s.listen(listen_endpoint(local))
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("listen: {e}")))?;
     Ok(g.sockets.add(s))

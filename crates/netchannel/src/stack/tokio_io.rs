@@ -78,10 +78,11 @@ impl TcpListener {
     pub async fn accept_async(&self) -> io::Result<(TcpStream, SocketAddr)> {
         let shared = self.stack().shared().clone();
         let local = self.local_addr()?;
+        let handshake = self.handshake();
         let (handle, peer) = std::future::poll_fn(|cx| {
             // The pool first, then the stack: the order every path takes.
             let mut pool = self.pool();
-            shared.poll_op(cx, |g| try_accept(g, &mut pool, local))
+            shared.poll_op(cx, |g| try_accept(g, &mut pool, local, handshake))
         })
         .await?;
         Ok((self.stream(handle, peer), peer))
