@@ -1758,6 +1758,20 @@ impl Memory {
     }
 }
 
+/// Empties the channel's ALLOC ring 40 times over (giving every buffer back each time), so
+/// that the nexus grows its stock as far as it will, then lets it settle.
+fn starve_alloc_ring(ch: &mut Channel) {
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        while let Some(b) = ch.alloc() {
+            held.push(b);
+        }
+        ch.free(held.drain(..)).expect("free what it took");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+}
+
 /// Large pool buffers: granted up to `channel.max_buf_size`, in segments of the same bytes as
 /// 2 KiB ones, and refused (with the limit named) beyond it or when not a power of two;
 /// offloads are not granted by a nexus without an interface, whatever the app asks.
@@ -1779,15 +1793,7 @@ fn large_buffers_keep_segment_bytes_and_offloads_need_an_interface() {
     });
     assert_eq!(channel(&s, ch.id()).expect("listed").buffers_app, 4);
     // An app that keeps emptying the ring makes the stock double, up to its bound.
-    let mut held = Vec::new();
-    for _ in 0..40 {
-        while let Some(b) = ch.alloc() {
-            held.push(b);
-        }
-        ch.free(held.drain(..)).expect("free what it took");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    std::thread::sleep(Duration::from_millis(50));
+    starve_alloc_ring(&mut ch);
     let stock = channel(&status(&mut nx), ch.id())
         .expect("listed")
         .buffers_app;
@@ -1834,15 +1840,7 @@ fn the_alloc_stock_of_a_small_pool_leaves_buffers_to_deliver_into() {
             ..ChannelOptions::default()
         })
         .expect("a channel of 64 buffers");
-    let mut held = Vec::new();
-    for _ in 0..40 {
-        while let Some(b) = ch.alloc() {
-            held.push(b);
-        }
-        ch.free(held.drain(..)).expect("free what it took");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    std::thread::sleep(Duration::from_millis(50));
+    starve_alloc_ring(&mut ch);
     let c = channel(&status(&mut nx), ch.id()).expect("listed").clone();
     assert!(
         c.buffers_app <= 16,
