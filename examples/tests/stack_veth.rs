@@ -680,35 +680,8 @@ fn tcp_bulk_100mib_from_a_kernel_client_and_to_a_kernel_server_intact() {
     let nexus = InProcess::start(&net, "bulk");
     const N: usize = 100 * MIB;
 
-    // Kernel client -> tcp_bulk recv.
-    let (recv, addr) = app(
-        "tcp_bulk recv",
-        TCP_BULK,
-        &["recv", "--socket", &nexus.socket, "--listen", "0.0.0.0:0"],
-    );
-    let t0 = Instant::now();
-    let mut client = net.python(
-        "the python client",
-        UPLOAD_100MIB,
-        &[
-            ("N", N.to_string()),
-            ("HOST", net.host4.to_string()),
-            ("PORT", addr.port().to_string()),
-        ],
-    );
-    let sent = client.expect_line("sent ", BULK);
-    let wall = t0.elapsed();
-    let received = recv.succeed(SHORT);
-    let _ = client.succeed(SHORT);
+    let (sent, r, wall) = kernel_uploads_to_app(&net, &nexus, "0.0.0.0:0", net.host4.into(), N);
     let s = words(&sent);
-    assert_eq!(s[1], N.to_string(), "python sent it all: {sent}");
-    let r = received
-        .iter()
-        .find(|l| l.starts_with("received "))
-        .unwrap_or_else(|| panic!("tcp_bulk recv's report: {received:?}"));
-    let rw = words(r);
-    assert_eq!(rw[1], N.to_string(), "tcp_bulk recv got every byte: {r}");
-    assert_eq!(rw[3], s[2], "what the app hashed is what python sent");
     eprintln!(
         "kernel -> app, 100 MiB: python's sendall {} s, {wall:.3?} wall ({}); app: {r}; the \
          app's close seen by python as {}",
@@ -718,44 +691,11 @@ fn tcp_bulk_100mib_from_a_kernel_client_and_to_a_kernel_server_intact() {
     );
     assert_eq!(s[4], "eof", "the app's FIN reached python once it was done");
 
-    // tcp_bulk send -> kernel server.
-    let mut server = net.python(
-        "the python server",
-        SINK_SERVER,
-        &[("FAM", "AF_INET".into()), ("HOST", net.peer4.to_string())],
-    );
-    let port = words(&server.expect_line("port ", SHORT))[1].to_owned();
-    let t0 = Instant::now();
-    let to = format!("{}:{port}", net.peer4);
-    let sender = Kid::spawn(
-        Command::new(TCP_BULK).args([
-            "send",
-            "--socket",
-            &nexus.socket,
-            "--to",
-            &to,
-            "--bytes",
-            &N.to_string(),
-        ]),
-        "tcp_bulk send",
-    );
-    let got = server.expect_line("received ", BULK);
-    let wall = t0.elapsed();
-    let sent = sender.succeed(SHORT);
-    let _ = server.succeed(SHORT);
-    let s = sent
-        .iter()
-        .find(|l| l.starts_with("sent "))
-        .unwrap_or_else(|| panic!("tcp_bulk send's report: {sent:?}"));
-    let sw = words(s);
-    let g = words(&got);
-    assert_eq!(sw[1], N.to_string(), "tcp_bulk send sent it all: {s}");
-    assert_eq!(g[1], N.to_string(), "python received every byte: {got}");
-    assert_eq!(g[2], sw[3], "what python hashed is what the app sent");
+    let (got, s, wall) = app_sends_to_kernel(&net, &nexus, "AF_INET", net.peer4.into(), N);
     eprintln!(
         "app -> kernel, 100 MiB: {wall:.3?} wall ({}); python's receive {} s; app: {s}",
         rate(N, wall),
-        g[3]
+        words(&got)[3]
     );
     // Both offloads did the work: segments were coalesced on the way in, and the app's large
     // packets cut on the way out (100 MiB is about 72 000 segments each way).
@@ -769,6 +709,104 @@ fn tcp_bulk_100mib_from_a_kernel_client_and_to_a_kernel_server_intact() {
     assert!(segmented > 1_000, "segmentation cut {segmented} packets");
 }
 
+/// A kernel client (python, in the namespace) uploads `n` random bytes to `tcp_bulk recv` on
+/// the stack, listening on `listen` and reached at `host`; checks that every byte came, with
+/// python's hash. Returns python's `sent` line, the app's `received` line and the wall time.
+fn kernel_uploads_to_app(
+    net: &Net,
+    nexus: &InProcess,
+    listen: &str,
+    host: IpAddr,
+    n: usize,
+) -> (String, String, Duration) {
+    let (recv, addr) = app(
+        "tcp_bulk recv",
+        TCP_BULK,
+        &["recv", "--socket", &nexus.socket, "--listen", listen],
+    );
+    let t0 = Instant::now();
+    let mut client = net.python(
+        "the python client",
+        UPLOAD_100MIB,
+        &[
+            ("N", n.to_string()),
+            ("HOST", host.to_string()),
+            ("PORT", addr.port().to_string()),
+        ],
+    );
+    let sent = client.expect_line("sent ", BULK);
+    let wall = t0.elapsed();
+    let received = recv.succeed(SHORT);
+    let _ = client.succeed(SHORT);
+    let s = words(&sent);
+    assert_eq!(s[1], n.to_string(), "python sent it all: {sent}");
+    let r = received
+        .iter()
+        .find(|l| l.starts_with("received "))
+        .unwrap_or_else(|| panic!("tcp_bulk recv's report: {received:?}"))
+        .clone();
+    let rw = words(&r);
+    assert_eq!(
+        rw[1],
+        n.to_string(),
+        "tcp_bulk recv got every byte over {host}: {r}"
+    );
+    assert_eq!(rw[3], s[2], "what the app hashed is what python sent");
+    (sent, r, wall)
+}
+
+/// `tcp_bulk send` on the stack sends `n` bytes to a kernel sink (python, socket family
+/// `fam`) at `peer`; checks that python got every byte, with the app's hash. Returns python's
+/// `received` line, the app's `sent` line and the wall time.
+fn app_sends_to_kernel(
+    net: &Net,
+    nexus: &InProcess,
+    fam: &str,
+    peer: IpAddr,
+    n: usize,
+) -> (String, String, Duration) {
+    let mut server = net.python(
+        "the python server",
+        SINK_SERVER,
+        &[("FAM", fam.into()), ("HOST", peer.to_string())],
+    );
+    let port: u16 = words(&server.expect_line("port ", SHORT))[1]
+        .parse()
+        .expect("a port");
+    let t0 = Instant::now();
+    let to = SocketAddr::new(peer, port).to_string();
+    let sender = Kid::spawn(
+        Command::new(TCP_BULK).args([
+            "send",
+            "--socket",
+            &nexus.socket,
+            "--to",
+            &to,
+            "--bytes",
+            &n.to_string(),
+        ]),
+        "tcp_bulk send",
+    );
+    let got = server.expect_line("received ", BULK);
+    let wall = t0.elapsed();
+    let sent = sender.succeed(SHORT);
+    let _ = server.succeed(SHORT);
+    let s = sent
+        .iter()
+        .find(|l| l.starts_with("sent "))
+        .unwrap_or_else(|| panic!("tcp_bulk send's report: {sent:?}"))
+        .clone();
+    let (sw, g) = (words(&s), words(&got));
+    assert_eq!(sw[1], n.to_string(), "tcp_bulk send sent it all: {s}");
+    assert_eq!(
+        g[1],
+        n.to_string(),
+        "python received every byte over {peer}: {got}"
+    );
+    assert_eq!(g[2], sw[3], "what python hashed is what the app sent");
+    (got, s, wall)
+}
+
 /// The same both ways over IPv6 (16 MiB each): segmentation and coalescing with 40-byte IP
 /// headers and the IPv6 MSS.
 #[test]
@@ -780,66 +818,8 @@ fn tcp_bulk_over_ipv6_both_ways_intact() {
     let net = Net::new(14);
     let nexus = InProcess::start(&net, "bulk6");
     const N: usize = 16 * MIB;
-    let (recv, addr) = app(
-        "tcp_bulk recv",
-        TCP_BULK,
-        &["recv", "--socket", &nexus.socket, "--listen", "[::]:0"],
-    );
-    let mut client = net.python(
-        "the python client",
-        UPLOAD_100MIB,
-        &[
-            ("N", N.to_string()),
-            ("HOST", net.host6.to_string()),
-            ("PORT", addr.port().to_string()),
-        ],
-    );
-    let sent = client.expect_line("sent ", BULK);
-    let received = recv.succeed(SHORT);
-    let _ = client.succeed(SHORT);
-    let r = received
-        .iter()
-        .find(|l| l.starts_with("received "))
-        .unwrap_or_else(|| panic!("tcp_bulk recv's report: {received:?}"));
-    assert_eq!(words(r)[1], N.to_string(), "every byte over IPv6: {r}");
-    assert_eq!(words(r)[3], words(&sent)[2], "the same bytes over IPv6");
-
-    let mut server = net.python(
-        "the python server",
-        SINK_SERVER,
-        &[("FAM", "AF_INET6".into()), ("HOST", net.peer6.to_string())],
-    );
-    let port = words(&server.expect_line("port ", SHORT))[1].to_owned();
-    let to = format!("[{}]:{port}", net.peer6);
-    let sender = Kid::spawn(
-        Command::new(TCP_BULK).args([
-            "send",
-            "--socket",
-            &nexus.socket,
-            "--to",
-            &to,
-            "--bytes",
-            &N.to_string(),
-        ]),
-        "tcp_bulk send",
-    );
-    let got = server.expect_line("received ", BULK);
-    let sent = sender.succeed(SHORT);
-    let _ = server.succeed(SHORT);
-    let s = sent
-        .iter()
-        .find(|l| l.starts_with("sent "))
-        .unwrap_or_else(|| panic!("tcp_bulk send's report: {sent:?}"));
-    assert_eq!(
-        words(&got)[1],
-        N.to_string(),
-        "python got every byte: {got}"
-    );
-    assert_eq!(
-        words(&got)[2],
-        words(s)[3],
-        "what python hashed is what the app sent"
-    );
+    kernel_uploads_to_app(&net, &nexus, "[::]:0", net.host6.into(), N);
+    app_sends_to_kernel(&net, &nexus, "AF_INET6", net.peer6.into(), N);
     let segmented = interface_counter(&nexus.socket, "tx_segmented");
     let coalesced = interface_counter(&nexus.socket, "rx_coalesced");
     assert!(
