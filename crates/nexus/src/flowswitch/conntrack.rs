@@ -14,6 +14,7 @@
 //! while it does.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::net::{IpAddr, SocketAddr};
 
 use netchannel_shm::control::ChannelId;
@@ -73,10 +74,6 @@ impl Conns {
             self.map.remove(&key);
             return;
         }
-        let known = self.map.contains_key(&key);
-        if !known && (flags & SYN == 0 || self.map.len() >= CAPACITY) {
-            return;
-        }
         let seq = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
         let ack = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
         let header = usize::from(h[12] >> 4) * 4;
@@ -85,15 +82,22 @@ impl Conns {
             .wrapping_add(data)
             .wrapping_add(u32::from(flags & SYN != 0))
             .wrapping_add(u32::from(flags & FIN != 0));
-        let c = self.map.entry(key).or_insert(Conn {
-            channel,
-            ack: None,
-            sent: None,
-            next,
-            mss: None,
-            fin_rx: false,
-            fin_tx: false,
-        });
+        // One lookup per segment (this runs for every TCP segment received).
+        let full = self.map.len() >= CAPACITY;
+        let c = match self.map.entry(key) {
+            Entry::Occupied(e) => e.into_mut(),
+            // Only a SYN starts a connection, and only while there is room.
+            Entry::Vacant(_) if flags & SYN == 0 || full => return,
+            Entry::Vacant(e) => e.insert(Conn {
+                channel,
+                ack: None,
+                sent: None,
+                next,
+                mss: None,
+                fin_rx: false,
+                fin_tx: false,
+            }),
+        };
         c.channel = channel;
         c.next = next;
         if flags & FIN != 0 {
