@@ -58,6 +58,9 @@ pub struct Ledger {
     home: Vec<bool>,
     /// Whether each home segment is in service.
     active: Vec<bool>,
+    /// Home segments out of service: none (always so for an app's end) makes [`Ledger::grow`]
+    /// answer at once, and it runs whenever an allocation finds the free list empty.
+    dormant: u32,
     bufs_per_segment: u32,
     /// Whether this end owns any segment. An end that owns none (an app of a nexus) is supplied
     /// with the peer's buffers; an end that owns some only ever gets its own buffers back.
@@ -84,6 +87,7 @@ impl Ledger {
         }
         Self {
             has_home: home.iter().any(|&h| h),
+            dormant: home.iter().filter(|&&h| h).count() as u32,
             state,
             free: vec![Vec::new(); segments as usize],
             nonempty: vec![0; (segments as usize).div_ceil(64)],
@@ -269,8 +273,12 @@ impl Ledger {
     /// Puts the next home segment in service; its buffers join the free list. Returns the
     /// segment, or `None` when every home segment is already in service.
     pub fn grow(&mut self) -> Option<u32> {
+        if self.dormant == 0 {
+            return None;
+        }
         let seg = (0..self.home.len()).find(|&s| self.home[s] && !self.active[s])?;
         self.active[seg] = true;
+        self.dormant -= 1;
         let first = seg as u32 * self.bufs_per_segment;
         // Push in reverse so the lowest index is allocated first.
         for buf in (first..first + self.bufs_per_segment).rev() {
@@ -287,6 +295,7 @@ impl Ledger {
             .rev()
             .find(|&s| self.active[s] && self.seg_free[s] == self.bufs_per_segment)?;
         self.active[seg] = false;
+        self.dormant += 1;
         let first = seg as u32 * self.bufs_per_segment;
         let range = first..first + self.bufs_per_segment;
         self.free[seg].clear();
@@ -356,6 +365,13 @@ impl Ledger {
         }
         if c.absent + c.free + c.held + c.peer != self.len() {
             return Err(AuditError("counts do not add up to the pool size".into()));
+        }
+        let dormant = (self.home.iter().zip(&self.active)).filter(|&(&h, &a)| h && !a);
+        if dormant.count() != self.dormant as usize {
+            return Err(AuditError(format!(
+                "{} home segments counted out of service, not as many as there are",
+                self.dormant
+            )));
         }
         Ok(c)
     }

@@ -259,7 +259,7 @@ impl TcpStream {
             read_shut: false,
             flow: Some(flow),
             reads: Waits::default(),
-            writes: Waits::default(),
+            writes: Waits::sleeping(),
         }
     }
 
