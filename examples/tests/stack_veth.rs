@@ -1900,3 +1900,61 @@ fn half_open_handshakes_time_out_and_the_listener_serves_again() {
     assert_eq!(peer.ip(), IpAddr::V4(net.peer4));
     let _ = client.succeed(SHORT);
 }
+
+const SILENT_CLIENT: &str = r"
+import socket
+c = socket.create_connection(('@HOST@', @PORT@), timeout=2)
+print('connected', flush=True)
+c.settimeout(15)
+try:
+    print('got', c.recv(16).decode(), flush=True)
+except ConnectionResetError:
+    print('got reset', flush=True)
+except socket.timeout:
+    print('got timeout', flush=True)
+";
+
+/// A connection whose handshake is done waits for `accept` however long it is silent, as in a
+/// kernel's accept queue: the handshake timeout is for handshakes only. (Before, a client that
+/// waits for the server to speak first was reset once it had been silent that long.)
+#[test]
+fn an_established_connection_waits_for_accept_past_the_handshake_timeout() {
+    if skip() {
+        return;
+    }
+    let _serial = serial();
+    let net = Net::new(11);
+    let nexus = InProcess::start(&net, "acceptq");
+    let stack = nexus.stack();
+    warm_neighbours(&net);
+    let mut listener =
+        netchannel::stack::TcpListener::bind(&stack, SocketAddr::new(net.host4.into(), 0))
+            .expect("listening");
+    let timeout = Duration::from_secs(1);
+    listener.set_handshake_timeout(timeout).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut client = net.python(
+        "the silent python client",
+        SILENT_CLIENT,
+        &[("HOST", net.host4.to_string()), ("PORT", port.to_string())],
+    );
+    client.expect_line("connected", SHORT);
+    // Three handshake timeouts without a packet from the client before the app accepts.
+    std::thread::sleep(3 * timeout);
+    listener.set_nonblocking(true).unwrap();
+    let until = Instant::now() + SHORT;
+    let (mut conn, peer) = loop {
+        match listener.accept() {
+            Ok(c) => break c,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("the connection that waited for accept is gone: {e}"),
+        }
+    };
+    assert_eq!(peer.ip(), IpAddr::V4(net.peer4));
+    conn.write_all(b"hello").expect("a greeting");
+    let got = client.expect_line("got ", SHORT);
+    assert_eq!(got, "got hello", "the client got the greeting");
+    let _ = client.succeed(SHORT);
+}

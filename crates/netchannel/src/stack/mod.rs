@@ -114,6 +114,10 @@ pub(crate) struct Inner {
     epoch: Instant,
     /// Sockets the app dropped, kept until they have finished (see [`Closing`]).
     closing: Vec<Closing>,
+    /// Every listener's backlog sockets, and when to check them next (see
+    /// [`tcp::time_handshakes`]).
+    backlog: Vec<tcp::Backlogged>,
+    next_backlog_check: Duration,
     addresses: Vec<IpAddr>,
 }
 
@@ -263,6 +267,8 @@ impl Stack {
                 control,
                 epoch,
                 closing: Vec::new(),
+                backlog: Vec::new(),
+                next_backlog_check: Duration::ZERO,
                 addresses,
             }),
             changed: Condvar::new(),
@@ -430,12 +436,14 @@ impl Inner {
 
     /// One pass of the stack; true if any socket may have changed.
     pub(crate) fn poll(&mut self, shared: &Shared) -> bool {
-        let now = self.now();
+        let elapsed = self.epoch.elapsed();
+        let now = smoltcp::time::Instant::from_micros(elapsed.as_micros() as i64);
         let had_rx = self.dev.rx_pending();
         self.dev.begin_poll();
         let r = self.iface.poll(now, &mut self.dev, &mut self.sockets);
         self.dev.flush();
         let reaped = self.reap();
+        tcp::time_handshakes(self, elapsed);
         let released: Vec<u32> = std::mem::take(&mut *lock(&shared.released));
         for id in released {
             if let Err(e) = self.control.remove_flow(id) {

@@ -1,5 +1,6 @@
 //! `TcpListener` and `TcpStream`: TCP through the stack, like std's.
 
+use std::collections::HashSet;
 use std::io;
 use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::sync::Arc;
@@ -80,11 +81,14 @@ impl TcpListener {
         })
     }
 
-    /// How long a connection that `accept` has not taken yet may go without a packet from its
-    /// peer, from its SYN on (default [`DEFAULT_HANDSHAKE_TIMEOUT`]). Past it, the connection
+    /// How long a connection may go without a packet from its peer while its handshake is not
+    /// done, from its SYN on (default [`DEFAULT_HANDSHAKE_TIMEOUT`]). Past it, the connection
     /// is reset and its socket of the backlog listens again (at the next `accept`). Without
     /// it, a SYN whose sender never answers (a spoofed source) would hold one of the backlog's
-    /// sockets for good, and enough of them would refuse every client.
+    /// sockets for good, and enough of them would refuse every client. A connection whose
+    /// handshake is done waits for `accept` as long as it takes, as in a kernel's accept
+    /// queue (its timeout goes within [`BACKLOG_CHECK`] of the handshake's end, so a timeout
+    /// shorter than that may still reset a silent one).
     pub fn set_handshake_timeout(&mut self, d: Duration) -> io::Result<()> {
         if d.is_zero() {
             return Err(io::Error::new(
@@ -94,11 +98,16 @@ impl TcpListener {
         }
         self.handshake = d;
         let pool = self.pool().clone();
+        let mine: HashSet<SocketHandle> = pool.iter().copied().collect();
         self.stack.shared().with(|g| {
+            for b in g.backlog.iter_mut().filter(|b| mine.contains(&b.handle)) {
+                b.handshake = d;
+            }
             for h in pool {
-                g.sockets
-                    .get_mut::<tcp::Socket>(h)
-                    .set_timeout(Some(d.into()));
+                let s = g.sockets.get_mut::<tcp::Socket>(h);
+                if handshaking(s.state()) {
+                    s.set_timeout(Some(d.into()));
+                }
             }
         });
         Ok(())
@@ -169,6 +178,7 @@ pub(super) fn try_accept(
         for h in pool.iter() {
             let s = g.sockets.get_mut::<tcp::Socket>(*h);
             if s.state() == State::Closed {
+                s.set_timeout(Some(handshake.into()));
                 let _ = s.listen(listen_endpoint(local));
             }
         }
@@ -178,6 +188,7 @@ pub(super) fn try_accept(
     pool[i] = listen(g, local, handshake)?;
     // Accepted: the handshake's timeout does not limit the connection.
     g.sockets.get_mut::<tcp::Socket>(h).set_timeout(None);
+    g.backlog.retain(|b| b.handle != h);
     let peer = g
         .sockets
         .get::<tcp::Socket>(h)
@@ -199,7 +210,43 @@ fn listen(g: &mut Inner, local: SocketAddr, handshake: Duration) -> io::Result<S
     s.set_timeout(Some(handshake.into()));
     s.listen(listen_endpoint(local))
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("listen: {e}")))?;
-    Ok(g.sockets.add(s))
+    let handle = g.sockets.add(s);
+    g.backlog.push(Backlogged { handle, handshake });
+    Ok(handle)
+}
+
+/// How often the backlogs are checked for connections whose handshake is done.
+pub(super) const BACKLOG_CHECK: Duration = Duration::from_millis(100);
+
+/// A socket of a listener's backlog, and the handshake timeout it has while it listens or
+/// handshakes.
+#[derive(Debug)]
+pub(super) struct Backlogged {
+    handle: SocketHandle,
+    handshake: Duration,
+}
+
+/// Whether a backlog socket has no connection yet, or one whose handshake is not done.
+fn handshaking(s: State) -> bool {
+    matches!(s, State::Listen | State::SynReceived | State::Closed)
+}
+
+/// Gives each backlog socket the timeout its state calls for, every [`BACKLOG_CHECK`]: the
+/// handshake timeout while it listens or handshakes, none once its connection is established
+/// and waits for `accept` (a kernel keeps those in its accept queue however long they are
+/// silent; smoltcp's one timeout would reset them).
+pub(super) fn time_handshakes(g: &mut Inner, now: Duration) {
+    if g.backlog.is_empty() || now < g.next_backlog_check {
+        return;
+    }
+    g.next_backlog_check = now + BACKLOG_CHECK;
+    for b in &g.backlog {
+        let s = g.sockets.get_mut::<tcp::Socket>(b.handle);
+        let want = handshaking(s.state()).then(|| b.handshake.into());
+        if s.timeout() != want {
+            s.set_timeout(want);
+        }
+    }
 }
 
 impl Drop for TcpListener {
@@ -209,7 +256,9 @@ impl Drop for TcpListener {
                 .get_mut()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
+        let mine: HashSet<SocketHandle> = pool.iter().copied().collect();
         self.stack.shared().with(|g| {
+            g.backlog.retain(|b| !mine.contains(&b.handle));
             for h in pool {
                 let s = g.sockets.get_mut::<tcp::Socket>(h);
                 if s.state() == State::Listen || s.state() == State::Closed {
