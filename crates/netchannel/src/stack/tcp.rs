@@ -87,8 +87,8 @@ impl TcpListener {
     /// it, a SYN whose sender never answers (a spoofed source) would hold one of the backlog's
     /// sockets for good, and enough of them would refuse every client. A connection whose
     /// handshake is done waits for `accept` as long as it takes, as in a kernel's accept
-    /// queue (its timeout goes within [`BACKLOG_CHECK`] of the handshake's end, so a timeout
-    /// shorter than that may still reset a silent one).
+    /// queue (its timeout goes within 100 ms of the handshake's end, so a timeout shorter
+    /// than that may still reset a silent one).
     pub fn set_handshake_timeout(&mut self, d: Duration) -> io::Result<()> {
         if d.is_zero() {
             return Err(io::Error::new(
