@@ -11,6 +11,8 @@
 //!
 //! The length of packet `seq` is [`packet_len`]`(seq)`, from [`MIN_PACKET`] to [`MAX_PACKET`].
 
+pub mod testbed;
+
 use std::fmt;
 
 /// Smallest stream packet: header only.

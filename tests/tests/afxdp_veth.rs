@@ -23,12 +23,10 @@
 //!   space, per protocol and per family.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -37,157 +35,33 @@ use netchannel::{Error, Interest, Packet};
 use netchannel_nexus::flowswitch::{NextHop, Switch};
 use netchannel_nexus::netif::afxdp::{AfXdp, AfXdpOptions};
 use netchannel_shm::control::{ErrorCode, NexusStatus};
+use netchannel_tests::testbed::{Kid, VethNet, run, serial, skip_without_root};
 
 const DAEMON: &str = env!("CARGO_BIN_EXE_nexus_daemon");
 
 /// Bound for anything that should take milliseconds.
 const SHORT: Duration = Duration::from_secs(10);
 
-static SERIAL: Mutex<()> = Mutex::new(());
+/// Test `n`'s network: its own slot of the bed, 8 + 8 × (pid mod 62) + `n`, so that the
+/// tests of concurrent runs do not collide.
+struct Net(VethNet);
 
-/// Runs the tests of this file one at a time (a failed test poisons the lock; that is fine).
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
-
-fn run(cmd: &str, args: &[&str]) -> std::process::Output {
-    Command::new(cmd)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd}: {e}"))
-}
-
-fn ip(args: &[&str]) {
-    let out = run("ip", args);
-    assert!(
-        out.status.success(),
-        "ip {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The test network: namespace `ns` holding the peer end `peer` of a veth pair whose host end
-/// `host` stays in this namespace. Deleted on drop.
-struct Net {
-    ns: String,
-    host: String,
-    peer: String,
-    host4: Ipv4Addr,
-    peer4: Ipv4Addr,
-    host6: Ipv6Addr,
-    peer6: Ipv6Addr,
-    host_mac: [u8; 6],
-    peer_mac: [u8; 6],
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        // Deleting the namespace destroys the peer end and with it the pair; deleting the host
-        // end is for a pair whose peer never made it into the namespace.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.ns])
-            .stderr(Stdio::null())
-            .status();
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host])
-            .stderr(Stdio::null())
-            .status();
+impl std::ops::Deref for Net {
+    type Target = VethNet;
+    fn deref(&self) -> &VethNet {
+        &self.0
     }
-}
-
-fn parse_mac(text: &str) -> [u8; 6] {
-    let mut mac = [0u8; 6];
-    let parts: Vec<&str> = text.trim().split(':').collect();
-    assert_eq!(parts.len(), 6, "a MAC address: {text:?}");
-    for (m, p) in mac.iter_mut().zip(parts) {
-        *m = u8::from_str_radix(p, 16).expect("hex MAC");
-    }
-    mac
 }
 
 impl Net {
-    /// Test `n`'s network: a /24 of 198.18.0.0/15 and a /112 of fd00:198:18::/64 chosen from
-    /// the process id and `n` (the host end is .1 / ::1 in them, the peer .2 / ::2), the peer's
-    /// offloads off (so its frames carry real checksums).
     fn new(n: u32) -> Self {
-        let pid = std::process::id();
-        let k = 8 + 8 * (pid % 62) + n; // 8..512: /24s of 198.18.0.0/15
-        let (b, c) = (18 + (k / 256) as u8, (k % 256) as u8);
-        let mut net = Self {
-            ns: format!("nc-veth-{pid}-{n}"),
-            host: format!("nx{}{n}h", pid % 10_000),
-            peer: format!("nx{}{n}p", pid % 10_000),
-            host4: Ipv4Addr::new(198, b, c, 1),
-            peer4: Ipv4Addr::new(198, b, c, 2),
-            host6: Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, k as u16, 1),
-            peer6: Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, k as u16, 2),
-            host_mac: [0; 6],
-            peer_mac: [0x02, 0x4e, 0x43, (k >> 8) as u8, k as u8, 2],
-        };
-        ip(&["netns", "add", &net.ns]);
-        ip(&[
-            "link", "add", &net.host, "type", "veth", "peer", "name", &net.peer, "netns", &net.ns,
-        ]);
-        let peer_mac = net
-            .peer_mac
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":");
-        let (ns, peer) = (net.ns.clone(), net.peer.clone());
-        let in_ns = |args: &[&str]| {
-            let mut full = vec!["netns", "exec", ns.as_str(), "ip"];
-            full.extend_from_slice(args);
-            ip(&full);
-        };
-        in_ns(&["link", "set", "lo", "up"]);
-        in_ns(&["link", "set", &peer, "address", &peer_mac]);
-        in_ns(&["addr", "add", &format!("{}/24", net.peer4), "dev", &peer]);
-        in_ns(&[
-            "addr",
-            "add",
-            &format!("{}/112", net.peer6),
-            "dev",
-            &peer,
-            "nodad",
-        ]);
-        in_ns(&["link", "set", &peer, "up"]);
-        ip(&[
-            "addr",
-            "add",
-            &format!("{}/24", net.host4),
-            "dev",
-            &net.host,
-        ]);
-        ip(&[
-            "addr",
-            "add",
-            &format!("{}/112", net.host6),
-            "dev",
-            &net.host,
-            "nodad",
-        ]);
-        ip(&["link", "set", &net.host, "up"]);
-        netchannel_nexus::netns::offload::disable_offloads_in(&net.ns, &net.peer)
-            .expect("turning the peer's offloads off");
-        let mac = std::fs::read_to_string(format!("/sys/class/net/{}/address", net.host))
-            .expect("the host end's MAC address");
-        net.host_mac = parse_mac(&mac);
-        net
+        let k = 8 + 8 * (std::process::id() % 62) + n;
+        Self(VethNet::new("veth", "nx", n, k))
     }
 
     /// `ip netns exec NS python3 -c SCRIPT`, its output read line by line.
     fn python(&self, script: &str) -> Kid {
-        Kid::spawn(
-            Command::new("ip").args(["netns", "exec", &self.ns, "python3", "-c", script]),
-            "the python peer",
-        )
+        self.0.exec("the python peer", "python3", &["-c", script])
     }
 
     /// Opens the host end over AF_XDP (XDP program attached) and builds its flowswitch.
@@ -199,99 +73,6 @@ impl Net {
             vec![IpAddr::V4(self.host4), IpAddr::V6(self.host6)],
             NextHop::Kernel(ifindex),
         )
-    }
-}
-
-/// A child process whose stdout arrives line by line on a channel; killed and reaped on drop.
-struct Kid {
-    child: Child,
-    what: &'static str,
-    lines: mpsc::Receiver<String>,
-    stderr: Option<JoinHandle<String>>,
-}
-
-impl Kid {
-    fn spawn(cmd: &mut Command, what: &'static str) -> Self {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {what}: {e}"));
-        let out = child.stdout.take().expect("piped stdout");
-        let mut err = child.stderr.take().expect("piped stderr");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
-        });
-        Self {
-            child,
-            what,
-            lines,
-            stderr: Some(stderr),
-        }
-    }
-
-    /// The next line of output, if one comes within `timeout`.
-    fn line(&self, timeout: Duration) -> Option<String> {
-        self.lines.recv_timeout(timeout).ok()
-    }
-
-    fn exited(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
-    }
-
-    /// Waits (at most `timeout`, then kills) for the process to exit; returns its status, the
-    /// lines not read yet and its stderr.
-    fn finish(mut self, timeout: Duration) -> (ExitStatus, Vec<String>, String) {
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(st) = self.child.try_wait().expect("waitpid") {
-                break st;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("{} did not finish within {timeout:?}", self.what);
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        let mut lines = Vec::new();
-        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(2)) {
-            lines.push(l);
-        }
-        let err = self
-            .stderr
-            .take()
-            .and_then(|h| h.join().ok())
-            .unwrap_or_default();
-        (status, lines, err)
-    }
-
-    /// Like [`Kid::finish`], and the process must have succeeded.
-    fn succeed(self, timeout: Duration) -> Vec<String> {
-        let what = self.what;
-        let (st, lines, err) = self.finish(timeout);
-        assert!(
-            st.success(),
-            "{what} failed ({st}): {err}\nstdout: {lines:?}"
-        );
-        lines
-    }
-}
-
-impl Drop for Kid {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -501,11 +282,7 @@ fn status_when(
 }
 
 fn skip() -> bool {
-    if is_root() {
-        return false;
-    }
-    eprintln!("SKIPPED: needs root (network namespace, veth pair, XDP and AF_XDP)");
-    true
+    skip_without_root("network namespace, veth pair, XDP and AF_XDP")
 }
 
 #[test]
@@ -567,7 +344,7 @@ fn udp_v4_and_v6_kernel_peers_reach_apps_over_afxdp() {
     // The app: echo every datagram back, addresses and ports swapped.
     let mut echoed = (0u32, 0u32);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !peer.exited() {
+    while peer.exited().is_none() {
         assert!(Instant::now() < deadline, "the peer did not finish");
         for req in recv_within(&mut ch, Duration::from_millis(50)) {
             let (src, dst, payload) = udp_of(&req).expect("a UDP datagram");
@@ -1305,7 +1082,7 @@ fn the_kernel_keeps_serving_icmp_and_other_ports_and_xdp_goes_with_a_killed_nexu
         if let Ok(n) = Nexus::connect(&socket) {
             break n;
         }
-        if daemon.exited() || t0.elapsed() > SHORT {
+        if daemon.exited().is_some() || t0.elapsed() > SHORT {
             let (st, _, err) = daemon.finish(Duration::ZERO);
             panic!("nexus_daemon did not come up ({st}): {err}");
         }
@@ -1371,8 +1148,7 @@ fn the_kernel_keeps_serving_icmp_and_other_ports_and_xdp_goes_with_a_killed_nexu
     );
 
     // kill -9: the BPF link dies with the process, and so do its port reservations.
-    daemon.child.kill().unwrap();
-    let _ = daemon.child.wait();
+    daemon.kill();
     let t0 = Instant::now();
     while xdp_attached(&net.host) {
         assert!(

@@ -12,20 +12,13 @@ use std::time::{Duration, Instant};
 
 use netchannel_nexus::config::{Backend, InterfaceConfig};
 use netchannel_nexus::netif::faults::FaultConfig;
+use netchannel_tests::testbed::VethNet;
 
-pub(crate) fn ip(args: &[&str]) {
-    let st = Command::new("ip").args(args).status().expect("iproute2");
-    assert!(st.success(), "ip {args:?} failed");
-}
-
-pub(crate) fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
+pub(crate) use netchannel_tests::testbed::is_root;
 
 /// Everything a test made, removed however it ends.
 pub(crate) struct Bed {
     pub(crate) ns: String,
-    pub(crate) host: String,
     pub(crate) socket: String,
     /// This host's end: 198.18.N.1.
     pub(crate) host_ip: String,
@@ -34,57 +27,34 @@ pub(crate) struct Bed {
     pub(crate) children: Vec<Child>,
     stop: Option<Arc<AtomicBool>>,
     daemon: Option<JoinHandle<Result<(), netchannel_nexus::NexusError>>>,
+    // Last: the namespace goes once the processes in it are gone.
+    _net: VethNet,
 }
 
 impl Bed {
     /// Builds the network `198.18.{net}.0/24` (peer offloads off) and starts a nexus on it,
     /// impaired by `faults` if given.
     pub(crate) fn new(tag: &str, net: u8, faults: Option<FaultConfig>) -> Self {
-        let pid = std::process::id() % 10_000;
-        let mut bed = Self {
-            ns: format!("nc-{tag}-{pid}"),
-            host: format!("nc{tag}{pid}h"),
-            socket: format!("/tmp/netchannel-{tag}-{pid}.sock"),
-            host_ip: format!("198.18.{net}.1"),
-            peer_ip: format!("198.18.{net}.2"),
-            children: Vec::new(),
-            stop: None,
-            daemon: None,
-        };
-        let peer = format!("nc{tag}{pid}p");
-        ip(&["netns", "add", &bed.ns]);
-        ip(&[
-            "link", "add", &bed.host, "type", "veth", "peer", "name", &peer, "netns", &bed.ns,
-        ]);
-        ip(&[
-            "addr",
-            "add",
-            &format!("{}/24", bed.host_ip),
-            "dev",
-            &bed.host,
-        ]);
-        ip(&["link", "set", &bed.host, "up"]);
-        let nsx = |args: &[&str]| {
-            let mut full = vec!["netns", "exec", bed.ns.as_str(), "ip"];
-            full.extend_from_slice(args);
-            ip(&full);
-        };
-        nsx(&["link", "set", "lo", "up"]);
-        nsx(&["addr", "add", &format!("{}/24", bed.peer_ip), "dev", &peer]);
-        nsx(&["link", "set", &peer, "up"]);
-        netchannel_nexus::netns::offload::disable_offloads_in(&bed.ns, &peer)
-            .expect("offloads off");
+        let veth = VethNet::new(tag, "nc", 0, u32::from(net));
         let sw = netchannel_nexus::netif::open_impaired(
-            &InterfaceConfig::new(bed.host.clone(), Backend::Afxdp),
+            &InterfaceConfig::new(veth.host.clone(), Backend::Afxdp),
             faults,
         )
         .expect("AF_XDP on the veth");
+        let socket = format!("/tmp/netchannel-{tag}-{}.sock", std::process::id());
         let mut cfg = netchannel_nexus::Config::default();
-        cfg.control.socket = bed.socket.clone().into();
+        cfg.control.socket = socket.clone().into();
         let mut nexus = netchannel_nexus::Nexus::with_switch(cfg, sw).expect("a nexus");
-        bed.stop = Some(nexus.stop_flag());
-        bed.daemon = Some(std::thread::spawn(move || nexus.run()));
-        bed
+        Self {
+            ns: veth.ns.clone(),
+            socket,
+            host_ip: veth.host4.to_string(),
+            peer_ip: veth.peer4.to_string(),
+            children: Vec::new(),
+            stop: Some(nexus.stop_flag()),
+            daemon: Some(std::thread::spawn(move || nexus.run())),
+            _net: veth,
+        }
     }
 
     /// Starts an example binary and waits for its `listening on` line.
@@ -136,11 +106,6 @@ impl Drop for Bed {
         if let Some(s) = &self.stop {
             s.store(true, Ordering::Relaxed);
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host])
-            .stderr(Stdio::null())
-            .status();
         let _ = std::fs::remove_file(&self.socket);
     }
 }
