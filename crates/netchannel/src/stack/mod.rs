@@ -74,8 +74,9 @@ const SPIN_POLL: Duration = Duration::from_micros(20);
 
 /// Longest a driver sleeps without a reason to wake (timers are polled at least this often).
 const MAX_SLEEP: Duration = Duration::from_millis(50);
-/// How long after a blocking call drove the stack its thread is expected back, so that the
-/// driver thread stays aside (see [`Shared::stand_aside`]); also how often it looks again.
+/// How long after a blocking call that slept on the doorbell returns its thread is expected
+/// back, so that the driver thread stays aside (see [`Shared::stand_aside`]); also how often
+/// it looks again.
 const LEASE: Duration = Duration::from_millis(1);
 /// Pool buffers the stack asks for: large enough for a coalesced run of segments and a large
 /// segment to send, up to IP's 64 KiB (the nexus's GSO then makes one system call per 64 KiB
@@ -705,10 +706,10 @@ impl Shared {
 
     /// Whether the driver thread should stand aside (with the stack locked), where, and for
     /// how long before it looks again: while a blocking call drives asleep on the doorbell,
-    /// and for a [`LEASE`] after. The thread that made it usually comes back at once (a bulk reader or writer
-    /// waits hundreds of times a second), and handing the stack back at every return woke the
-    /// driver thread each time, only for it to find nothing to do (measured: 4,000-6,000
-    /// wake-ups a second in bulk transfers). A poller that has driven for a whole lease
+    /// and for a [`LEASE`] after. The thread that made it usually comes back at once (a bulk
+    /// reader or writer waits thousands of times a second), and handing the stack back at
+    /// every return woke the driver thread each time, only for it to find nothing to do
+    /// (measured: 4,000-6,000 wake-ups a second in bulk transfers). A poller that has driven for a whole lease
     /// without a break (a call blocked on an idle socket) lets the driver thread stand aside
     /// until it notifies it. `seen` is the driver's count of stints at its last look.
     fn stand_aside(&self, seen: &mut u64) -> Option<(u8, Duration)> {
