@@ -216,7 +216,7 @@ fn listen(g: &mut Inner, local: SocketAddr, handshake: Duration) -> io::Result<S
 }
 
 /// How often the backlogs are checked for connections whose handshake is done.
-pub(super) const BACKLOG_CHECK: Duration = Duration::from_millis(100);
+const BACKLOG_CHECK: Duration = Duration::from_millis(100);
 
 /// A socket of a listener's backlog, and the handshake timeout it has while it listens or
 /// handshakes.
