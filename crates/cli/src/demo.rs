@@ -231,8 +231,12 @@ pub(crate) fn run(count: u32, backend: DemoBackend) -> Result<(), String> {
     }
     for f in control.flows().map_err(|e| e.to_string())? {
         println!(
-            "   flow {}: udp {} → {} packets in, {} out",
-            f.id, f.local, f.rx_packets, f.tx_packets
+            "   flow {}: {} {} → {} packets in, {} out",
+            f.id,
+            format!("{:?}", f.proto).to_lowercase(),
+            f.local,
+            f.rx_packets,
+            f.tx_packets
         );
     }
     drop(ch);
