@@ -11,11 +11,11 @@
 //! * the **batch** found by one pass in the last busy period: traffic that arrives in batches
 //!   of at least `coalesce_batch` is already latency-tolerant, so the nexus sleeps on a
 //!   `coalesce` timer that frames from the interface do not cut short, and serves whatever
-//!   accumulated when it wakes (NAPI-style moderation). Whether apps ring it during that sleep depends on what
-//!   *they* sent: apps that streamed (batches of `coalesce_batch` or more) need not; apps that
-//!   sent little while receiving a lot (TCP acknowledgements, requests) do, because their few
-//!   packets are what their peers wait for. Smaller batches arm everything, so a single packet
-//!   wakes the nexus at once.
+//!   accumulated when it wakes (NAPI-style moderation). Whether apps ring it during that
+//!   sleep depends on what *they* sent: apps that streamed (batches of `coalesce_batch` or
+//!   more) need not; apps that sent little while receiving a lot (TCP acknowledgements,
+//!   requests) do, because their few packets are what their peers wait for. Smaller batches
+//!   arm everything, so a single packet wakes the nexus at once.
 //!
 //! After a busy period in which apps only answered what they received, the nexus spins for
 //! the shorter `answer_spin`: their next packets wait on work that needs the core it would

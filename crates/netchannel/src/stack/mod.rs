@@ -709,9 +709,10 @@ impl Shared {
     /// and for a [`LEASE`] after. The thread that made it usually comes back at once (a bulk
     /// reader or writer waits thousands of times a second), and handing the stack back at
     /// every return woke the driver thread each time, only for it to find nothing to do
-    /// (measured: 4,000-6,000 wake-ups a second in bulk transfers). A poller that has driven for a whole lease
-    /// without a break (a call blocked on an idle socket) lets the driver thread stand aside
-    /// until it notifies it. `seen` is the driver's count of stints at its last look.
+    /// (measured: 4,000-6,000 wake-ups a second in bulk transfers). A poller that has driven
+    /// for a whole lease without a break (a call blocked on an idle socket) lets the driver
+    /// thread stand aside until it notifies it. `seen` is the driver's count of stints at its
+    /// last look.
     fn stand_aside(&self, seen: &mut u64) -> Option<(u8, Duration)> {
         let stints = self.stints.load(Ordering::Relaxed);
         let busy = stints != std::mem::replace(seen, stints);
