@@ -54,10 +54,14 @@ if [ -z "${QUICK:-}" ]; then
     if [ "$(id -u)" -eq 0 ]; then
         cargo run --release --locked -q -p netchannel-cli -- bench veth --reps 1 --duration-ms 200 --json >/dev/null
         echo "bench veth ran"
+        cargo run --release --locked -q -p netchannel-cli -- bench tcp --reps 1 --duration-ms 200 --rtt-iterations 2000 --json >/dev/null
+        echo "bench tcp ran"
+        cargo run --release --locked -q -p netchannel-cli -- bench tcp --reps 1 --duration-ms 200 --kernel-xdp --metric gbps_to_app --json >/dev/null
+        echo "bench tcp --kernel-xdp ran"
         cargo run --release --locked -q -p netchannel-cli -- demo --count 200
         cargo run --release --locked -q -p netchannel-cli -- demo --backend tap --count 50
     else
-        echo "SKIPPED: bench veth and netchannel demo need root (network namespaces, XDP, TAP)"
+        echo "SKIPPED: bench veth, bench tcp and netchannel demo need root (network namespaces, XDP, TAP)"
     fi
 fi
 

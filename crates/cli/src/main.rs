@@ -245,6 +245,10 @@ enum BenchCommand {
         /// Print the nexus's status (counters) after each of its trials.
         #[arg(long, hide = true)]
         nexus_status: bool,
+        /// Attach the nexus's XDP program (claiming nothing) during the kernel path's trials,
+        /// so that both paths pay what XDP costs on a veth.
+        #[arg(long)]
+        kernel_xdp: bool,
     },
     /// UDP across a veth pair (root): an app on a channel of a nexus on AF_XDP vs a kernel UDP
     /// socket, fed by an AF_PACKET generator in a namespace; receive and transmit packets/s and
@@ -384,12 +388,14 @@ fn main() -> ExitCode {
                     only,
                     only_path,
                     nexus_status,
+                    kernel_xdp,
                 },
         } => bench::tcp::tcp(&bench::tcp::TcpOptions {
             common: args.options(),
             only,
             only_path,
             show_status: nexus_status,
+            kernel_xdp,
         }),
         Command::BenchPeer {
             mode,

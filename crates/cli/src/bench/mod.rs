@@ -626,11 +626,21 @@ fn oriented(b: Better, kernel: f64, nc: f64) -> f64 {
 }
 
 fn report(o: &Options, bench: Bench, table: &[(String, Row)]) -> Result<(), String> {
+    report_paths(o, bench, bench.kernel_path(), table)
+}
+
+/// [`report`] with the kernel path described as `kernel_path`.
+fn report_paths(
+    o: &Options,
+    bench: Bench,
+    kernel_path: &str,
+    table: &[(String, Row)],
+) -> Result<(), String> {
     if o.json {
         let mut obj = serde_json::Map::new();
         obj.insert("benchmark".into(), bench.name().into());
         obj.insert("reps".into(), o.reps.into());
-        obj.insert("kernel_path".into(), bench.kernel_path().into());
+        obj.insert("kernel_path".into(), kernel_path.into());
         let mut metrics = serde_json::Map::new();
         for (k, r) in table {
             obj.insert(format!("ratio_{k}"), serde_json::json!(r.ratio_median));
@@ -668,5 +678,6 @@ fn report(o: &Options, bench: Bench, table: &[(String, Row)]) -> Result<(), Stri
     println!(
         "ratios: netchannel/kernel for rates, kernel/netchannel for latencies (bigger is better)"
     );
+    println!("kernel path: {kernel_path}");
     Ok(())
 }

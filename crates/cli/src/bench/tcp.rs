@@ -113,7 +113,22 @@ fn spawn_peer(bed: &Bed, args: &[&str]) -> Result<(std::process::Child, String),
     Ok((child, line))
 }
 
-fn kernel_trial(bed: &Bed, t: Trial, d: Duration, rtts: usize) -> Result<Measured, String> {
+fn kernel_trial(
+    bed: &Bed,
+    t: Trial,
+    d: Duration,
+    rtts: usize,
+    with_xdp: bool,
+) -> Result<Measured, String> {
+    // The nexus's steering program claims nothing here, so every packet passes to the kernel
+    // stack, having paid what XDP on a veth costs (a copy of each frame into a page of the
+    // XDP page pool, and NAPI); the nexus trials attach their own program, so it goes at the
+    // end of each trial.
+    let _xdp = if with_xdp {
+        Some(bed.steering_without_claims()?)
+    } else {
+        None
+    };
     let t0 = machine_ticks();
     match t {
         Trial::ToHost => {
@@ -329,7 +344,14 @@ pub(crate) struct TcpOptions {
     pub(crate) only_path: Option<String>,
     /// Print the nexus's status after each of its trials.
     pub(crate) show_status: bool,
+    /// Run the kernel path with the nexus's XDP program attached (claiming nothing).
+    pub(crate) kernel_xdp: bool,
 }
+
+/// The kernel path of `bench tcp --kernel-xdp`.
+const KERNEL_XDP_PATH: &str = "kernel TCP/UDP sockets on this host across the same veth, offloads off on \
+     both ends, with the nexus's XDP program attached to the host's end and claiming nothing \
+     (so the kernel pays what XDP on a veth costs, as the nexus does)";
 
 /// `netchannel bench tcp`.
 pub(crate) fn tcp(to: &TcpOptions) -> Result<(), String> {
@@ -387,7 +409,7 @@ pub(crate) fn tcp(to: &TcpOptions) -> Result<(), String> {
         if nc {
             nexus_trial(&bed, t, d, rtts, to.show_status)
         } else {
-            kernel_trial(&bed, t, d, rtts)
+            kernel_trial(&bed, t, d, rtts, to.kernel_xdp)
         }
     })?;
     // The headline: the worse of the two directions.
@@ -403,7 +425,12 @@ pub(crate) fn tcp(to: &TcpOptions) -> Result<(), String> {
         table.push(("gbps".to_owned(), row));
     }
     drop(bed);
-    super::report(o, super::Bench::Tcp, &table)
+    let kernel_path = if to.kernel_xdp {
+        KERNEL_XDP_PATH
+    } else {
+        super::Bench::Tcp.kernel_path()
+    };
+    super::report_paths(o, super::Bench::Tcp, kernel_path, &table)
 }
 
 /// `netchannel bench-peer`: the kernel side in the namespace.

@@ -67,6 +67,23 @@ pub(super) struct Bed {
     pub(super) socket: String,
 }
 
+impl Bed {
+    /// The nexus's XDP steering program on the host's end, with no claims: every packet
+    /// passes to the kernel stack. Detached when dropped.
+    pub(super) fn steering_without_claims(
+        &self,
+    ) -> Result<netchannel_nexus::netif::xdp::XdpProgram, String> {
+        let path = format!("/sys/class/net/{}/ifindex", self.host_dev);
+        let ifindex = std::fs::read_to_string(&path)
+            .map_err(|e| format!("{path}: {e}"))?
+            .trim()
+            .parse()
+            .map_err(|e| format!("{path}: {e}"))?;
+        netchannel_nexus::netif::xdp::XdpProgram::attach(ifindex, 1, None)
+            .map_err(|e| e.to_string())
+    }
+}
+
 impl Drop for Bed {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
