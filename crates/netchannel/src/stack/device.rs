@@ -11,7 +11,7 @@ use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Med
 use smoltcp::time::Instant;
 
 use crate::nexus::Channel;
-use crate::{Error, Packet, SendError};
+use crate::{Error, Interest, Packet, SendError};
 
 /// Packets taken off the RX ring per refill.
 const RX_BATCH: usize = 64;
@@ -93,6 +93,23 @@ impl ChannelDevice {
     /// for): the stack must be polled again soon, not only when packets arrive.
     pub(crate) fn backlogged(&self) -> bool {
         self.spare.is_none() || !self.txq.is_empty()
+    }
+
+    /// Asks the nexus to ring the doorbell (`on`), or not, for what the stack waits on:
+    /// packets, and while sending is held up, buffers coming back and room on the TX ring.
+    pub(crate) fn arm(&self, on: bool) {
+        self.ch.arm(Interest::Readable, on);
+        if !on || self.backlogged() {
+            self.ch.arm(Interest::Buffers, on);
+            self.ch.arm(Interest::Writable, on);
+        }
+    }
+
+    /// Whether the stack has work now (checked after [`ChannelDevice::arm`] and before
+    /// sleeping, so that nothing the nexus did before the flag was up is missed): packets
+    /// wait, or sending was held up and no longer is.
+    pub(crate) fn has_work(&mut self) -> bool {
+        self.rx_pending() || (self.backlogged() && self.ensure_spare() && self.flush())
     }
 
     /// Whether packets wait (in our queue or on the RX ring).
