@@ -1,9 +1,12 @@
 //! One-pass parsing of frames (from the wire) and IP packets (from apps).
 //!
 //! The header walk is etherparse's (validated lengths, no panics, a bounded IPv6 extension
-//! chain); on top of it the flowswitch enforces its own policy: IPv4 options, fragments and
-//! protocols other than UDP and TCP are refused, and the IPv4 header checksum and the UDP/TCP
-//! checksums are verified in software (copy-mode AF_XDP gives no guarantee).
+//! chain); on top of it the flowswitch enforces its own policy: IPv4 options, IPv6 extension
+//! headers, fragments and protocols other than UDP and TCP are refused, and the IPv4 header
+//! checksum and the UDP/TCP checksums are verified in software (copy-mode AF_XDP gives no
+//! guarantee). Refusing options and extension headers keeps the transport header at a fixed
+//! offset (20 or 40 bytes into the IP packet), which coalescing, segmentation and connection
+//! tracking rely on; the XDP program leaves such packets to the kernel.
 
 use std::net::IpAddr;
 
@@ -45,6 +48,8 @@ pub enum RxDrop {
     NotIp,
     /// IPv4 with options.
     IpOptions,
+    /// IPv6 with extension headers (hop-by-hop, routing, destination options...).
+    ExtHeaders,
     /// An IP fragment (see the fragment policy in the module docs).
     Fragment,
     /// Neither UDP nor TCP.
@@ -65,6 +70,7 @@ impl RxDrop {
             Self::BadHeader => "bad_header",
             Self::NotIp => "not_ip",
             Self::IpOptions => "ip_options",
+            Self::ExtHeaders => "ext_headers",
             Self::Fragment => "fragment",
             Self::Protocol => "protocol",
             Self::BadL3Checksum => "bad_l3_checksum",
@@ -178,6 +184,11 @@ fn finish(
     };
     if fragmented {
         return Err(RxDrop::Fragment);
+    }
+    if let Some(NetSlice::Ipv6(v6)) = &s.net
+        && !v6.extensions().is_empty()
+    {
+        return Err(RxDrop::ExtHeaders);
     }
     if ip_offset + ip_len > buf.len() {
         return Err(RxDrop::Truncated);
@@ -341,6 +352,32 @@ pub(crate) mod tests {
                 assert!(r.is_err(), "prefix of {cut} bytes accepted");
             }
         }
+    }
+
+    /// `frame` (an Ethernet frame of an IPv6 packet without extension headers) with an 8-byte
+    /// hop-by-hop header (a PadN option) put in front of its transport header.
+    pub(crate) fn with_hop_by_hop(frame: &[u8]) -> Vec<u8> {
+        let (eth_ip, rest) = frame.split_at(14 + 40);
+        let next = eth_ip[14 + 6];
+        let mut out = eth_ip.to_vec();
+        out[14 + 6] = 0; // hop-by-hop options
+        let len = u16::from_be_bytes([out[14 + 4], out[14 + 5]]) + 8;
+        out[14 + 4..14 + 6].copy_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+        out.extend_from_slice(rest);
+        out
+    }
+
+    #[test]
+    fn ipv6_extension_headers_are_refused_on_both_paths() {
+        let plain = tcp6(A6, 5, B6, 6, b"payload");
+        assert!(parse_frame(&plain).is_ok());
+        let hbh = with_hop_by_hop(&plain);
+        // The transport checksum does not cover extension headers, so only the policy refuses.
+        assert_eq!(parse_frame(&hbh), Err(RxDrop::ExtHeaders));
+        assert_eq!(parse_frame_headers(&hbh), Err(RxDrop::ExtHeaders));
+        assert_eq!(parse_ip(&hbh[14..]), Err(RxDrop::ExtHeaders));
+        assert_eq!(parse_ip_headers(&hbh[14..]), Err(RxDrop::ExtHeaders));
     }
 
     #[test]

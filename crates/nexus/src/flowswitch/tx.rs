@@ -125,6 +125,29 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_with_extension_headers_is_refused_even_from_the_flow_owner() {
+        use crate::flowswitch::parse::tests::{A6, B6, tcp6, with_hop_by_hop};
+        let mut t = FlowTable::new(10);
+        let mine = t
+            .insert(
+                1,
+                FlowSpec::Listener(Proto::Tcp, "[fd00:198:18::1]:5000".parse().unwrap()),
+            )
+            .unwrap();
+        let host = [IpAddr::from(A6)];
+        let plain = tcp6(A6, 5000, B6, 80, b"x");
+        assert_eq!(
+            validate(&t, 1, &plain[14..], &host).map(|(id, _)| id),
+            Ok(mine)
+        );
+        let hbh = with_hop_by_hop(&plain);
+        assert_eq!(
+            validate(&t, 1, &hbh[14..], &host).map(|(id, _)| id),
+            Err(TxDrop::Malformed(RxDrop::ExtHeaders))
+        );
+    }
+
+    #[test]
     fn a_wildcard_flow_may_use_only_host_addresses() {
         let mut t = FlowTable::new(10);
         t.insert(1, FlowSpec::Listener(Proto::Udp, sa("0.0.0.0:7000")))
