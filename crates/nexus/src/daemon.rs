@@ -470,6 +470,7 @@ impl Nexus {
                         ("tx_resets".to_owned(), st.tx_resets),
                         ("rx_coalesced".to_owned(), st.rx_coalesced),
                         ("tx_segmented".to_owned(), st.tx_segmented),
+                        ("conntrack_evicted".to_owned(), st.conntrack_evicted),
                     ];
                     v.extend(st.rx_drops.iter().map(|(k, n)| (format!("rx_{k}"), *n)));
                     v.extend(

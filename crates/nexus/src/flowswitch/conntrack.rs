@@ -12,9 +12,14 @@
 //! that follow a close (the last ACK, a retransmitted FIN) do not bring it back. A peer that
 //! half-closes is still remembered: the app may go on sending to it, cut to its MSS, and die
 //! while it does.
+//!
+//! The table is bounded. When it is full, a new SYN takes the place of the oldest connection
+//! whose peer has acknowledged nothing yet (its SYN is all that was seen): a flood of SYNs
+//! from spoofed sources, which never complete a handshake, cannot keep a real connection out.
+//! Connections that got that far are never forgotten for room; past that a SYN is not tracked.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 
 use netchannel_shm::control::ChannelId;
@@ -61,6 +66,12 @@ pub struct Reset {
 #[derive(Debug, Default)]
 pub struct Conns {
     map: HashMap<(SocketAddr, SocketAddr), Conn, foldhash::fast::RandomState>,
+    /// Connections started by a SYN without ACK, oldest first: the candidates to forget for
+    /// room. Keys whose connection has since gone or been acknowledged are skipped when met
+    /// and pruned when the queue grows past twice the table.
+    embryonic: VecDeque<(SocketAddr, SocketAddr)>,
+    /// Connections forgotten to make room for a new SYN.
+    evicted: u64,
 }
 
 impl Conns {
@@ -82,21 +93,33 @@ impl Conns {
             .wrapping_add(data)
             .wrapping_add(u32::from(flags & SYN != 0))
             .wrapping_add(u32::from(flags & FIN != 0));
-        // One lookup per segment (this runs for every TCP segment received).
+        // A SYN for a new connection when the table is full makes room if it can (a lookup
+        // more, only then); otherwise one lookup per segment (this runs for every one).
+        if flags & SYN != 0
+            && self.map.len() >= CAPACITY
+            && !self.map.contains_key(&key)
+            && !self.evict_embryonic()
+        {
+            return;
+        }
         let full = self.map.len() >= CAPACITY;
+        let mut started = false;
         let c = match self.map.entry(key) {
             Entry::Occupied(e) => e.into_mut(),
             // Only a SYN starts a connection, and only while there is room.
             Entry::Vacant(_) if flags & SYN == 0 || full => return,
-            Entry::Vacant(e) => e.insert(Conn {
-                channel,
-                ack: None,
-                sent: None,
-                next,
-                mss: None,
-                fin_rx: false,
-                fin_tx: false,
-            }),
+            Entry::Vacant(e) => {
+                started = true;
+                e.insert(Conn {
+                    channel,
+                    ack: None,
+                    sent: None,
+                    next,
+                    mss: None,
+                    fin_rx: false,
+                    fin_tx: false,
+                })
+            }
         };
         c.channel = channel;
         c.next = next;
@@ -119,6 +142,32 @@ impl Conns {
         if flags & ACK != 0 {
             c.ack = Some(ack);
         }
+        if started && flags & ACK == 0 {
+            self.embryonic.push_back(key);
+            if self.embryonic.len() > 2 * CAPACITY {
+                let map = &self.map;
+                self.embryonic
+                    .retain(|k| map.get(k).is_some_and(|c| c.ack.is_none()));
+            }
+        }
+    }
+
+    /// Forgets the oldest connection whose peer has acknowledged nothing yet; false if there
+    /// is none.
+    fn evict_embryonic(&mut self) -> bool {
+        while let Some(k) = self.embryonic.pop_front() {
+            if self.map.get(&k).is_some_and(|c| c.ack.is_none()) {
+                self.map.remove(&k);
+                self.evicted += 1;
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Connections forgotten so far to make room for new ones.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
     }
 
     /// Notes a TCP segment (`tcp`: header and payload) the app sends from `local` to
@@ -260,6 +309,59 @@ mod tests {
             (5300, 1101)
         );
         assert_eq!((t.source_port(), t.destination_port()), (80, 4000));
+    }
+
+    fn peer(i: usize) -> SocketAddr {
+        let ip = std::net::Ipv4Addr::new(198, 18 + (i >> 16) as u8, (i >> 8) as u8, i as u8);
+        SocketAddr::new(IpAddr::V4(ip), 4000)
+    }
+
+    fn syn_with_mss(mss: u16) -> Vec<u8> {
+        let mut syn = seg(1, 0, SYN, 0);
+        syn[12] = 6 << 4;
+        syn.extend_from_slice(&[2, 4]);
+        syn.extend_from_slice(&mss.to_be_bytes());
+        syn
+    }
+
+    #[test]
+    fn a_syn_flood_cannot_keep_a_real_connection_out() {
+        let mut c = Conns::default();
+        let l: SocketAddr = "198.18.0.1:80".parse().expect("addr");
+        // A real connection, established before the flood, and the flood itself.
+        let early: SocketAddr = "198.19.255.1:5000".parse().expect("addr");
+        c.on_rx(1, l, early, &syn_with_mss(1000));
+        c.on_rx(1, l, early, &seg(2, 1, ACK, 0));
+        for i in 0..CAPACITY + 100 {
+            c.on_rx(1, l, peer(i), &seg(1, 0, SYN, 0));
+        }
+        assert_eq!(c.len(), CAPACITY);
+        assert_eq!(c.evicted(), 101, "the oldest half-open ones made room");
+        assert_eq!(c.mss(l, peer(0)), None, "the oldest was forgotten");
+        assert_eq!(c.mss(l, peer(CAPACITY + 99)), Some(536));
+        assert_eq!(c.mss(l, early), Some(1000), "an acknowledged one stays");
+        // A real client arriving during the flood is tracked.
+        let real: SocketAddr = "198.19.255.2:5000".parse().expect("addr");
+        c.on_rx(1, l, real, &syn_with_mss(500));
+        assert_eq!(c.mss(l, real), Some(500));
+        assert!(c.embryonic.len() <= 2 * CAPACITY + 1);
+    }
+
+    #[test]
+    fn a_table_full_of_acknowledged_connections_tracks_no_more() {
+        let mut c = Conns::default();
+        let l: SocketAddr = "198.18.0.1:80".parse().expect("addr");
+        for i in 0..CAPACITY {
+            c.on_rx(1, l, peer(i), &seg(1, 0, SYN, 0));
+            c.on_rx(1, l, peer(i), &seg(2, 1, ACK, 0));
+        }
+        let late: SocketAddr = "198.19.255.2:5000".parse().expect("addr");
+        c.on_rx(1, l, late, &syn_with_mss(500));
+        assert_eq!(c.mss(l, late), None);
+        assert_eq!((c.len(), c.evicted()), (CAPACITY, 0));
+        // Nor does a retransmitted SYN of a tracked one take a place.
+        c.on_rx(1, l, peer(7), &seg(1, 0, SYN, 0));
+        assert_eq!((c.len(), c.evicted()), (CAPACITY, 0));
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub struct SwitchStats {
     pub rx_coalesced: u64,
     /// Large TCP packets from apps cut into segments (segmentation offload).
     pub tx_segmented: u64,
+    /// Half-open TCP connections forgotten to make room for new ones (a SYN flood).
+    pub conntrack_evicted: u64,
 }
 
 /// A packet waiting for its next hop to be resolved, as the kernel holds packets while it
@@ -297,6 +299,7 @@ impl Switch {
             // Growing packets get their checksums before the rings are published.
             coalescer.finish(channels);
             stats.rx_coalesced = coalescer.stats.merged;
+            stats.conntrack_evicted = conns.evicted();
         });
         for r in &replies {
             if netif.send(r).is_ok() {
