@@ -452,6 +452,11 @@ impl Switch {
             // the nexus's copy.)
             let segmenting = offloads.tx_segment;
             let large = segmenting && len > mtu && TcpLayout::of(pkt).is_some();
+            // Past the link's MTU only a TCP packet the nexus segments may go (IP fragments
+            // from apps are refused too): the interface would refuse it, or the peer drop it.
+            if len > mtu && !large {
+                return Err("bad_len");
+            }
             // Straight into the interface's own frame where it lends one (AF_XDP's UMEM),
             // else into the switch's scratch frame: either way the nexus's memory.
             let lent = if large {
