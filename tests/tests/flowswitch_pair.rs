@@ -53,9 +53,12 @@ impl Drop for Running {
 }
 
 fn start(name: &str) -> Running {
+    start_with(name, netchannel_nexus::Config::default())
+}
+
+fn start_with(name: &str, mut cfg: netchannel_nexus::Config) -> Running {
     let (nexus_end, wire) = pair(NEXUS_MAC, PEER_MAC).expect("an interface pair");
     let socket = format!("/tmp/netchannel-fsw-{}-{name}.sock", std::process::id());
-    let mut cfg = netchannel_nexus::Config::default();
     cfg.control.socket = socket.clone().into();
     let sw = Switch::new(
         Box::new(nexus_end),
@@ -356,4 +359,89 @@ fn a_channel_that_stops_reading_loses_only_its_own_packets_each_counted_once() {
         stalled.recv(&mut again, 8).unwrap();
     }
     assert_eq!(again.len(), 1);
+}
+
+/// Sends `pkt` (an IP packet) on `ch`.
+fn send_ip(ch: &mut netchannel::nexus::Channel, pkt: &[u8]) -> Result<(), netchannel::Error> {
+    let buf = loop {
+        if let Some(b) = ch.alloc() {
+            break b;
+        }
+        ch.wait(Interest::Buffers, Some(Duration::from_secs(1)))?;
+    };
+    ch.buffer_mut(buf).expect("an allocated buffer")[..pkt.len()].copy_from_slice(pkt);
+    ch.send(&[Packet {
+        buf,
+        offset: 0,
+        len: pkt.len() as u32,
+    }])
+    .map(|_| ())
+    .map_err(|e| match e {
+        netchannel::SendError::Channel(e) => e,
+        other => panic!("{other:?}"),
+    })
+}
+
+#[test]
+fn an_app_that_keeps_spoofing_is_quarantined_and_its_neighbour_is_not() {
+    let mut cfg = netchannel_nexus::Config::default();
+    cfg.channel.max_strikes = 8;
+    let mut r = start_with("strikes", cfg);
+    let mut nexus = Nexus::connect(&r.socket).unwrap();
+    let mut rogue = nexus.open_channel(ChannelOptions::default()).unwrap();
+    let mut honest = nexus.open_channel(ChannelOptions::default()).unwrap();
+    let (_, lr) = nexus
+        .add_flow(&rogue, FlowProto::Udp, "0.0.0.0:0".parse().unwrap(), None)
+        .unwrap();
+    let (_, lh) = nexus
+        .add_flow(&honest, FlowProto::Udp, "0.0.0.0:0".parse().unwrap(), None)
+        .unwrap();
+    // Packets from a flow it no longer has are not strikes (a closed socket's stragglers).
+    for _ in 0..20 {
+        send_ip(&mut rogue, &udp_ip(HOST, lr.port() ^ 1, PEER, 9, b"late")).unwrap();
+    }
+    send_ip(&mut rogue, &udp_ip(HOST, lr.port(), PEER, 9, b"fine")).unwrap();
+    assert_eq!(wire_frames(&mut r.wire, 1).len(), 1);
+    // Four from another app's port and four from an address the host does not have.
+    for i in 0..8 {
+        let pkt = if i % 2 == 0 {
+            udp_ip(HOST, lh.port(), PEER, 9, b"not mine")
+        } else {
+            udp_ip([198, 18, 0, 99], lr.port(), PEER, 9, b"not my address")
+        };
+        if send_ip(&mut rogue, &pkt).is_err() {
+            break;
+        }
+    }
+    let t0 = Instant::now();
+    let reason = loop {
+        match rogue.wait(Interest::Readable, Some(Duration::from_millis(50))) {
+            Err(netchannel::Error::Defunct { reason }) => break reason,
+            _ => assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "the rogue channel was not quarantined"
+            ),
+        }
+    };
+    assert_eq!(reason, netchannel::DefunctReason::Quarantined);
+    assert!(wire_frames(&mut r.wire, 1).is_empty(), "a spoof left");
+    // The neighbour goes on both ways.
+    send_ip(
+        &mut honest,
+        &udp_ip(HOST, lh.port(), PEER, 9, b"still fine"),
+    )
+    .unwrap();
+    assert_eq!(wire_frames(&mut r.wire, 1).len(), 1);
+    r.wire
+        .send(&udp_frame(PEER, 9, HOST, lh.port(), b"to the honest app"))
+        .unwrap();
+    let mut got = Vec::new();
+    let t0 = Instant::now();
+    while got.is_empty() && t0.elapsed() < Duration::from_secs(5) {
+        honest
+            .wait(Interest::Readable, Some(Duration::from_millis(50)))
+            .ok();
+        honest.recv(&mut got, 8).unwrap();
+    }
+    assert_eq!(got.len(), 1);
 }

@@ -281,10 +281,18 @@ impl Channel {
         if supplied.starved && moved + returned > 0 {
             self.alloc_target = (self.alloc_target * 2).min(self.alloc_max);
         }
-        if self.ep.stats().total_violations() >= cfg.max_strikes {
+        if self.strikes() >= cfg.max_strikes {
             return Err(Quarantine::Strikes);
         }
         Ok(returned)
+    }
+
+    /// Strikes against the app: its protocol violations, and the packets it sent from an
+    /// address the host does not have or from another app's flow. (Not packets of flows it
+    /// no longer has: a closed socket's stragglers are an honest app's too.)
+    fn strikes(&self) -> u64 {
+        let tx = |reason| self.drops.tx.get(reason).copied().unwrap_or(0);
+        self.ep.stats().total_violations() + tx("spoofed_address") + tx("not_owner")
     }
 
     /// Sets or clears the need-wakeup flags of the rings the nexus consumes. Returns true if
