@@ -381,6 +381,41 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn vlan_tags_bad_tcp_offsets_and_zero_ipv6_udp_checksums_are_refused() {
+        // A VLAN-tagged frame is not switched to apps, however good the packet inside.
+        let good = udp4(A, 1000, B, 2000, b"hello");
+        let mut vlan = good[..12].to_vec();
+        vlan.extend_from_slice(&[0x81, 0x00, 0x00, 0x07]);
+        vlan.extend_from_slice(&good[12..]);
+        assert_eq!(parse_frame(&vlan), Err(RxDrop::NotIp));
+        assert_eq!(parse_frame_headers(&vlan), Err(RxDrop::NotIp));
+        // A TCP data offset under 5 words, or past the segment.
+        let tcp = tcp6(A6, 5, B6, 6, b"payload");
+        for offset in [0u8, 4, 15] {
+            let mut bad = tcp.clone();
+            bad[14 + 40 + 12] = offset << 4;
+            assert!(parse_frame(&bad).is_err(), "data offset {offset} accepted");
+            assert!(
+                parse_ip_headers(&bad[14..]).is_err(),
+                "data offset {offset} accepted from an app"
+            );
+        }
+        // UDP over IPv6 must carry a checksum (RFC 8200); over IPv4 zero means none.
+        let mut udp6 = Vec::new();
+        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv6(A6, B6, 64)
+            .udp(1000, 2000)
+            .write(&mut udp6, b"hello")
+            .unwrap();
+        assert!(parse_frame(&udp6).is_ok());
+        udp6[14 + 40 + 6..14 + 40 + 8].fill(0);
+        assert_eq!(parse_frame(&udp6), Err(RxDrop::BadL4Checksum));
+        let mut udp4_zero = good.clone();
+        udp4_zero[14 + 20 + 6..14 + 20 + 8].fill(0);
+        assert!(parse_frame(&udp4_zero).is_ok());
+    }
+
+    #[test]
     fn corrupted_fields_are_refused_with_their_reason() {
         let good = udp4(A, 1000, B, 2000, b"hello");
         let mut bad_ip_csum = good.clone();
