@@ -199,3 +199,108 @@ fn exchange_through_tap(v6: bool) {
     daemon.join().expect("TAP exchange");
     let _ = std::fs::remove_file(&socket);
 }
+
+/// CPU time (clock ticks, user and system) of thread `tid` of this process.
+fn thread_ticks(tid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"))
+        .expect("the thread's /proc stat");
+    // Fields after the parenthesised name: state is the 3rd field, utime the 14th, stime 15th.
+    let rest = &stat[stat.rfind(')').expect("a stat line") + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+}
+
+#[test]
+fn a_tap_deleted_under_the_nexus_is_reported_and_does_not_spin_it() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root (TAP device)");
+        return;
+    }
+    let pid = std::process::id();
+    let tap = Tap::create(&format!("nctd{}", pid % 100_000), NEXUS_MAC).expect("a TAP device");
+    let dev = tap.name().to_owned();
+    let socket = format!("/tmp/netchannel-tapdel-{pid}.sock");
+    let mut cfg = netchannel_nexus::Config::default();
+    cfg.control.socket = socket.clone().into();
+    let sw = Switch::new(
+        Box::new(tap),
+        vec!["198.18.0.1".parse().expect("an address")],
+        NextHop::Arp,
+    );
+    let mut nexus = netchannel_nexus::Nexus::with_switch(cfg, sw).expect("a nexus on the TAP");
+    let stop = nexus.stop_flag();
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let daemon = std::thread::spawn(move || {
+        let _ = tid_tx.send(rustix::thread::gettid().as_raw_nonzero().get());
+        nexus.run()
+    });
+    let tid = tid_rx.recv().expect("the nexus thread's id");
+    let t0 = Instant::now();
+    while Nexus::connect(&socket).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut control = Nexus::connect(&socket).expect("the control socket");
+    let mut ch = control
+        .open_channel(ChannelOptions::default())
+        .expect("a channel");
+    let (_, local) = control
+        .add_flow(
+            &ch,
+            FlowProto::Udp,
+            "0.0.0.0:0".parse().expect("addr"),
+            None,
+        )
+        .expect("a flow");
+
+    ip(&["link", "del", &dev]);
+    let failed = |c: &mut Nexus| {
+        let st = c.status().expect("status answers");
+        st.interface
+            .iter()
+            .find(|(k, _)| k == "interface_failed")
+            .map_or(0, |(_, v)| *v)
+    };
+    let t0 = Instant::now();
+    while failed(&mut control) == 0 {
+        // The nexus notices when it next reads; an app's packet makes it look.
+        let pkt = udp_packet(local.port());
+        if let Some(buf) = ch.alloc() {
+            ch.buffer_mut(buf).expect("a buffer")[..pkt.len()].copy_from_slice(&pkt);
+            let _ = ch.send(&[Packet {
+                buf,
+                offset: 0,
+                len: pkt.len() as u32,
+            }]);
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the failure was not reported"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Idle from here on: the nexus must sleep, not poll a dead fd (it spun a core before).
+    let before = thread_ticks(tid);
+    std::thread::sleep(Duration::from_secs(1));
+    let used = thread_ticks(tid) - before;
+    assert!(used < 20, "the nexus used {used} ticks in an idle second");
+    // The app's channel and the control socket still work.
+    assert!(matches!(
+        ch.wait(Interest::Readable, Some(Duration::from_millis(20))),
+        Err(netchannel::Error::TimedOut) | Ok(())
+    ));
+    assert_eq!(control.flows().expect("flows").len(), 1);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(daemon.join().expect("the nexus thread").is_ok());
+    let _ = std::fs::remove_file(&socket);
+}
+
+/// A UDP packet from the nexus's address and `port` to a peer.
+fn udp_packet(port: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    etherparse::PacketBuilder::ipv4([198, 18, 0, 1], [198, 18, 0, 2], 64)
+        .udp(port, 9)
+        .write(&mut out, b"into the void")
+        .expect("writing into a Vec cannot fail");
+    out
+}

@@ -93,6 +93,8 @@ pub struct Nexus {
     stop: Arc<AtomicBool>,
     /// Whether the interface's fd is in the epoll set's interest (not during coalescing).
     netif_watched: bool,
+    /// The interface failed for good and is no longer watched.
+    netif_failed: bool,
     signals: UnixStream,
     shutting_down: bool,
 }
@@ -141,6 +143,7 @@ impl Nexus {
             switch: None,
             stop: Arc::new(AtomicBool::new(false)),
             netif_watched: true,
+            netif_failed: false,
             signals,
             shutting_down: false,
         })
@@ -200,6 +203,7 @@ impl Nexus {
         tracing::info!(socket = %self.config.control.socket.display(), "nexus serving");
         while !self.shutting_down && !self.stop.load(Ordering::Relaxed) {
             let (moved, sent) = self.service_channels();
+            self.check_netif()?;
             passes = passes.wrapping_add(1);
             let now = Instant::now();
             if now.saturating_duration_since(last_housekeeping) >= HOUSEKEEPING {
@@ -245,9 +249,36 @@ impl Nexus {
         Ok(())
     }
 
+    /// Stops watching an interface that failed for good (its fd may poll as ready for ever,
+    /// which would spin the loop), once, and says so. Apps keep their channels; what they send
+    /// to the wire is dropped and counted (`tx_netif_errors`).
+    fn check_netif(&mut self) -> Result<(), NexusError> {
+        if self.netif_failed {
+            return Ok(());
+        }
+        let Some(sw) = self.switch.as_ref() else {
+            return Ok(());
+        };
+        let Some(why) = sw.netif().failed() else {
+            return Ok(());
+        };
+        tracing::error!(
+            reason = why,
+            "the interface failed; the nexus no longer reads it and drops what apps send to it \
+             (restart the nexus once the interface is back)"
+        );
+        if let Some(fd) = sw.netif().wake_fd() {
+            epoll::delete(&self.epoll, fd)
+                .map_err(|e| NexusError::sys("epoll_ctl(interface)", e))?;
+        }
+        self.netif_failed = true;
+        self.netif_watched = false;
+        Ok(())
+    }
+
     /// Whether the interface's frames wake the event loop.
     fn watch_netif(&mut self, on: bool) -> Result<(), NexusError> {
-        if self.netif_watched == on {
+        if self.netif_watched == on || self.netif_failed {
             return Ok(());
         }
         if let Some(fd) = self.switch.as_ref().and_then(|sw| sw.netif().wake_fd()) {
@@ -471,6 +502,7 @@ impl Nexus {
                         ("rx_coalesced".to_owned(), st.rx_coalesced),
                         ("tx_segmented".to_owned(), st.tx_segmented),
                         ("conntrack_evicted".to_owned(), st.conntrack_evicted),
+                        ("interface_failed".to_owned(), u64::from(self.netif_failed)),
                     ];
                     v.extend(st.rx_drops.iter().map(|(k, n)| (format!("rx_{k}"), *n)));
                     v.extend(

@@ -275,6 +275,10 @@ impl Netif for Faulty {
         self.inner.wake_fd()
     }
 
+    fn failed(&self) -> Option<&str> {
+        self.inner.failed()
+    }
+
     fn counters(&self) -> Vec<(&'static str, u64)> {
         let mut v = self.inner.counters();
         v.extend([

@@ -73,6 +73,11 @@ pub trait Netif: std::fmt::Debug + Send {
     fn mac(&self) -> [u8; 6];
     /// An fd that is readable when frames are waiting, for the event loop to sleep on.
     fn wake_fd(&self) -> Option<BorrowedFd<'_>>;
+    /// Why the backend stopped working for good, if it did: it then receives nothing, and
+    /// the event loop stops watching [`Netif::wake_fd`] (which may poll as ready for ever).
+    fn failed(&self) -> Option<&str> {
+        None
+    }
     /// The backend's own counters (drops the flowswitch cannot see), for `netchannel status`.
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()

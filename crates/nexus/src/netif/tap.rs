@@ -54,6 +54,9 @@ pub struct Tap {
     mac: [u8; 6],
     bufs: Vec<Vec<u8>>,
     lens: Vec<usize>,
+    /// Why the device stopped working for good (deleted under the nexus: reads fail with
+    /// EBADFD and the fd polls as in error for ever).
+    failed: Option<String>,
 }
 
 impl Tap {
@@ -93,6 +96,7 @@ impl Tap {
             mac,
             bufs: vec![vec![0; FRAME]; BATCH],
             lens: vec![0; BATCH],
+            failed: None,
         })
     }
 
@@ -105,13 +109,18 @@ impl Tap {
 impl Netif for Tap {
     fn recv(&mut self, max: usize, f: &mut dyn FnMut(&[&[u8]])) -> usize {
         let mut n = 0;
-        while n < max.min(BATCH) {
+        while n < max.min(BATCH) && self.failed.is_none() {
             match rustix::io::read(&self.fd, &mut self.bufs[n][..]) {
                 Ok(len) if len > 0 => {
                     self.lens[n] = len;
                     n += 1;
                 }
-                _ => break,
+                Ok(_) | Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => break,
+                Err(e) => {
+                    let why = format!("TAP device {}: read: {e} (was it deleted?)", self.name);
+                    self.failed = Some(why);
+                    break;
+                }
             }
         }
         if n > 0 {
@@ -138,6 +147,10 @@ impl Netif for Tap {
 
     fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
         Some(self.fd.as_fd())
+    }
+
+    fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
     }
 }
 
