@@ -21,6 +21,8 @@
 //!   killed.
 //! * `ports_collide_both_ways_...`: the flow reservations and the host's sockets share one port
 //!   space, per protocol and per family.
+//! * `an_interface_deleted_...`: the nexus reports an interface deleted under it (status
+//!   `interface_failed`) once an app sends, and keeps its control socket and channels.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
@@ -1358,4 +1360,55 @@ fn regression_a_udp_length_shorter_than_its_ip_payload_is_refused() {
     );
     assert_eq!(got, vec![good[14..].to_vec()], "the valid datagram only");
     assert_eq!(drops.get("rx_bad_header"), Some(&1), "{drops:?}");
+}
+
+#[test]
+fn an_interface_deleted_under_the_nexus_is_reported_when_an_app_sends() {
+    if skip() {
+        return;
+    }
+    let _serial = serial();
+    // Test 7's slot: the tests run one at a time, and each removes its bed.
+    let net = Net::new(7);
+    let nexus = InProcess::start(&net, "gone");
+    let mut control = nexus.connect();
+    let mut ch = control.open_channel(ChannelOptions::default()).unwrap();
+    let (_, local) = control
+        .add_flow(
+            &ch,
+            FlowProto::Udp,
+            SocketAddr::new(IpAddr::V4(net.host4), 0),
+            None,
+        )
+        .unwrap();
+    let peer = SocketAddr::new(IpAddr::V4(net.peer4), 9);
+    // One packet while the interface is there (the peer's address gets resolved).
+    send_ip(&mut ch, &udp_packet(local, peer, b"before"));
+    let st = status_when(&mut control, SHORT, |st| {
+        counter(&st.interface, "tx_frames") >= 1
+    });
+    assert_eq!(counter(&st.interface, "interface_failed"), 0);
+    let out = run("ip", &["link", "del", &net.host]);
+    assert!(out.status.success(), "ip link del: {out:?}");
+    let t0 = Instant::now();
+    let st = loop {
+        send_ip(&mut ch, &udp_packet(local, peer, b"after"));
+        let st = status(&mut control);
+        if counter(&st.interface, "interface_failed") == 1 || t0.elapsed() > SHORT {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        counter(&st.interface, "interface_failed"),
+        1,
+        "{:?}",
+        st.interface
+    );
+    // Still serving: the channel and the control socket.
+    assert_eq!(control.flows().unwrap().len(), 1);
+    assert!(matches!(
+        ch.wait(Interest::Readable, Some(Duration::from_millis(20))),
+        Ok(()) | Err(Error::TimedOut)
+    ));
 }

@@ -88,6 +88,8 @@ pub struct AfXdp {
     /// RX frames to put back on the fill ring.
     refill: Vec<u64>,
     descs: Vec<(u64, u32)>,
+    /// Why the socket stopped working for good (its interface was deleted: ENXIO).
+    failed: Option<String>,
 }
 
 /// The interface's index, MAC and number of receive queues.
@@ -226,6 +228,7 @@ impl AfXdp {
             pending: 0,
             refill: Vec::with_capacity(RING as usize),
             descs: Vec::with_capacity(BATCH),
+            failed: None,
         })
     }
 
@@ -392,6 +395,16 @@ impl Netif for AfXdp {
             // `sendto(fd, NULL, 0, MSG_DONTWAIT)` is the kick.
             match rustix::net::send(&self.fd, &[], SendFlags::DONTWAIT) {
                 Ok(_) | Err(Errno::AGAIN | Errno::BUSY | Errno::NOBUFS) => continue,
+                // The socket was unbound: its interface is gone.
+                Err(Errno::NXIO) => {
+                    if self.failed.is_none() {
+                        self.failed = Some(format!(
+                            "AF_XDP on {}: the socket lost its interface (was it deleted?)",
+                            self.ifname
+                        ));
+                    }
+                    break;
+                }
                 Err(_) => break,
             }
         }
@@ -433,6 +446,10 @@ impl Netif for AfXdp {
 
     fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
         Some(self.fd.as_fd())
+    }
+
+    fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
