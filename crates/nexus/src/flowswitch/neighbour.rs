@@ -36,10 +36,14 @@ impl Neighbours {
         self.table.get(&ip).copied()
     }
 
+    /// Learns `ip` at `mac`. A full table starts again (the kernel's cache does), rather
+    /// than refusing newcomers for good: an ARP scan with made-up senders would otherwise
+    /// leave a real peer unresolvable; those in use are asked for again.
     fn learn(&mut self, ip: IpAddr, mac: [u8; 6]) {
-        if self.table.len() < CAPACITY || self.table.contains_key(&ip) {
-            self.table.insert(ip, mac);
+        if self.table.len() >= CAPACITY && !self.table.contains_key(&ip) {
+            self.table.clear();
         }
+        self.table.insert(ip, mac);
     }
 
     /// Handles an ARP frame (Ethernet/IPv4 only; anything else is ignored): learns the
@@ -319,6 +323,21 @@ mod tests {
 
     const US: [u8; 6] = [2, 0, 0, 0, 0, 1];
     const PEER: [u8; 6] = [2, 0, 0, 0, 0, 2];
+
+    #[test]
+    fn a_full_table_still_learns_a_real_peer_after_a_scan() {
+        let mut n = Neighbours::default();
+        let ours = [IpAddr::from([198, 18, 0, 1])];
+        let gratuitous = |ip: Ipv4Addr, mac: [u8; 6]| arp_frame(2, mac, ip, US, ip, US);
+        for i in 0..CAPACITY as u32 + 10 {
+            let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 16, 0)) + i);
+            n.on_arp(&gratuitous(ip, [2, 0, 0, 0, 1, 1]), US, &ours);
+        }
+        assert!(n.table.len() <= CAPACITY);
+        let real = Ipv4Addr::new(198, 18, 0, 2);
+        n.on_arp(&gratuitous(real, PEER), US, &ours);
+        assert_eq!(n.get(IpAddr::V4(real)), Some(PEER));
+    }
 
     #[test]
     fn answers_requests_for_our_addresses_and_learns_the_asker() {
