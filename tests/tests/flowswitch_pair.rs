@@ -96,14 +96,35 @@ fn counter(list: &[(String, u64)], name: &str) -> u64 {
     list.iter().find(|(k, _)| k == name).map_or(0, |(_, v)| *v)
 }
 
+/// A channel with `opts` and a UDP flow on an ephemeral port: the channel and its address.
+fn udp_channel(
+    nexus: &mut Nexus,
+    opts: ChannelOptions,
+) -> (netchannel::nexus::Channel, std::net::SocketAddr) {
+    let ch = nexus.open_channel(opts).unwrap();
+    let (_, local) = nexus
+        .add_flow(&ch, FlowProto::Udp, "0.0.0.0:0".parse().unwrap(), None)
+        .unwrap();
+    (ch, local)
+}
+
+/// Receives on `ch` until `n` packets have arrived or 5 s have passed; returns them all.
+fn recv_at_least(ch: &mut netchannel::nexus::Channel, n: usize) -> Vec<Packet> {
+    let mut got = Vec::new();
+    let t0 = Instant::now();
+    while got.len() < n && t0.elapsed() < Duration::from_secs(5) {
+        ch.wait(Interest::Readable, Some(Duration::from_millis(50)))
+            .ok();
+        ch.recv(&mut got, 32).unwrap();
+    }
+    got
+}
+
 #[test]
 fn udp_crosses_the_flowswitch_both_ways_and_spoofs_are_dropped() {
     let mut r = start("udp");
     let mut nexus = Nexus::connect(&r.socket).unwrap();
-    let mut ch = nexus.open_channel(ChannelOptions::default()).unwrap();
-    let (_, local) = nexus
-        .add_flow(&ch, FlowProto::Udp, "0.0.0.0:0".parse().unwrap(), None)
-        .unwrap();
+    let (mut ch, local) = udp_channel(&mut nexus, ChannelOptions::default());
     let port = local.port();
 
     // Wire → app: only the claimed port arrives, as an IP packet.
@@ -122,14 +143,8 @@ fn udp_crosses_the_flowswitch_both_ways_and_spoofs_are_dropped() {
     let mut bad = udp_frame(PEER, 999, HOST, port, b"corrupt");
     *bad.last_mut().unwrap() ^= 1;
     r.wire.send(&bad).unwrap();
-    let mut got = Vec::new();
-    let t0 = Instant::now();
-    while got.is_empty() {
-        assert!(t0.elapsed() < Duration::from_secs(5), "nothing delivered");
-        ch.wait(Interest::Readable, Some(Duration::from_millis(100)))
-            .ok();
-        ch.recv(&mut got, 8).unwrap();
-    }
+    let got = recv_at_least(&mut ch, 1);
+    assert!(!got.is_empty(), "nothing delivered");
     let ip = ch.payload(&got[0]).to_vec();
     let sliced = SlicedPacket::from_ip(&ip).unwrap();
     let Some(TransportSlice::Udp(u)) = sliced.transport else {
@@ -142,22 +157,7 @@ fn udp_crosses_the_flowswitch_both_ways_and_spoofs_are_dropped() {
     ch.free(got.iter().map(|p| p.buf)).unwrap();
 
     // App → wire: a valid reply goes out with an Ethernet header; spoofs do not.
-    let send = |ch: &mut netchannel::nexus::Channel, pkt: Vec<u8>| {
-        let buf = loop {
-            if let Some(b) = ch.alloc() {
-                break b;
-            }
-            ch.wait(Interest::Buffers, Some(Duration::from_secs(1)))
-                .unwrap();
-        };
-        ch.buffer_mut(buf).unwrap()[..pkt.len()].copy_from_slice(&pkt);
-        ch.send(&[Packet {
-            buf,
-            offset: 0,
-            len: pkt.len() as u32,
-        }])
-        .unwrap();
-    };
+    let send = |ch: &mut netchannel::nexus::Channel, pkt: Vec<u8>| send_ip(ch, &pkt).unwrap();
     send(&mut ch, udp_ip(HOST, port, PEER, 999, b"reply"));
     send(
         &mut ch,
@@ -205,14 +205,8 @@ fn udp_crosses_the_flowswitch_both_ways_and_spoofs_are_dropped() {
 fn two_channels_get_only_their_own_flows() {
     let mut r = start("two");
     let mut nexus = Nexus::connect(&r.socket).unwrap();
-    let mut a = nexus.open_channel(ChannelOptions::default()).unwrap();
-    let mut b = nexus.open_channel(ChannelOptions::default()).unwrap();
-    let (_, la) = nexus
-        .add_flow(&a, FlowProto::Udp, "0.0.0.0:0".parse().unwrap(), None)
-        .unwrap();
-    let (_, lb) = nexus
-        .add_flow(&b, FlowProto::Udp, "0.0.0.0:0".parse().unwrap(), None)
-        .unwrap();
+    let (mut a, la) = udp_channel(&mut nexus, ChannelOptions::default());
+    let (mut b, lb) = udp_channel(&mut nexus, ChannelOptions::default());
     for i in 0..20u8 {
         let port = if i % 2 == 0 { la.port() } else { lb.port() };
         r.wire
@@ -220,13 +214,7 @@ fn two_channels_get_only_their_own_flows() {
             .unwrap();
     }
     for (ch, parity) in [(&mut a, 0u8), (&mut b, 1u8)] {
-        let mut got = Vec::new();
-        let t0 = Instant::now();
-        while got.len() < 10 && t0.elapsed() < Duration::from_secs(5) {
-            ch.wait(Interest::Readable, Some(Duration::from_millis(50)))
-                .ok();
-            ch.recv(&mut got, 32).unwrap();
-        }
+        let got = recv_at_least(ch, 10);
         assert_eq!(got.len(), 10);
         for p in &got {
             let ip = ch.payload(p);
@@ -244,29 +232,13 @@ fn two_channels_get_only_their_own_flows() {
 fn packets_past_the_mtu_never_leave_and_are_counted() {
     let mut r = start("mtu");
     let mut nexus = Nexus::connect(&r.socket).unwrap();
-    let mut ch = nexus.open_channel(ChannelOptions::default()).unwrap();
-    let (_, local) = nexus
-        .add_flow(&ch, FlowProto::Udp, "0.0.0.0:0".parse().unwrap(), None)
-        .unwrap();
+    let (mut ch, local) = udp_channel(&mut nexus, ChannelOptions::default());
     let port = local.port();
     // 1600 bytes fit a 2 KiB pool buffer but not the 1500-byte MTU; 1500 exactly does.
     for size in [1600usize, 1501, 1500] {
         let pkt = udp_ip(HOST, port, PEER, 999, &vec![7u8; size - 28]);
         assert_eq!(pkt.len(), size);
-        let buf = loop {
-            if let Some(b) = ch.alloc() {
-                break b;
-            }
-            ch.wait(Interest::Buffers, Some(Duration::from_secs(1)))
-                .unwrap();
-        };
-        ch.buffer_mut(buf).unwrap()[..size].copy_from_slice(&pkt);
-        ch.send(&[Packet {
-            buf,
-            offset: 0,
-            len: size as u32,
-        }])
-        .unwrap();
+        send_ip(&mut ch, &pkt).unwrap();
     }
     let frames = wire_frames(&mut r.wire, 3);
     let sizes: Vec<usize> = frames.iter().map(Vec::len).collect();
@@ -285,14 +257,8 @@ fn a_channel_that_stops_reading_loses_only_its_own_packets_each_counted_once() {
         ring_slots: Some(64),
         ..ChannelOptions::default()
     };
-    let mut stalled = nexus.open_channel(opts).unwrap();
-    let mut healthy = nexus.open_channel(ChannelOptions::default()).unwrap();
-    let (_, ls) = nexus
-        .add_flow(&stalled, FlowProto::Udp, "0.0.0.0:0".parse().unwrap(), None)
-        .unwrap();
-    let (_, lh) = nexus
-        .add_flow(&healthy, FlowProto::Udp, "0.0.0.0:0".parse().unwrap(), None)
-        .unwrap();
+    let (mut stalled, ls) = udp_channel(&mut nexus, opts);
+    let (mut healthy, lh) = udp_channel(&mut nexus, ChannelOptions::default());
     const SENT: u64 = 300;
     for i in 0..SENT {
         r.wire
@@ -315,14 +281,7 @@ fn a_channel_that_stops_reading_loses_only_its_own_packets_each_counted_once() {
         std::thread::sleep(Duration::from_millis(5));
     }
     // The healthy channel got all of its own.
-    let mut got = Vec::new();
-    let t0 = Instant::now();
-    while got.len() < 10 && t0.elapsed() < Duration::from_secs(5) {
-        healthy
-            .wait(Interest::Readable, Some(Duration::from_millis(50)))
-            .ok();
-        healthy.recv(&mut got, 32).unwrap();
-    }
+    let got = recv_at_least(&mut healthy, 10);
     assert_eq!(got.len(), 10);
     healthy.free(got.iter().map(|p| p.buf)).unwrap();
     // The stalled one: what it can read now plus what was dropped is what was sent, and the
@@ -350,15 +309,7 @@ fn a_channel_that_stops_reading_loses_only_its_own_packets_each_counted_once() {
     r.wire
         .send(&udp_frame(PEER, 1000, HOST, ls.port(), b"again"))
         .unwrap();
-    let mut again = Vec::new();
-    let t0 = Instant::now();
-    while again.is_empty() && t0.elapsed() < Duration::from_secs(5) {
-        stalled
-            .wait(Interest::Readable, Some(Duration::from_millis(50)))
-            .ok();
-        stalled.recv(&mut again, 8).unwrap();
-    }
-    assert_eq!(again.len(), 1);
+    assert_eq!(recv_at_least(&mut stalled, 1).len(), 1);
 }
 
 /// Sends `pkt` (an IP packet) on `ch`.
@@ -388,14 +339,8 @@ fn an_app_that_keeps_spoofing_is_quarantined_and_its_neighbour_is_not() {
     cfg.channel.max_strikes = 8;
     let mut r = start_with("strikes", cfg);
     let mut nexus = Nexus::connect(&r.socket).unwrap();
-    let mut rogue = nexus.open_channel(ChannelOptions::default()).unwrap();
-    let mut honest = nexus.open_channel(ChannelOptions::default()).unwrap();
-    let (_, lr) = nexus
-        .add_flow(&rogue, FlowProto::Udp, "0.0.0.0:0".parse().unwrap(), None)
-        .unwrap();
-    let (_, lh) = nexus
-        .add_flow(&honest, FlowProto::Udp, "0.0.0.0:0".parse().unwrap(), None)
-        .unwrap();
+    let (mut rogue, lr) = udp_channel(&mut nexus, ChannelOptions::default());
+    let (mut honest, lh) = udp_channel(&mut nexus, ChannelOptions::default());
     // Packets from a flow it no longer has are not strikes (a closed socket's stragglers).
     for _ in 0..20 {
         send_ip(&mut rogue, &udp_ip(HOST, lr.port() ^ 1, PEER, 9, b"late")).unwrap();
@@ -435,13 +380,5 @@ fn an_app_that_keeps_spoofing_is_quarantined_and_its_neighbour_is_not() {
     r.wire
         .send(&udp_frame(PEER, 9, HOST, lh.port(), b"to the honest app"))
         .unwrap();
-    let mut got = Vec::new();
-    let t0 = Instant::now();
-    while got.is_empty() && t0.elapsed() < Duration::from_secs(5) {
-        honest
-            .wait(Interest::Readable, Some(Duration::from_millis(50)))
-            .ok();
-        honest.recv(&mut got, 8).unwrap();
-    }
-    assert_eq!(got.len(), 1);
+    assert_eq!(recv_at_least(&mut honest, 1).len(), 1);
 }
