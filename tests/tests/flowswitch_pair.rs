@@ -101,10 +101,11 @@ fn udp_channel(
     nexus: &mut Nexus,
     opts: ChannelOptions,
 ) -> (netchannel::nexus::Channel, std::net::SocketAddr) {
-    let ch = nexus.open_channel(opts).unwrap();
+    let ch = nexus.open_channel(opts).expect("a channel");
+    let any = "0.0.0.0:0".parse().expect("an address");
     let (_, local) = nexus
-        .add_flow(&ch, FlowProto::Udp, "0.0.0.0:0".parse().unwrap(), None)
-        .unwrap();
+        .add_flow(&ch, FlowProto::Udp, any, None)
+        .expect("a UDP flow");
     (ch, local)
 }
 
@@ -115,7 +116,7 @@ fn recv_at_least(ch: &mut netchannel::nexus::Channel, n: usize) -> Vec<Packet> {
     while got.len() < n && t0.elapsed() < Duration::from_secs(5) {
         ch.wait(Interest::Readable, Some(Duration::from_millis(50)))
             .ok();
-        ch.recv(&mut got, 32).unwrap();
+        ch.recv(&mut got, 32).expect("a live channel");
     }
     got
 }
