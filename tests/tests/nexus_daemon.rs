@@ -1240,6 +1240,49 @@ fn unprivileged_apps_meet_their_limits_and_permissions() {
     assert_serves(&d.socket);
 }
 
+#[test]
+fn unprivileged_users_meet_their_flow_and_connection_limits() {
+    let _serial = serial();
+    let d = Daemon::start(
+        "user-limits",
+        Some("[limits]\nflows_per_user = 3\nconnections_per_user = 2\n"),
+    );
+    let mut nx = d.monitor();
+    // Control connections (each asks for the status): two, then a refusal.
+    let mut conns = App::spawn_as(Some(NOBODY), &["user-connections", &d.socket, "3"]);
+    assert_eq!(conns.line(), "connect ok");
+    assert_eq!(conns.line(), "connect ok");
+    assert_eq!(conns.line(), "connect refused Limit");
+    assert_eq!(
+        count(&status(&mut nx).control_errors, "limit_connections"),
+        1
+    );
+    // Root is not limited.
+    let mut root = Nexus::connect(&d.socket).expect("root connects");
+    assert!(root.status().is_ok());
+    conns.close_stdin();
+    conns.exits_cleanly();
+    // Flows: three, then a refusal; the limit ends with the app that held them.
+    for round in 0..2 {
+        let mut flows = App::spawn_as(Some(NOBODY), &["user-flows", &d.socket, "4"]);
+        for i in 0..3 {
+            assert_eq!(flows.line(), "flow ok", "round {round}, flow {i}");
+        }
+        assert_eq!(flows.line(), "flow refused Limit", "round {round}");
+        assert_eq!(
+            count(&status(&mut nx).control_errors, "limit_flows"),
+            round + 1
+        );
+        flows.close_stdin();
+        flows.exits_cleanly();
+        let (s, _) = status_until(&mut nx, "the user's channel is reclaimed", |s| {
+            s.channels.is_empty()
+        });
+        assert_eq!(count(&s.control_errors, "reclaim_audit_failed"), 0);
+    }
+    assert_serves(&d.socket);
+}
+
 /// Bug reproducer: a request of 4097 bytes (one more than `MAX_REQUEST`) is counted as
 /// `truncated`. The nexus reads into a buffer of `MAX_REQUEST + 1` bytes, so a 4097-byte message
 /// is not cut (no MSG_TRUNC) and reaches `control::decode`, whose `DecodeError::Size` is mapped

@@ -113,9 +113,14 @@ impl Nexus {
         req: &Request,
         fds: &[BorrowedFd<'_>],
     ) -> Result<(Reply, Vec<OwnedFd>), Error> {
-        send_with_fds(self.sock.as_fd(), &control::encode(req), fds).map_err(gone)?;
         let mut buf = vec![0u8; MAX_REPLY];
-        let r = recv_with_fds(self.sock.as_fd(), &mut buf, false).map_err(gone)?;
+        if let Err(e) = send_with_fds(self.sock.as_fd(), &control::encode(req), fds) {
+            return Err(self.turned_away(&mut buf).unwrap_or_else(|| gone(e)));
+        }
+        let r = match recv_with_fds(self.sock.as_fd(), &mut buf, false) {
+            Ok(r) => r,
+            Err(e) => return Err(self.turned_away(&mut buf).unwrap_or_else(|| gone(e))),
+        };
         if r.truncated {
             return Err(Error::Protocol(
                 "reply larger than the protocol allows".into(),
@@ -127,6 +132,31 @@ impl Nexus {
             return Err(Error::Refused { code, message });
         }
         Ok((reply, r.fds))
+    }
+
+    /// Why the nexus turned this connection away, if it did: it says why (a limit) and closes
+    /// the connection at once, so the request may fail to go out, or its reply fail with
+    /// ECONNRESET (the request was left unread), while the reason still waits to be read.
+    fn turned_away(&self, buf: &mut [u8]) -> Option<Error> {
+        for _ in 0..2 {
+            match recv_with_fds(self.sock.as_fd(), buf, true) {
+                Ok(r) => {
+                    return match control::decode::<Reply>(&buf[..r.len], MAX_REPLY) {
+                        Ok(Reply::Error { code, message }) => {
+                            Some(Error::Refused { code, message })
+                        }
+                        _ => None,
+                    };
+                }
+                // A pending ECONNRESET is reported (and cleared) before the queued message.
+                Err(Error::Sys {
+                    source: rustix::io::Errno::CONNRESET,
+                    ..
+                }) => continue,
+                Err(_) => return None,
+            }
+        }
+        None
     }
 
     /// Opens a channel: the nexus builds its memory, this process maps it and adds its own

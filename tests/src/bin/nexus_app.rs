@@ -26,6 +26,12 @@
 //!                                   VICTIM (`defunct ok` / `defunct refused CODE`); print
 //!                                   `status UIDS` (the uid of every channel the status shows);
 //!                                   keep the channels open until stdin ends
+//! nexus_app user-flows SOCKET N      (unprivileged) open a channel and try N UDP flows on
+//!                                   ephemeral ports, printing `flow ok` or `flow refused CODE`
+//!                                   for each; keep them until stdin ends
+//! nexus_app user-connections SOCKET N  (unprivileged) open N more control connections, each
+//!                                   asking for the status: `connect ok` or
+//!                                   `connect refused CODE`; keep them until stdin ends
 //! ```
 //!
 //! Per-descriptor hostile cases first make one valid round trip (a warm-up: afterwards the
@@ -67,7 +73,8 @@ const WAIT: Duration = Duration::from_secs(30);
 const HUGE_INDEX: u32 = 1 << 30;
 
 const USAGE: &str = "usage: nexus_app <stream SOCKET | healthy SOCKET SECS | hostile SOCKET CASE \
-                     | flood SOCKET | burn | wait SOCKET | user SOCKET N [VICTIM]>";
+                     | flood SOCKET | burn | wait SOCKET | user SOCKET N [VICTIM] \
+                     | user-flows SOCKET N | user-connections SOCKET N>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -85,6 +92,8 @@ fn main() -> ExitCode {
         ["user", sock, n, victim] => {
             number(n).and_then(|n| number(victim).and_then(|v| user(sock, n, Some(v))))
         }
+        ["user-flows", sock, n] => number(n).and_then(|n| user_flows(sock, n)),
+        ["user-connections", sock, n] => number(n).and_then(|n| user_connections(sock, n)),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -454,6 +463,35 @@ fn user(sock: &str, n: u64, victim: Option<u64>) -> Result<(), String> {
     say(&format!("status {}", uids.join(" ")));
     hold_until_eof();
     drop(chans);
+    Ok(())
+}
+
+/// An unprivileged user's flows, up to its limit (see the usage at the top).
+fn user_flows(sock: &str, n: u64) -> Result<(), String> {
+    let mut nexus = Nexus::connect(sock).map_err(|e| format!("connect: {e}"))?;
+    let ch = nexus
+        .open_channel(ChannelOptions::default())
+        .map_err(|e| format!("open: {e}"))?;
+    let any = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+    for _ in 0..n {
+        let r = nexus.add_flow(&ch, netchannel::nexus::FlowProto::Udp, any, None);
+        refusal("flow", r.map(|_| ()))?;
+    }
+    hold_until_eof();
+    drop(ch);
+    Ok(())
+}
+
+/// An unprivileged user's control connections, up to its limit (see the usage at the top).
+fn user_connections(sock: &str, n: u64) -> Result<(), String> {
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        let mut nexus = Nexus::connect(sock).map_err(|e| format!("connect: {e}"))?;
+        refusal("connect", nexus.status().map(|_| ()))?;
+        conns.push(nexus);
+    }
+    hold_until_eof();
+    drop(conns);
     Ok(())
 }
 
