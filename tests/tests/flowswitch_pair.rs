@@ -313,7 +313,7 @@ fn a_channel_that_stops_reading_loses_only_its_own_packets_each_counted_once() {
     assert_eq!(recv_at_least(&mut stalled, 1).len(), 1);
 }
 
-/// Sends `pkt` (an IP packet) on `ch`.
+/// Sends `pkt` (an IP packet) on `ch`, waiting for a buffer and for room on the TX ring.
 fn send_ip(ch: &mut netchannel::nexus::Channel, pkt: &[u8]) -> Result<(), netchannel::Error> {
     let buf = loop {
         if let Some(b) = ch.alloc() {
@@ -322,16 +322,19 @@ fn send_ip(ch: &mut netchannel::nexus::Channel, pkt: &[u8]) -> Result<(), netcha
         ch.wait(Interest::Buffers, Some(Duration::from_secs(1)))?;
     };
     ch.buffer_mut(buf).expect("an allocated buffer")[..pkt.len()].copy_from_slice(pkt);
-    ch.send(&[Packet {
+    let p = Packet {
         buf,
         offset: 0,
         len: pkt.len() as u32,
-    }])
-    .map(|_| ())
-    .map_err(|e| match e {
-        netchannel::SendError::Channel(e) => e,
-        other => panic!("{other:?}"),
-    })
+    };
+    loop {
+        match ch.send(&[p]) {
+            Ok(0) => ch.wait(Interest::Writable, Some(Duration::from_secs(1)))?,
+            Ok(_) => return Ok(()),
+            Err(netchannel::SendError::Channel(e)) => return Err(e),
+            Err(other) => panic!("{other:?}"),
+        }
+    }
 }
 
 #[test]
@@ -382,4 +385,106 @@ fn an_app_that_keeps_spoofing_is_quarantined_and_its_neighbour_is_not() {
         .send(&udp_frame(PEER, 9, HOST, lh.port(), b"to the honest app"))
         .unwrap();
     assert_eq!(recv_at_least(&mut honest, 1).len(), 1);
+}
+
+/// The time-of-check/time-of-use attack: a second thread of the app rewrites the source
+/// address and port of its packets (through the pool's memory) while the nexus validates
+/// and sends them. The nexus copies a packet before it looks at it, so what reaches the wire
+/// is always what it checked: the app's own flow, or nothing.
+#[test]
+fn headers_rewritten_while_the_nexus_validates_never_reach_the_wire() {
+    let mut cfg = netchannel_nexus::Config::default();
+    cfg.channel.max_strikes = u64::MAX;
+    let mut r = start_with("toctou", cfg);
+    let mut nexus = Nexus::connect(&r.socket).unwrap();
+    let (mut ch, local) = udp_channel(&mut nexus, ChannelOptions::default());
+    let (_victim, victim) = udp_channel(&mut nexus, ChannelOptions::default());
+    let (pool, size, buffers) = ch.hostile_pool().unwrap();
+    // IPv4 header bytes 10..16 (checksum, source address) of the app's packets, and of the
+    // same packets from an address the host does not have, each with a valid checksum: the
+    // forgery must meet the ownership checks, not the checksum.
+    let head_of = |src: [u8; 4]| -> [u8; 6] {
+        let p = udp_ip(src, local.port(), PEER, 9, &[0; 4]);
+        p[10..16].try_into().unwrap()
+    };
+    let heads = [head_of([198, 18, 0, 77]), head_of(HOST)];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let passes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let flipper = {
+        let stop = stop.clone();
+        let passes = passes.clone();
+        std::thread::spawn(move || {
+            // The source address and the UDP source port of every buffer, in turn the app's
+            // own and someone else's.
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for b in 0..buffers {
+                    let port = if i.is_multiple_of(3) {
+                        victim.port()
+                    } else {
+                        local.port()
+                    };
+                    let at = u64::from(b) * u64::from(size);
+                    let _ = rustix::io::pwrite(&pool, &heads[(i % 2) as usize], at + 10);
+                    let _ = rustix::io::pwrite(&pool, &port.to_be_bytes(), at + 20);
+                    i += 1;
+                }
+                passes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    };
+    while passes.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        std::thread::yield_now();
+    }
+    // At least 3000 packets, and on until the flipper has won some races (a 2-core machine
+    // may not run it at first), within bounds.
+    let id = ch.id();
+    let refused_now = |nexus: &mut Nexus| -> u64 {
+        let s = nexus.status().unwrap();
+        let c = s.channels.iter().find(|c| c.id == id).unwrap();
+        c.drops.iter().map(|(_, n)| *n).sum()
+    };
+    let mut wire = Vec::new();
+    let mut sent = 0usize;
+    let t0 = Instant::now();
+    while sent < 3000 || (refused_now(&mut nexus) == 0 && t0.elapsed() < Duration::from_secs(10)) {
+        for _ in 0..500 {
+            let payload = (sent as u32).to_be_bytes();
+            send_ip(&mut ch, &udp_ip(HOST, local.port(), PEER, 9, &payload)).unwrap();
+            sent += 1;
+            if sent.is_multiple_of(64) {
+                r.wire
+                    .recv(64, &mut |fs| wire.extend(fs.iter().map(|f| f.to_vec())));
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flipper.join().unwrap();
+    wire.extend(wire_frames(&mut r.wire, sent));
+    let s = nexus.status().unwrap();
+    let c = s.channels.iter().find(|c| c.id == ch.id()).unwrap();
+    let refused: u64 = c.drops.iter().map(|(_, n)| *n).sum();
+    assert_eq!(
+        wire.len() as u64 + refused,
+        sent as u64,
+        "every packet went out or was refused once: {:?} {:?}",
+        c.drops,
+        s.interface
+    );
+    assert!(refused > 0, "the race was never won by the flipper");
+    assert!(!wire.is_empty(), "nothing got through at all");
+    for f in &wire {
+        let p = SlicedPacket::from_ethernet(f).unwrap();
+        let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
+            panic!("not IPv4: {f:02x?}")
+        };
+        let Some(TransportSlice::Udp(u)) = p.transport else {
+            panic!("not UDP: {f:02x?}")
+        };
+        assert_eq!(
+            (ip.header().source(), u.source_port()),
+            (HOST, local.port()),
+            "a forged packet reached the wire"
+        );
+    }
 }

@@ -986,6 +986,15 @@ impl Endpoint {
         self.peer_bell.ring();
     }
 
+    /// The pool's memfd (a duplicate), its buffer size and its number of buffers: buffer `b`
+    /// starts at byte `b * size`. Writing through it is what another thread or process of a
+    /// hostile app can do at any moment, such as rewriting a packet's headers after handing
+    /// it over.
+    pub fn hostile_pool(&self) -> Result<(OwnedFd, u32, u32), rustix::io::Errno> {
+        let fd = rustix::io::fcntl_dupfd_cloexec(self.pool.fd(), 0)?;
+        Ok((fd, self.pool.buf_size(), self.pool.buffers()))
+    }
+
     /// Publishes an arbitrary index on one of this end's rings: the producer index of the
     /// outgoing data ring (`data = true`), or the consumer index of the incoming data ring.
     pub fn hostile_set_index(&mut self, producer: bool, v: u32) {
