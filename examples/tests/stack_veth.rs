@@ -23,6 +23,8 @@
 //!   neighbour cache or to a socket dropped at once.
 //! * `half_open_handshakes_...`, `an_established_connection_waits_...`: the backlog's
 //!   handshake timeout frees it from spoofed SYNs and spares connections waiting for accept.
+//! * `blocked_calls_fail_...`: a nexus that stops fails the app's blocked and later calls with
+//!   NotConnected, within moments.
 //!
 //! The bed (namespace, veth pair, child processes) is `netchannel_tests::testbed`.
 
@@ -1677,4 +1679,47 @@ fn an_established_connection_waits_for_accept_past_the_handshake_timeout() {
     let got = client.expect_line("got ", SHORT);
     assert_eq!(got, "got hello", "the client got the greeting");
     let _ = client.succeed(SHORT);
+}
+
+/// A nexus that stops (SIGTERM, or a crash: its end of the channel goes) takes the app's stack
+/// with it: calls blocked in accept and recv come back with NotConnected, not a hang, and
+/// later calls fail the same way at once.
+#[test]
+fn blocked_calls_fail_with_not_connected_when_the_nexus_stops() {
+    if skip() {
+        return;
+    }
+    let _serial = serial();
+    let net = Net::new(0);
+    let mut nexus = InProcess::start(&net, "stops");
+    let stack = nexus.stack();
+    let listener =
+        netchannel::stack::TcpListener::bind(&stack, SocketAddr::new(net.host4.into(), 0))
+            .expect("a listener");
+    let udp = UdpSocket::bind(&stack, SocketAddr::new(net.host4.into(), 0)).expect("a socket");
+    let accepting = std::thread::spawn(move || listener.accept().map(|_| ()));
+    let receiving = std::thread::spawn(move || udp.recv_from(&mut [0u8; 64]).map(|_| ()));
+    // Both are asleep by now.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!accepting.is_finished() && !receiving.is_finished());
+    let t0 = Instant::now();
+    nexus.stop.store(true, Ordering::Relaxed);
+    if let Some(t) = nexus.thread.take() {
+        t.join().expect("the nexus thread");
+    }
+    for (what, call) in [("accept", accepting), ("recv_from", receiving)] {
+        let e = call
+            .join()
+            .expect("the blocked call's thread")
+            .expect_err("a call on a stopped nexus succeeded");
+        assert_eq!(e.kind(), io::ErrorKind::NotConnected, "{what}: {e}");
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "the blocked calls took {:?} to fail",
+        t0.elapsed()
+    );
+    let e = TcpStream::connect_timeout(&stack, SocketAddr::new(net.peer4.into(), 9), SHORT)
+        .expect_err("connected through a stopped nexus");
+    assert_eq!(e.kind(), io::ErrorKind::NotConnected, "{e}");
 }
