@@ -95,11 +95,18 @@ impl ChannelDevice {
         self.spare.is_none() || !self.txq.is_empty()
     }
 
+    /// Whether sending is held up now: as [`ChannelDevice::backlogged`], after taking the
+    /// next spare buffer (each packet sent uses the spare up; that alone is no hold-up).
+    pub(crate) fn held_up(&mut self) -> bool {
+        self.ensure_spare();
+        self.backlogged()
+    }
+
     /// Asks the nexus to ring the doorbell (`on`), or not, for what the stack waits on:
     /// packets, and while sending is held up, buffers coming back and room on the TX ring.
-    pub(crate) fn arm(&self, on: bool) {
+    pub(crate) fn arm(&mut self, on: bool) {
         self.ch.arm(Interest::Readable, on);
-        if !on || self.backlogged() {
+        if !on || self.held_up() {
             self.ch.arm(Interest::Buffers, on);
             self.ch.arm(Interest::Writable, on);
         }
@@ -109,7 +116,16 @@ impl ChannelDevice {
     /// sleeping, so that nothing the nexus did before the flag was up is missed): packets
     /// wait, or sending was held up and no longer is.
     pub(crate) fn has_work(&mut self) -> bool {
-        self.rx_pending() || (self.backlogged() && self.ensure_spare() && self.flush())
+        if self.rx_pending() {
+            return true;
+        }
+        if !self.backlogged() {
+            return false;
+        }
+        // Both, whatever the first says: queued packets go as soon as the ring has room.
+        let sent = self.flush();
+        let spare = self.ensure_spare();
+        sent && spare
     }
 
     /// Whether packets wait (in our queue or on the RX ring).

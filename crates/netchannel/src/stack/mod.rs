@@ -347,7 +347,8 @@ impl Stack {
     }
 
     /// How long the app may sleep before [`Stack::poll`] has timers to serve (`None`: until
-    /// packets arrive).
+    /// packets arrive). While sending is held up (no free buffer, or a full TX ring) at most
+    /// a millisecond: the doorbell rings when that ends, once armed with [`Stack::arm`].
     pub fn poll_delay(&self) -> Option<Duration> {
         lock(&self.shared.inner).timer()
     }
@@ -359,7 +360,9 @@ impl Stack {
     }
 
     /// Asks the nexus to ring [`Stack::wakeup_fd`] when packets arrive (`true`), or not; while
-    /// sending is held up (no free buffer, or a full TX ring), also when that ends.
+    /// sending is held up (no free buffer, or a full TX ring), also when that ends. Arm after
+    /// the last [`Stack::poll`] and before sleeping; then poll once more (what arrived before
+    /// the flag was up rang nothing), and sleep on the fd for at most [`Stack::poll_delay`].
     pub fn arm(&self, on: bool) {
         lock(&self.shared.inner).dev.arm(on);
     }
@@ -452,7 +455,7 @@ fn drive(shared: &std::sync::Weak<Shared>) {
         }
         if let Some(d) = sleep {
             sleep_on(s.bell.as_fd(), d);
-            let g = lock(&s.inner);
+            let mut g = lock(&s.inner);
             s.driver_at.store(AT_WORK, Ordering::Relaxed);
             // A caller that took over meanwhile owns the doorbell and its flag.
             if !s.poller.load(Ordering::Acquire) {
@@ -570,7 +573,7 @@ impl Inner {
     /// Honouring "now" spun a bulk writer through a poll and two system calls per turn, over
     /// 100,000 turns a second.
     fn timer(&mut self) -> Option<Duration> {
-        if self.dev.backlogged() {
+        if self.dev.held_up() {
             return Some(BACKLOG_SLEEP);
         }
         let now = self.now();
