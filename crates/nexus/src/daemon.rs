@@ -211,6 +211,9 @@ impl Nexus {
                 for c in self.channels.values_mut() {
                     c.housekeeping(&self.config.channel, now);
                 }
+                if let Some(sw) = self.switch.as_mut() {
+                    sw.netif_mut().housekeeping();
+                }
             }
             // Packets waiting for a neighbour are retried at least every millisecond.
             let cap = if self.switch.as_ref().is_some_and(Switch::has_pending) {

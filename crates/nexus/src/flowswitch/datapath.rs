@@ -189,6 +189,11 @@ impl Switch {
         self.netif.as_ref()
     }
 
+    /// The interface, to act on.
+    pub fn netif_mut(&mut self) -> &mut dyn Netif {
+        self.netif.as_mut()
+    }
+
     /// Counters.
     pub fn stats(&self) -> &SwitchStats {
         &self.stats

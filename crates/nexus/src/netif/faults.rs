@@ -279,6 +279,10 @@ impl Netif for Faulty {
         self.inner.failed()
     }
 
+    fn housekeeping(&mut self) {
+        self.inner.housekeeping();
+    }
+
     fn counters(&self) -> Vec<(&'static str, u64)> {
         let mut v = self.inner.counters();
         v.extend([

@@ -78,6 +78,9 @@ pub trait Netif: std::fmt::Debug + Send {
     fn failed(&self) -> Option<&str> {
         None
     }
+    /// Called about every 100 ms: checks what the datapath does not show (that the
+    /// interface is still there).
+    fn housekeeping(&mut self) {}
     /// The backend's own counters (drops the flowswitch cannot see), for `netchannel status`.
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()

@@ -90,6 +90,9 @@ pub struct AfXdp {
     descs: Vec<(u64, u32)>,
     /// Why the socket stopped working for good (its interface was deleted: ENXIO).
     failed: Option<String>,
+    /// `/sys/class/net/<ifname>/ifindex`, read in housekeeping: an idle socket is not told
+    /// that its interface went away.
+    sysfs_ifindex: std::path::PathBuf,
 }
 
 /// The interface's index, MAC and number of receive queues.
@@ -229,6 +232,9 @@ impl AfXdp {
             refill: Vec::with_capacity(RING as usize),
             descs: Vec::with_capacity(BATCH),
             failed: None,
+            sysfs_ifindex: std::path::Path::new("/sys/class/net")
+                .join(ifname)
+                .join("ifindex"),
         })
     }
 
@@ -450,6 +456,22 @@ impl Netif for AfXdp {
 
     fn failed(&self) -> Option<&str> {
         self.failed.as_deref()
+    }
+
+    fn housekeeping(&mut self) {
+        if self.failed.is_some() {
+            return;
+        }
+        let now = std::fs::read_to_string(&self.sysfs_ifindex)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
+        if now != Some(self.ifindex) {
+            self.failed = Some(format!(
+                "AF_XDP on {}: the interface is gone (deleted, renamed or moved to another \
+                 namespace)",
+                self.ifname
+            ));
+        }
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
