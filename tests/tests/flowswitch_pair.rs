@@ -345,32 +345,44 @@ fn an_app_that_keeps_spoofing_is_quarantined_and_its_neighbour_is_not() {
     let mut nexus = Nexus::connect(&r.socket).unwrap();
     let (mut rogue, lr) = udp_channel(&mut nexus, ChannelOptions::default());
     let (mut honest, lh) = udp_channel(&mut nexus, ChannelOptions::default());
-    // Packets from a flow it no longer has are not strikes (a closed socket's stragglers).
-    for _ in 0..20 {
-        send_ip(&mut rogue, &udp_ip(HOST, lr.port() ^ 1, PEER, 9, b"late")).unwrap();
-    }
-    send_ip(&mut rogue, &udp_ip(HOST, lr.port(), PEER, 9, b"fine")).unwrap();
-    assert_eq!(wire_frames(&mut r.wire, 1).len(), 1);
-    // Four from another app's port and four from an address the host does not have.
-    for i in 0..8 {
-        let pkt = if i % 2 == 0 {
+    let forged = |i: u32| {
+        if i.is_multiple_of(2) {
             udp_ip(HOST, lh.port(), PEER, 9, b"not mine")
         } else {
             udp_ip([198, 18, 0, 99], lr.port(), PEER, 9, b"not my address")
-        };
-        if send_ip(&mut rogue, &pkt).is_err() {
-            break;
         }
+    };
+    // Packets from a flow it no longer has are not strikes (a closed socket's stragglers).
+    let gone = (40000..)
+        .find(|&p| p != lr.port() && p != lh.port())
+        .expect("a free port");
+    for _ in 0..20 {
+        send_ip(&mut rogue, &udp_ip(HOST, gone, PEER, 9, b"late")).unwrap();
     }
+    // Nor is a forged packet now and then (one from a port another app has since taken).
+    for i in 0..12 {
+        send_ip(&mut rogue, &forged(i)).unwrap();
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    send_ip(&mut rogue, &udp_ip(HOST, lr.port(), PEER, 9, b"fine")).unwrap();
+    assert_eq!(
+        wire_frames(&mut r.wire, 1).len(),
+        1,
+        "the rogue was cut off early"
+    );
+    // A stream of them is an attack.
     let t0 = Instant::now();
+    let mut i = 0;
     let reason = loop {
-        match rogue.wait(Interest::Readable, Some(Duration::from_millis(50))) {
+        match send_ip(&mut rogue, &forged(i)) {
             Err(netchannel::Error::Defunct { reason }) => break reason,
-            _ => assert!(
+            Err(e) => panic!("{e}"),
+            Ok(()) => assert!(
                 t0.elapsed() < Duration::from_secs(5),
                 "the rogue channel was not quarantined"
             ),
         }
+        i += 1;
     };
     assert_eq!(reason, netchannel::DefunctReason::Quarantined);
     assert!(wire_frames(&mut r.wire, 1).is_empty(), "a spoof left");

@@ -211,9 +211,9 @@ pub struct ChannelConfig {
     /// A channel idle this long (milliseconds) has its ALLOC stock cut back to the minimum and
     /// its idle pool segments given back to the OS.
     pub idle_trim_ms: u64,
-    /// Strikes a channel may earn before it is quarantined (made defunct): protocol
-    /// violations, and packets sent from an address the host does not have or from another
-    /// app's flow.
+    /// Strikes a channel may earn before it is quarantined (made defunct): every protocol
+    /// violation, and packets sent from an address the host does not have or from another
+    /// app's flow within one housekeeping period (100 ms).
     pub max_strikes: u64,
 }
 
