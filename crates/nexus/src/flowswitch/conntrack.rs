@@ -14,9 +14,11 @@
 //! while it does.
 //!
 //! The table is bounded. When it is full, a new SYN takes the place of the oldest connection
-//! whose peer has acknowledged nothing yet (its SYN is all that was seen): a flood of SYNs
-//! from spoofed sources, which never complete a handshake, cannot keep a real connection out.
-//! Connections that got that far are never forgotten for room; past that a SYN is not tracked.
+//! not yet confirmed: one whose peer has never acknowledged something the app sent (its
+//! SYN-ACK, or data). A flood of SYNs from spoofed sources cannot keep a real connection out,
+//! and blind ACKs cannot confirm the flood's entries (they would have to guess the app's
+//! sequence number). Confirmed connections are never forgotten for room; when every one is,
+//! a SYN is not tracked.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
@@ -46,6 +48,11 @@ struct Conn {
     /// The peer sent its FIN; the app sent its own.
     fin_rx: bool,
     fin_tx: bool,
+    /// The end of the first segment the app sent (its SYN-ACK, or its first ACK).
+    first_sent: Option<u32>,
+    /// The peer has acknowledged something the app sent (from `first_sent` to `sent`): a
+    /// real peer, not a forged one guessing.
+    confirmed: bool,
 }
 
 /// A reset to send: from `local` (the app's side) to `remote`.
@@ -66,9 +73,9 @@ pub struct Reset {
 #[derive(Debug, Default)]
 pub struct Conns {
     map: HashMap<(SocketAddr, SocketAddr), Conn, foldhash::fast::RandomState>,
-    /// Connections started by a SYN without ACK, oldest first: the candidates to forget for
-    /// room. Keys whose connection has since gone or been acknowledged are skipped when met
-    /// and pruned when the queue grows past twice the table.
+    /// Connections not yet confirmed, oldest first: the candidates to forget for room. Keys
+    /// whose connection has since gone or been confirmed are dropped from the front as new
+    /// ones come, skipped when met, and pruned when the queue grows past twice the table.
     embryonic: VecDeque<(SocketAddr, SocketAddr)>,
     /// Connections forgotten to make room for a new SYN.
     evicted: u64,
@@ -118,6 +125,8 @@ impl Conns {
                     mss: None,
                     fin_rx: false,
                     fin_tx: false,
+                    first_sent: None,
+                    confirmed: false,
                 })
             }
         };
@@ -141,22 +150,44 @@ impl Conns {
         }
         if flags & ACK != 0 {
             c.ack = Some(ack);
-        }
-        if started && flags & ACK == 0 {
-            self.embryonic.push_back(key);
-            if self.embryonic.len() > 2 * CAPACITY {
-                let map = &self.map;
-                self.embryonic
-                    .retain(|k| map.get(k).is_some_and(|c| c.ack.is_none()));
+            if let (Some(first), Some(sent)) = (c.first_sent, c.sent) {
+                c.confirmed |= ack.wrapping_sub(first) <= sent.wrapping_sub(first);
             }
+        }
+        if started {
+            self.embryonic.push_back(key);
+            self.tidy_embryonic();
         }
     }
 
-    /// Forgets the oldest connection whose peer has acknowledged nothing yet; false if there
-    /// is none.
+    /// Whether the connection of `k` is tracked and not yet confirmed.
+    fn unconfirmed(&self, k: &(SocketAddr, SocketAddr)) -> bool {
+        self.map.get(k).is_some_and(|c| !c.confirmed)
+    }
+
+    /// Drops stale keys from the front of the queue (two per new one, so it keeps up), and
+    /// prunes the whole queue in the rare case that a long-lived unconfirmed entry at the
+    /// front lets it grow past twice the table.
+    fn tidy_embryonic(&mut self) {
+        for _ in 0..2 {
+            match self.embryonic.front() {
+                Some(k) if !self.unconfirmed(k) => {
+                    self.embryonic.pop_front();
+                }
+                _ => break,
+            }
+        }
+        if self.embryonic.len() > 2 * CAPACITY {
+            let map = &self.map;
+            self.embryonic
+                .retain(|k| map.get(k).is_some_and(|c| !c.confirmed));
+        }
+    }
+
+    /// Forgets the oldest connection not yet confirmed; false if there is none.
     fn evict_embryonic(&mut self) -> bool {
         while let Some(k) = self.embryonic.pop_front() {
-            if self.map.get(&k).is_some_and(|c| c.ack.is_none()) {
+            if self.unconfirmed(&k) {
                 self.map.remove(&k);
                 self.evicted += 1;
                 return true;
@@ -189,6 +220,7 @@ impl Conns {
         let end = seq
             .wrapping_add(data)
             .wrapping_add(u32::from(flags & (SYN | FIN) != 0));
+        c.first_sent.get_or_insert(end);
         // Keep the furthest end: a retransmission does not move it back.
         c.sent = Some(match c.sent {
             Some(s) if (s.wrapping_sub(end) as i32) > 0 => s,
@@ -324,22 +356,33 @@ mod tests {
         syn
     }
 
+    /// A handshake the app answers (SYN-ACK from 5000) and the peer completes: confirmed.
+    fn handshake(c: &mut Conns, l: SocketAddr, r: SocketAddr, syn: &[u8]) {
+        c.on_rx(1, l, r, syn);
+        c.on_tx(l, r, &seg(5000, 2, SYN | ACK, 0));
+        c.on_rx(1, l, r, &seg(2, 5001, ACK, 0));
+    }
+
     #[test]
     fn a_syn_flood_cannot_keep_a_real_connection_out() {
         let mut c = Conns::default();
         let l: SocketAddr = "198.18.0.1:80".parse().expect("addr");
-        // A real connection, established before the flood, and the flood itself.
+        // A real connection, established before the flood, and the flood itself: SYNs the app
+        // answers, every other one followed by a blind ACK (a guessed acknowledgement).
         let early: SocketAddr = "198.19.255.1:5000".parse().expect("addr");
-        c.on_rx(1, l, early, &syn_with_mss(1000));
-        c.on_rx(1, l, early, &seg(2, 1, ACK, 0));
+        handshake(&mut c, l, early, &syn_with_mss(1000));
         for i in 0..CAPACITY + 100 {
             c.on_rx(1, l, peer(i), &seg(1, 0, SYN, 0));
+            c.on_tx(l, peer(i), &seg(5000, 2, SYN | ACK, 0));
+            if i % 2 == 0 {
+                c.on_rx(1, l, peer(i), &seg(2, 1234, ACK, 0));
+            }
         }
         assert_eq!(c.len(), CAPACITY);
-        assert_eq!(c.evicted(), 101, "the oldest half-open ones made room");
+        assert_eq!(c.evicted(), 101, "the oldest unconfirmed ones made room");
         assert_eq!(c.mss(l, peer(0)), None, "the oldest was forgotten");
         assert_eq!(c.mss(l, peer(CAPACITY + 99)), Some(536));
-        assert_eq!(c.mss(l, early), Some(1000), "an acknowledged one stays");
+        assert_eq!(c.mss(l, early), Some(1000), "a confirmed one stays");
         // A real client arriving during the flood is tracked.
         let real: SocketAddr = "198.19.255.2:5000".parse().expect("addr");
         c.on_rx(1, l, real, &syn_with_mss(500));
@@ -348,13 +391,34 @@ mod tests {
     }
 
     #[test]
-    fn a_table_full_of_acknowledged_connections_tracks_no_more() {
+    fn a_connection_the_app_opened_and_sends_on_is_confirmed_by_any_acknowledgement() {
+        let mut c = Conns::default();
+        let l: SocketAddr = "198.18.0.1:4000".parse().expect("addr");
+        let r: SocketAddr = "198.18.0.2:80".parse().expect("addr");
+        // The peer's SYN-ACK starts it; the app's ACK and then 3000 bytes go out before the
+        // peer acknowledges the first 1000 of them.
+        c.on_rx(1, l, r, &seg(700, 5001, SYN | ACK, 0));
+        c.on_tx(l, r, &seg(5001, 701, ACK, 0));
+        c.on_tx(l, r, &seg(5001, 701, ACK, 3000));
+        assert!(!c.map[&(l, r)].confirmed);
+        c.on_rx(1, l, r, &seg(701, 9999, ACK, 0));
+        assert!(
+            !c.map[&(l, r)].confirmed,
+            "an acknowledgement of what was never sent"
+        );
+        c.on_rx(1, l, r, &seg(701, 6001, ACK, 0));
+        assert!(c.map[&(l, r)].confirmed);
+    }
+
+    #[test]
+    fn a_table_full_of_confirmed_connections_tracks_no_more() {
         let mut c = Conns::default();
         let l: SocketAddr = "198.18.0.1:80".parse().expect("addr");
         for i in 0..CAPACITY {
-            c.on_rx(1, l, peer(i), &seg(1, 0, SYN, 0));
-            c.on_rx(1, l, peer(i), &seg(2, 1, ACK, 0));
+            handshake(&mut c, l, peer(i), &seg(1, 0, SYN, 0));
         }
+        // The queue of candidates kept up with the confirmations.
+        assert!(c.embryonic.len() <= 2, "{} stale keys", c.embryonic.len());
         let late: SocketAddr = "198.19.255.2:5000".parse().expect("addr");
         c.on_rx(1, l, late, &syn_with_mss(500));
         assert_eq!(c.mss(l, late), None);
