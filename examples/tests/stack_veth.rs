@@ -1681,9 +1681,10 @@ fn an_established_connection_waits_for_accept_past_the_handshake_timeout() {
     let _ = client.succeed(SHORT);
 }
 
-/// A nexus that stops (SIGTERM, or a crash: its end of the channel goes) takes the app's stack
-/// with it: calls blocked in accept and recv come back with NotConnected, not a hang, and
-/// later calls fail the same way at once.
+/// A nexus that stops (as on SIGTERM: its channels go defunct) takes the app's stack with it:
+/// calls blocked in accept and recv come back with NotConnected, not a hang, and later calls
+/// fail the same way at once. (A crash ends the channel with `PeerGone`, which the stack maps
+/// to the same error.)
 #[test]
 fn blocked_calls_fail_with_not_connected_when_the_nexus_stops() {
     if skip() {
@@ -1702,11 +1703,12 @@ fn blocked_calls_fail_with_not_connected_when_the_nexus_stops() {
     // Both are asleep by now.
     std::thread::sleep(Duration::from_millis(200));
     assert!(!accepting.is_finished() && !receiving.is_finished());
-    let t0 = Instant::now();
     nexus.stop.store(true, Ordering::Relaxed);
     if let Some(t) = nexus.thread.take() {
         t.join().expect("the nexus thread");
     }
+    // From the moment the nexus is gone.
+    let t0 = Instant::now();
     for (what, call) in [("accept", accepting), ("recv_from", receiving)] {
         let e = call
             .join()

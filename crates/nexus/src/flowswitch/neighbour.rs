@@ -36,12 +36,15 @@ impl Neighbours {
         self.table.get(&ip).copied()
     }
 
-    /// Learns `ip` at `mac`. A full table starts again (the kernel's cache does), rather
-    /// than refusing newcomers for good: an ARP scan with made-up senders would otherwise
-    /// leave a real peer unresolvable; those in use are asked for again.
+    /// Learns `ip` at `mac`. A full table forgets one entry for it, rather than refusing
+    /// newcomers for good: an ARP scan with made-up senders would otherwise leave a real peer
+    /// unresolvable. (A forgotten peer in use is asked for again.)
     fn learn(&mut self, ip: IpAddr, mac: [u8; 6]) {
-        if self.table.len() >= CAPACITY && !self.table.contains_key(&ip) {
-            self.table.clear();
+        if self.table.len() >= CAPACITY
+            && !self.table.contains_key(&ip)
+            && let Some(old) = self.table.keys().next().copied()
+        {
+            self.table.remove(&old);
         }
         self.table.insert(ip, mac);
     }

@@ -115,7 +115,14 @@ impl Netif for Tap {
                     self.lens[n] = len;
                     n += 1;
                 }
-                Ok(_) | Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => break,
+                // Nothing now, or a moment's shortage; anything else does not pass.
+                Ok(_)
+                | Err(
+                    rustix::io::Errno::AGAIN
+                    | rustix::io::Errno::INTR
+                    | rustix::io::Errno::NOBUFS
+                    | rustix::io::Errno::NOMEM,
+                ) => break,
                 Err(e) => {
                     let why = format!("TAP device {}: read: {e} (was it deleted?)", self.name);
                     self.failed = Some(why);
