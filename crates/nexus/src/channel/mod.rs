@@ -56,8 +56,11 @@ pub struct Channel {
     alloc_max: u32,
     last_active: Instant,
     trimmed: bool,
-    /// Forged packets (see [`Channel::forged`]) counted by the last housekeeping: only those
-    /// since are strikes.
+    /// Packets the app sent from an address the host does not have or from another app's
+    /// flow (not those of flows it no longer has: a closed socket's stragglers are an honest
+    /// app's too); and how many of them the last housekeeping saw (only those since are
+    /// strikes).
+    forged: u64,
     forged_before: u64,
     /// The offloads granted at open (the flowswitch applies them).
     pub offloads: Offloads,
@@ -102,6 +105,7 @@ impl Channel {
             alloc_max,
             last_active: Instant::now(),
             trimmed: false,
+            forged: 0,
             forged_before: 0,
             offloads: Offloads::default(),
         }
@@ -157,7 +161,7 @@ impl Channel {
     /// Self-tuning when the channel has been idle for `idle_trim_ms`: the ALLOC stock goes
     /// back to its minimum and every idle pool segment goes back to the OS.
     pub fn housekeeping(&mut self, cfg: &ChannelConfig, now: Instant) {
-        self.forged_before = self.forged();
+        self.forged_before = self.forged;
         if self.defunct.is_some() || self.trimmed {
             return;
         }
@@ -258,6 +262,10 @@ impl Channel {
         for p in &self.tx {
             if let Err(reason) = f(self.ep.payload(p)) {
                 *self.drops.tx.entry(reason).or_default() += 1;
+                use crate::flowswitch::tx::TxDrop;
+                if reason == TxDrop::SpoofedAddress.name() || reason == TxDrop::NotOwner.name() {
+                    self.forged += 1;
+                }
             }
         }
         let _ = self.ep.free(self.tx.iter().map(|p| p.buf));
@@ -292,20 +300,12 @@ impl Channel {
         Ok(returned)
     }
 
-    /// Packets the app sent from an address the host does not have or from another app's
-    /// flow. (Not those of flows it no longer has: a closed socket's stragglers are an honest
-    /// app's too.)
-    fn forged(&self) -> u64 {
-        let tx = |reason| self.drops.tx.get(reason).copied().unwrap_or(0);
-        tx("spoofed_address") + tx("not_owner")
-    }
-
     /// Strikes against the app: every protocol violation, and the forged packets since the
     /// last housekeeping (100 ms). An honest app may now and then send a forged packet (a
     /// closed socket's last answer, from a port another app has since taken); only a stream
     /// of them is an attack.
     fn strikes(&self) -> u64 {
-        self.ep.stats().total_violations() + self.forged() - self.forged_before
+        self.ep.stats().total_violations() + (self.forged - self.forged_before)
     }
 
     /// Sets or clears the need-wakeup flags of the rings the nexus consumes. Returns true if
