@@ -226,6 +226,25 @@ impl ServerSetup {
     }
 }
 
+/// Both ends of a channel in one process, set up as two processes would (the server's memory
+/// and doorbell handed to the app end, the app's back to the server): for in-process tests,
+/// fuzzing and benchmarks. Returns (server, app).
+pub fn in_process_pair(
+    geometry: Geometry,
+    server_home: Home,
+    app_home: Home,
+) -> Result<(Endpoint, Endpoint), Error> {
+    let setup = ServerSetup::new(geometry)?;
+    let f = setup.fds();
+    let dup = |fd: BorrowedFd<'_>| {
+        rustix::io::fcntl_dupfd_cloexec(fd, 0).map_err(|e| Error::sys("dup", e))
+    };
+    let app = Endpoint::attach_app(dup(f.region)?, dup(f.pool)?, dup(f.bell)?, app_home)?;
+    let (r, b) = app.fds();
+    let server = setup.finish(dup(r)?, dup(b)?, server_home)?;
+    Ok((server, app))
+}
+
 /// One end of a channel.
 #[derive(Debug)]
 pub struct Endpoint {
@@ -1078,14 +1097,7 @@ mod tests {
 
     /// Both ends in one process (the multi-process cases live in the integration tests).
     fn pair(g: Geometry) -> (Endpoint, Endpoint) {
-        let setup = ServerSetup::new(g).unwrap();
-        let f = setup.fds();
-        let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned().unwrap();
-        let app =
-            Endpoint::attach_app(dup(f.region), dup(f.pool), dup(f.bell), Home::UpperHalf).unwrap();
-        let (r, b) = app.fds();
-        let server = setup.finish(dup(r), dup(b), Home::LowerHalf).unwrap();
-        (server, app)
+        in_process_pair(g, Home::LowerHalf, Home::UpperHalf).unwrap()
     }
 
     fn small() -> Geometry {
