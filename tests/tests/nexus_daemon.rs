@@ -933,7 +933,7 @@ fn control_socket_abuse_is_refused_counted_and_leaks_no_fd() {
             "12 fds",
             status_req.clone(),
             12,
-            "oversized",
+            "too_many_fds",
             ErrorCode::BadMessage,
         ),
         (
@@ -1086,13 +1086,20 @@ fn control_socket_abuse_is_refused_counted_and_leaks_no_fd() {
             "{what} is counted as {counter}: {:?}",
             s.control_errors
         );
-        assert_eq!(s.fds, base.fds, "{what}: the nexus keeps no fd of ours");
+        // Refused fds are closed on the nexus's closer thread, moments later.
+        status_until(
+            &mut mon,
+            &format!("{what}: the nexus keeps no fd of ours"),
+            |s| s.fds == base.fds,
+        );
     }
     // An unasked fd sent again and again does not accumulate.
     for _ in 0..100 {
         assert!(matches!(raw.ask(&status_req, &fds(2)), Reply::Error { .. }));
     }
-    assert_eq!(status(&mut mon).fds, base.fds, "after 200 unasked fds");
+    status_until(&mut mon, "no fd kept after 200 unasked fds", |s| {
+        s.fds == base.fds
+    });
 
     // A channel offer answered with the wrong fds: refused, and the offer's memory is freed.
     let open = control::encode(&Request::OpenChannel {
@@ -1102,7 +1109,12 @@ fn control_socket_abuse_is_refused_counted_and_leaks_no_fd() {
         buf_size: None,
         offloads: Default::default(),
     });
-    for (nfds, counter) in [(2, "bad_app_region"), (1, "malformed"), (3, "malformed")] {
+    // One fd that is no memfd; the channel's own region handed back (below); two or three fds.
+    for (nfds, counter) in [
+        (1, "bad_app_region"),
+        (2, "wrong_fd_count"),
+        (3, "wrong_fd_count"),
+    ] {
         let before = count(&status(&mut mon).control_errors, counter);
         raw.send(&open, &[]);
         let (reply, offer_fds) = raw.reply().expect("an offer");
@@ -1128,8 +1140,34 @@ fn control_socket_abuse_is_refused_counted_and_leaks_no_fd() {
             before + 1,
             "{nfds} fds: {counter}"
         );
-        assert_eq!(s.fds, base.fds, "the refused offer left no fd behind");
+        status_until(&mut mon, "the refused offer left no fd behind", |s| {
+            s.fds == base.fds
+        });
         assert!(s.channels.is_empty());
+    }
+    // The nexus's own objects handed back as the app's region (region, pool, or the doorbell
+    // end it sent) are refused at once, not found out on the channel's first pass.
+    for own in 0..3 {
+        let before = count(&status(&mut mon).control_errors, "bad_app_region");
+        raw.send(&open, &[]);
+        let (reply, offer_fds) = raw.reply().expect("an offer");
+        let Reply::ChannelOffer { channel } = reply else {
+            panic!("expected an offer, got {reply:?}");
+        };
+        let reply = raw.ask(&ready(channel), &[offer_fds[own].as_fd()]);
+        let Reply::Error { code, message } = reply else {
+            panic!("the nexus's own object {own} accepted as the app region: {reply:?}");
+        };
+        assert_eq!(code, ErrorCode::BadMessage, "{message}");
+        assert_eq!(
+            count(&status(&mut mon).control_errors, "bad_app_region"),
+            before + 1,
+            "{message}"
+        );
+        drop(offer_fds);
+        status_until(&mut mon, "the refused offer left no fd behind", |s| {
+            s.fds == base.fds
+        });
     }
 
     // Offers left unanswered are bounded, and freed when the client goes.

@@ -179,8 +179,7 @@ impl Nexus {
             .try_into()
             .map_err(|_| Error::Protocol("a channel offer carries exactly three fds".into()))?;
         let mut ep = Endpoint::attach_app(region, pool, bell, Home::Nothing)?;
-        let (r, b) = ep.fds();
-        let (reply, _) = self.request(&Request::ChannelReady { channel }, &[r, b])?;
+        let (reply, _) = self.request(&Request::ChannelReady { channel }, &[ep.region_fd()])?;
         let Reply::ChannelOpened {
             channel: opened,
             addresses,
@@ -271,9 +270,16 @@ impl Nexus {
 
     /// Closes one of this connection's channels; the nexus takes back its buffers.
     pub fn close_channel(&mut self, channel: Channel) -> Result<(), Error> {
-        let id = channel.id;
+        // Asked before the channel's doorbell closes: a nexus that sees the doorbell hang up
+        // first closes the channel itself, and would then not know it.
+        let reply = self.request(
+            &Request::CloseChannel {
+                channel: channel.id,
+            },
+            &[],
+        );
         drop(channel);
-        match self.request(&Request::CloseChannel { channel: id }, &[])?.0 {
+        match reply?.0 {
             Reply::Done => Ok(()),
             other => Err(Error::Protocol(format!("expected done, got {other:?}"))),
         }

@@ -100,11 +100,11 @@ impl PipeListener {
         let setup = ServerSetup::new(geometry)?;
         let f = setup.fds();
         send_with_fds(sock.as_fd(), SERVER_HELLO, &[f.region, f.pool, f.bell])?;
-        let fds = recv_exact(sock.as_fd(), APP_HELLO, 2)?;
-        let [region, bell]: [OwnedFd; 2] = fds
+        let fds = recv_exact(sock.as_fd(), APP_HELLO, 1)?;
+        let [region]: [OwnedFd; 1] = fds
             .try_into()
-            .map_err(|_| Error::Handshake("the peer must send exactly its region and doorbell"))?;
-        let mut ep = setup.finish(region, bell, Home::LowerHalf)?;
+            .map_err(|_| Error::Handshake("the peer must send exactly its region"))?;
+        let mut ep = setup.finish(region, Home::LowerHalf)?;
         handshake_timeout(&sock, None)?;
         ep.watch(sock);
         Ok(UserPipe { ep })
@@ -130,8 +130,7 @@ impl UserPipe {
             Error::Handshake("the listener must send its region, pool and doorbell")
         })?;
         let mut ep = Endpoint::attach_app(region, pool, bell, Home::UpperHalf)?;
-        let (r, b) = ep.fds();
-        send_with_fds(sock.as_fd(), APP_HELLO, &[r, b])?;
+        send_with_fds(sock.as_fd(), APP_HELLO, &[ep.region_fd()])?;
         handshake_timeout(&sock, None)?;
         ep.watch(sock);
         Ok(Self { ep })

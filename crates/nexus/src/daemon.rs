@@ -12,12 +12,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use netchannel_shm::DefunctReason;
 use netchannel_shm::control::{ChannelId, NexusStatus};
+use netchannel_shm::{DefunctReason, Drained};
 use rustix::event::epoll;
 
 use crate::channel::{Channel, Quarantine};
 use crate::config::Config;
+use crate::control::closer::Closer;
 use crate::control::{Client, ControlErrors};
 use crate::flowswitch::{FlowTable, Switch};
 use crate::netns::HostPorts;
@@ -97,6 +98,8 @@ pub struct Nexus {
     netif_failed: bool,
     signals: UnixStream,
     shutting_down: bool,
+    /// Closes the fds apps hand us that we refuse, off this thread.
+    pub(crate) closer: Closer,
 }
 
 impl Nexus {
@@ -129,6 +132,8 @@ impl Nexus {
         };
         add(listener.as_fd(), token::LISTENER)?;
         add(signals.as_fd(), token::SIGNAL)?;
+        let closer =
+            Closer::start().map_err(|e| NexusError::sys("starting the closer thread", e))?;
         Ok(Self {
             config,
             listener,
@@ -146,6 +151,7 @@ impl Nexus {
             netif_failed: false,
             signals,
             shutting_down: false,
+            closer,
         })
     }
 
@@ -322,6 +328,8 @@ impl Nexus {
         }
         let ready: Vec<(u64, epoll::EventFlags)> =
             events.iter().map(|e| (e.data.u64(), e.flags)).collect();
+        let mut stray = Vec::new();
+        let mut hung_up = Vec::new();
         for (t, flags) in ready {
             match t {
                 token::LISTENER => self.accept_clients(),
@@ -335,14 +343,39 @@ impl Nexus {
                     self.on_client_event(t & token::ID_MASK, flags)
                 }
                 t if t & !token::ID_MASK == token::CHANNEL => {
-                    if let Some(c) = self.channels.get(&(t & token::ID_MASK)) {
-                        c.endpoint().clear_bell();
+                    let id = t & token::ID_MASK;
+                    if let Some(c) = self.channels.get(&id)
+                        && c.endpoint().clear_bell_into(&mut stray) == Drained::PeerGone
+                    {
+                        hung_up.push(id);
                     }
                 }
                 _ => {}
             }
         }
+        self.closer.close(stray);
+        // An app that shut or closed its end of a channel's doorbell can neither wake us nor be
+        // woken: the channel is over, as if it had closed it (and its bell would poll as ready
+        // for ever).
+        for id in hung_up {
+            if self.channels.contains_key(&id) {
+                tracing::info!(
+                    channel = id,
+                    "the app hung up the channel's doorbell; closing the channel"
+                );
+                self.errors.count("doorbell_hangups");
+                self.remove_channel(id);
+            }
+        }
         Ok(())
+    }
+
+    /// Stops waking for a channel that is no longer served (defunct): its app may ring on,
+    /// and nothing it rings for is looked at.
+    pub(crate) fn unwatch_channel(&mut self, id: ChannelId) {
+        if let Some(c) = self.channels.get(&id) {
+            let _ = epoll::delete(&self.epoll, c.endpoint().bell_fd());
+        }
     }
 
     /// One pass over the interface and every channel: packets moved, and what apps sent.
@@ -392,6 +425,7 @@ impl Nexus {
         }
         for (id, q) in quarantine {
             self.release_flows(id);
+            self.unwatch_channel(id);
             if let Some(c) = self.channels.get_mut(&id) {
                 tracing::warn!(channel = id, pid = c.cred.pid, reason = ?q, counters = ?c.endpoint().stats().drop_counters(), "quarantining channel");
                 c.make_defunct(match q {
@@ -489,7 +523,15 @@ impl Nexus {
                 .map(|d| d.count())
                 .unwrap_or(0),
             rss_bytes: rss_bytes(),
-            control_errors: self.errors.list(),
+            control_errors: {
+                let mut v = self.errors.list();
+                // Refused fds whose close has not finished (a lingering socket's, say).
+                let closing = self.closer.pending();
+                if closing > 0 {
+                    v.push(("fds_closing".to_owned(), closing));
+                }
+                v
+            },
             interface: self
                 .switch
                 .as_ref()

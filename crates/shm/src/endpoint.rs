@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
 
-use crate::doorbell::Doorbell;
+use crate::doorbell::{Doorbell, Drained};
 use crate::layout::{self, ChannelLayout, Geometry, RegionLayout, Schema, state};
 use crate::ledger::{AuditError, Counts, Ledger};
 use crate::pool::Pool;
@@ -113,6 +113,9 @@ pub struct Stats {
     pub doorbells: u64,
     /// Times this end went to sleep in a wait.
     pub sleeps: u64,
+    /// Idle pool segments whose memory could not be given back to the OS (they stay in
+    /// service).
+    pub release_failures: u64,
 }
 
 impl Stats {
@@ -128,6 +131,9 @@ impl Stats {
         }
         if self.ring_index_oob > 0 {
             out.push(("ring_index_oob".into(), self.ring_index_oob));
+        }
+        if self.release_failures > 0 {
+            out.push(("pool_release_failed".into(), self.release_failures));
         }
         out
     }
@@ -145,7 +151,7 @@ pub struct ServerFds<'a> {
     pub region: BorrowedFd<'a>,
     /// The pool.
     pub pool: BorrowedFd<'a>,
-    /// The server's doorbell.
+    /// The app's end of the channel's doorbell.
     pub bell: BorrowedFd<'a>,
 }
 
@@ -156,6 +162,9 @@ pub struct ServerSetup {
     region: Region,
     pool: Pool,
     bell: Doorbell,
+    /// The app's end of the doorbell, until it is sent (then dropped: the server must not hold
+    /// it, so that the app's exit closes it).
+    app_bell: OwnedFd,
     cookie: u64,
 }
 
@@ -181,11 +190,13 @@ impl ServerSetup {
                 .write(cookie);
         }
         let pool = Pool::create(&geometry)?;
+        let (bell, app_bell) = Doorbell::pair()?;
         Ok(Self {
             layout,
             region,
             pool,
-            bell: Doorbell::new()?,
+            bell,
+            app_bell,
             cookie,
         })
     }
@@ -195,19 +206,29 @@ impl ServerSetup {
         ServerFds {
             region: self.region.fd(),
             pool: self.pool.fd(),
-            bell: self.bell.as_fd(),
+            bell: self.app_bell.as_fd(),
         }
     }
 
-    /// Completes the set-up with the app end's region and doorbell, and marks the channel ACTIVE.
-    pub fn finish(
-        self,
-        app_region: OwnedFd,
-        app_bell: OwnedFd,
-        home: Home,
-    ) -> Result<Endpoint, Error> {
+    /// Whether `fd` is one of the objects this set-up made (its own region or pool): a peer
+    /// that hands one back as its own region is refused.
+    pub fn owns_object(&self, fd: BorrowedFd<'_>) -> bool {
+        let id = |f: BorrowedFd<'_>| rustix::fs::fstat(f).ok().map(|s| (s.st_dev, s.st_ino));
+        let Some(theirs) = id(fd) else { return false };
+        [self.region.fd(), self.pool.fd(), self.app_bell.as_fd()]
+            .into_iter()
+            .any(|f| id(f) == Some(theirs))
+    }
+
+    /// Completes the set-up with the app end's region, and marks the channel ACTIVE. Refuses a
+    /// region that is one of this set-up's own objects.
+    pub fn finish(self, app_region: OwnedFd, home: Home) -> Result<Endpoint, Error> {
+        if self.owns_object(app_region.as_fd()) {
+            return Err(Error::Handshake(
+                "the app handed back the server's own memory as its region",
+            ));
+        }
         let peer = Region::attach(app_region, self.layout.app.len, false)?;
-        let peer_bell = Doorbell::adopt(app_bell)?;
         let ep = Endpoint::bind(
             Role::Server,
             self.layout,
@@ -215,7 +236,6 @@ impl ServerSetup {
             peer,
             self.pool,
             self.bell,
-            peer_bell,
             home,
             self.cookie,
         )?;
@@ -240,8 +260,7 @@ pub fn in_process_pair(
         rustix::io::fcntl_dupfd_cloexec(fd, 0).map_err(|e| Error::sys("dup", e))
     };
     let app = Endpoint::attach_app(dup(f.region)?, dup(f.pool)?, dup(f.bell)?, app_home)?;
-    let (r, b) = app.fds();
-    let server = setup.finish(dup(r)?, dup(b)?, server_home)?;
+    let server = setup.finish(dup(app.region_fd())?, server_home)?;
     Ok((server, app))
 }
 
@@ -267,8 +286,8 @@ pub struct Endpoint {
     stats: Stats,
     policy: WaitPolicy,
     watch: Option<OwnedFd>,
+    /// Our end of the doorbell pair: we sleep on it and ring the peer through it.
     bell: Doorbell,
-    peer_bell: Doorbell,
     pool: Pool,
     own: Region,
     peer: Region,
@@ -291,7 +310,7 @@ impl Endpoint {
         // SAFETY: `peer` is a readable page-aligned mapping of `len` bytes.
         let view = unsafe { layout::read_schema(peer.base().as_ptr(), len) }?;
         let pool = Pool::attach(pool, &view.layout.geometry)?;
-        let peer_bell = Doorbell::adopt(bell)?;
+        let bell = Doorbell::adopt(bell)?;
         let own = Region::create("netchannel-app", view.layout.app.len, Access::OwnerWrites)?;
         // SAFETY: fresh writable mapping covering the redzone word.
         unsafe {
@@ -307,8 +326,7 @@ impl Endpoint {
             own,
             peer,
             pool,
-            Doorbell::new()?,
-            peer_bell,
+            bell,
             home,
             view.cookie,
         )
@@ -322,7 +340,6 @@ impl Endpoint {
         peer: Region,
         pool: Pool,
         bell: Doorbell,
-        peer_bell: Doorbell,
         home: Home,
         cookie: u64,
     ) -> Result<Self, Error> {
@@ -392,7 +409,6 @@ impl Endpoint {
             policy: WaitPolicy::default(),
             watch: None,
             bell,
-            peer_bell,
             pool,
             own,
             peer,
@@ -400,9 +416,9 @@ impl Endpoint {
         })
     }
 
-    /// The fds of this end's region and doorbell, for the app end to send to the server.
-    pub fn fds(&self) -> (BorrowedFd<'_>, BorrowedFd<'_>) {
-        (self.own.fd(), self.bell.as_fd())
+    /// This end's region, for the app end to send to the server.
+    pub fn region_fd(&self) -> BorrowedFd<'_> {
+        self.own.fd()
     }
 
     /// Watches `fd` (the socket to the peer) during waits: its hang-up ends the channel with
@@ -504,7 +520,7 @@ impl Endpoint {
                 .store(reason.code(), std::sync::atomic::Ordering::Release);
             s.state
                 .store(state::DEFUNCT, std::sync::atomic::Ordering::Release);
-            self.peer_bell.ring();
+            self.bell.ring();
         }
     }
 
@@ -531,7 +547,7 @@ impl Endpoint {
 
     fn ring_peer(&mut self) {
         self.stats.doorbells += 1;
-        self.peer_bell.ring();
+        self.bell.ring();
     }
 
     /// A buffer for our user to fill, refilling from the peer's returns and growing the pool
@@ -790,10 +806,15 @@ impl Endpoint {
     /// Gives one idle home segment back to the OS. Returns the segment, if one was idle.
     pub fn shrink_pool(&mut self) -> Result<Option<u32>, Error> {
         match self.ledger.shrink() {
-            Some(seg) => {
-                self.pool.release_segment(seg)?;
-                Ok(Some(seg))
-            }
+            Some(seg) => match self.pool.release_segment(seg) {
+                Ok(()) => Ok(Some(seg)),
+                Err(e) => {
+                    // The memory is still there: so is the segment, in the ledger too.
+                    self.ledger.restore(seg);
+                    self.stats.release_failures += 1;
+                    Err(e)
+                }
+            },
             None => Ok(None),
         }
     }
@@ -907,8 +928,14 @@ impl Endpoint {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(Error::sys("poll", e)),
         }
-        if fds[0].revents().contains(PollFlags::IN) {
-            self.bell.drain();
+        // A doorbell whose other end is gone (shut or closed) is readable for ever: the peer
+        // left, so say so rather than spin.
+        if fds[0]
+            .revents()
+            .intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR)
+            && self.bell.drain() == Drained::PeerGone
+        {
+            return Err(Error::PeerGone);
         }
         if n == 2
             && fds[1]
@@ -939,9 +966,17 @@ impl Endpoint {
         self.bell.as_fd()
     }
 
-    /// Clears pending rings of this end's doorbell.
-    pub fn clear_bell(&self) {
-        self.bell.drain();
+    /// Clears pending rings of this end's doorbell; [`Drained::PeerGone`] when the peer shut or
+    /// closed its end.
+    pub fn clear_bell(&self) -> Drained {
+        self.bell.drain()
+    }
+
+    /// As [`Endpoint::clear_bell`], for a server whose peer is untrusted: fds the peer attached
+    /// (possible only on kernels without `SO_PASSRIGHTS`) go to `stray`, to be closed off the
+    /// datapath (the last close of some files blocks).
+    pub fn clear_bell_into(&self, stray: &mut Vec<OwnedFd>) -> Drained {
+        self.bell.drain_into(stray)
     }
 
     /// Descriptors this end has published on its outgoing data ring that the peer has not
@@ -1002,7 +1037,7 @@ impl Endpoint {
             ring.force_push(d);
         }
         ring.publish();
-        self.peer_bell.ring();
+        self.bell.ring();
     }
 
     /// The pool's memfd (a duplicate), its buffer size and its number of buffers: buffer `b`
@@ -1022,7 +1057,7 @@ impl Endpoint {
         } else {
             self.data_in.force_index(v);
         }
-        self.peer_bell.ring();
+        self.bell.ring();
     }
 
     /// Tries to map the peer's (read-only) region writable and to `pwrite` into it; returns

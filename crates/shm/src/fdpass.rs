@@ -1,7 +1,9 @@
 //! Passing file descriptors over a Unix socket (SCM_RIGHTS), with hard limits.
 //!
-//! The receiving side accepts at most the number of fds it asked for; anything beyond is closed
-//! by the kernel (MSG_CTRUNC) or dropped here, so a peer cannot make us leak descriptors.
+//! The receiving side takes every fd a message carries (room for Linux's `SCM_MAX_FD`), so the
+//! kernel never closes any in its place: the last close of some files blocks (a lingering TCP
+//! socket), and a server decides where that may happen. [`Received::fds_truncated`] says that
+//! more than [`MAX_FDS`] came, which no request of ours carries.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
@@ -16,6 +18,9 @@ use crate::Error;
 
 /// Most fds one message may carry.
 pub const MAX_FDS: usize = 8;
+
+/// Most fds the kernel lets one message carry (`SCM_MAX_FD`).
+const SCM_MAX_FD: usize = 253;
 
 /// Sends `data` with `fds` attached as one message.
 pub fn send_with_fds(
@@ -49,23 +54,23 @@ pub fn send_with_fds(
 pub struct Received {
     /// Bytes of payload in the buffer.
     pub len: usize,
-    /// The fds that came with it (owned: dropping them closes them).
+    /// Every fd that came with it (owned: dropping them closes them).
     pub fds: Vec<OwnedFd>,
     /// The message was longer than the buffer (the rest is lost).
     pub truncated: bool,
-    /// More fds were sent than the control buffer holds (the kernel closed the rest).
+    /// More than [`MAX_FDS`] fds came (all are in `fds`, for the caller to dispose of).
     pub fds_truncated: bool,
 }
 
-/// Receives one message into `buf`, with the fds attached to it (at most [`MAX_FDS`]; the
-/// kernel closes any beyond). `nonblocking` adds MSG_DONTWAIT. End of stream (a zero-length read
+/// Receives one message into `buf`, with every fd attached to it. `nonblocking` adds
+/// MSG_DONTWAIT. End of stream (a zero-length read
 /// with no fds) is [`Error::PeerGone`].
 pub fn recv_with_fds(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
     nonblocking: bool,
 ) -> Result<Received, Error> {
-    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(SCM_MAX_FD))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let mut flags = RecvFlags::CMSG_CLOEXEC;
     if nonblocking {
@@ -82,11 +87,12 @@ pub fn recv_with_fds(
     if msg.bytes == 0 && fds.is_empty() {
         return Err(Error::PeerGone);
     }
+    let fds_truncated = fds.len() > MAX_FDS || msg.flags.contains(rustix::net::ReturnFlags::CTRUNC);
     Ok(Received {
         len: msg.bytes.min(buf.len()),
         fds,
         truncated: msg.flags.contains(rustix::net::ReturnFlags::TRUNC),
-        fds_truncated: msg.flags.contains(rustix::net::ReturnFlags::CTRUNC),
+        fds_truncated,
     })
 }
 

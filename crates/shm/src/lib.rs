@@ -32,6 +32,7 @@ pub mod region;
 pub mod ring;
 mod sync;
 
+pub use doorbell::{Drained, Rung};
 pub use endpoint::{
     Endpoint, Home, Interest, Packet, SendError, ServerSetup, Stats, Supplied, WaitPolicy,
 };

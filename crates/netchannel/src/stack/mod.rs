@@ -118,6 +118,9 @@ pub(crate) struct Shared {
     handoff: Condvar,
     /// A duplicate of the channel's doorbell, to sleep on without holding the lock.
     bell: OwnedFd,
+    /// This process's own eventfd for rousing a thread asleep on the doorbell (writing to the
+    /// doorbell would ring the nexus, not us).
+    rouse: OwnedFd,
     driven: bool,
     stop: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -269,6 +272,11 @@ impl Stack {
             .wakeup_fd()
             .try_clone_to_owned()
             .map_err(|e| io::Error::other(format!("dup of the channel's doorbell: {e}")))?;
+        let rouse = rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )
+        .map_err(|e| io::Error::other(format!("eventfd: {e}")))?;
         let mut dev = ChannelDevice::new(ch);
         let epoch = Instant::now();
         let mut config = Config::new(HardwareAddress::Ip);
@@ -302,6 +310,7 @@ impl Stack {
             epoch,
             handoff: Condvar::new(),
             bell,
+            rouse,
             driven,
             stop: AtomicBool::new(false),
             thread: Mutex::new(None),
@@ -454,7 +463,7 @@ fn drive(shared: &std::sync::Weak<Shared>) {
             s.notify();
         }
         if let Some(d) = sleep {
-            sleep_on(s.bell.as_fd(), d);
+            sleep_on(s.bell.as_fd(), s.rouse.as_fd(), d);
             let mut g = lock(&s.inner);
             s.driver_at.store(AT_WORK, Ordering::Relaxed);
             // A caller that took over meanwhile owns the doorbell and its flag.
@@ -466,17 +475,29 @@ fn drive(shared: &std::sync::Weak<Shared>) {
     }
 }
 
-/// Sleeps until `fd` is readable or `d` passes.
-fn sleep_on(fd: BorrowedFd<'_>, d: Duration) {
-    let ts = rustix::time::Timespec {
+/// Sleeps until the doorbell `bell` rings, `rouse` is written, or `d` passes. A doorbell
+/// whose nexus end is gone polls as ready for ever: then only `rouse` and the time count (the
+/// calls that follow report the nexus's departure).
+fn sleep_on(bell: BorrowedFd<'_>, rouse: BorrowedFd<'_>, d: Duration) {
+    use rustix::event::{PollFd, PollFlags};
+    let ts = |d: Duration| rustix::time::Timespec {
         tv_sec: d.as_secs() as i64,
         tv_nsec: i64::from(d.subsec_nanos()),
     };
-    let mut fds = [rustix::event::PollFd::new(
-        &fd,
-        rustix::event::PollFlags::IN,
-    )];
-    let _ = rustix::event::poll(&mut fds, Some(&ts));
+    let start = Instant::now();
+    let mut fds = [
+        PollFd::new(&rouse, PollFlags::IN),
+        PollFd::new(&bell, PollFlags::IN),
+    ];
+    let _ = rustix::event::poll(&mut fds, Some(&ts(d)));
+    let bell_gone = fds[1].revents().intersects(PollFlags::HUP | PollFlags::ERR);
+    if bell_gone && !fds[0].revents().contains(PollFlags::IN) {
+        let left = d.saturating_sub(start.elapsed());
+        let _ = rustix::event::poll(&mut fds[..1], Some(&ts(left)));
+    }
+    if fds[0].revents().contains(PollFlags::IN) {
+        let _ = rustix::io::read(rouse, &mut [0u8; 8]);
+    }
 }
 
 impl Inner {
@@ -693,7 +714,7 @@ impl Drop for Poller<'_> {
         s.notify_waiting();
         match s.driver_at.load(Ordering::Relaxed) {
             AT_BELL => {
-                let _ = rustix::io::write(&s.bell, &1u64.to_ne_bytes());
+                let _ = rustix::io::write(&s.rouse, &1u64.to_ne_bytes());
             }
             AT_ASIDE_LONG => s.handoff.notify_all(),
             _ => {}
@@ -882,7 +903,7 @@ impl Shared {
                 continue;
             }
             drop(g);
-            sleep_on(self.bell.as_fd(), delay);
+            sleep_on(self.bell.as_fd(), self.rouse.as_fd(), delay);
             g = lock(&self.inner);
             g.dev.arm(false);
             g.dev.channel().clear_bell();

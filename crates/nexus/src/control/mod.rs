@@ -4,6 +4,7 @@
 //! malformed is answered with an error and counted under its reason; fds a client sends unasked
 //! are closed at once; nothing a client sends can make the nexus panic or block.
 
+pub(crate) mod closer;
 mod flows;
 pub mod policy;
 
@@ -123,6 +124,21 @@ fn group_id(g: &str) -> Option<u32> {
     })
 }
 
+/// Checks, before the nexus maps it or becomes able to close it inline, that the fd an app
+/// sent as its region is what it must be: a new memfd of the app's own (not one of the
+/// channel's own objects handed back), sealed against shrinking and growing.
+fn app_region_is_usable(setup: &ServerSetup, fd: &OwnedFd) -> Result<(), String> {
+    let seals = rustix::fs::fcntl_get_seals(fd)
+        .map_err(|_| "it is not a memfd (no seals to read)".to_owned())?;
+    if !seals.contains(rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW) {
+        return Err("it is not sealed against shrinking and growing".into());
+    }
+    if setup.owns_object(fd.as_fd()) {
+        return Err("it is the channel's own memory, handed back".into());
+    }
+    Ok(())
+}
+
 fn refuse(code: ErrorCode, message: impl Into<String>) -> Reply {
     Reply::Error {
         code,
@@ -214,7 +230,7 @@ impl Nexus {
             match recv_with_fds(client.sock.as_fd(), &mut buf, true) {
                 Ok(r) => {
                     buf.truncate(r.len);
-                    let reply = self.on_message(id, &buf, r.fds, r.truncated || r.fds_truncated);
+                    let reply = self.on_message(id, &buf, r.fds, r.truncated, r.fds_truncated);
                     self.send_reply(id, &reply.0, &reply.1);
                 }
                 Err(ShmError::Sys {
@@ -279,15 +295,30 @@ impl Nexus {
         bytes: &[u8],
         fds: Vec<OwnedFd>,
         truncated: bool,
+        too_many_fds: bool,
     ) -> (Reply, Vec<OwnedFd>) {
-        if truncated || bytes.len() > MAX_REQUEST {
-            self.errors.count("oversized");
+        if too_many_fds {
+            let n = fds.len();
+            self.closer.close(fds);
+            self.errors.count("too_many_fds");
             return (
                 refuse(
                     ErrorCode::BadMessage,
                     format!(
-                        "control messages are at most {MAX_REQUEST} bytes and carry at most 2 fds"
+                        "this message carried {n} fds; a request carries at most one \
+                         (channel_ready: the app region); they were closed"
                     ),
+                ),
+                vec![],
+            );
+        }
+        if truncated || bytes.len() > MAX_REQUEST {
+            self.closer.close(fds);
+            self.errors.count("oversized");
+            return (
+                refuse(
+                    ErrorCode::BadMessage,
+                    format!("control messages are at most {MAX_REQUEST} bytes"),
                 ),
                 vec![],
             );
@@ -295,6 +326,7 @@ impl Nexus {
         let req = match control::decode::<Request>(bytes, MAX_REQUEST) {
             Ok(r) => r,
             Err(e) => {
+                self.closer.close(fds);
                 self.errors.count(match e {
                     DecodeError::Size(_) => "truncated",
                     DecodeError::Magic => "bad_magic",
@@ -311,9 +343,8 @@ impl Nexus {
         };
         let expects_fds = matches!(req, Request::ChannelReady { .. });
         if !expects_fds && !fds.is_empty() {
-            // Closed by dropping them here.
             self.errors.count("unasked_fds");
-            drop(fds);
+            self.closer.close(fds);
             return (
                 refuse(
                     ErrorCode::BadMessage,
@@ -500,6 +531,7 @@ impl Nexus {
             return refuse(ErrorCode::OutOfOrder, "unknown client");
         };
         let Some((setup, offloads)) = client.offers.remove(&channel) else {
+            self.closer.close(fds);
             self.errors.count("out_of_order");
             return refuse(
                 ErrorCode::OutOfOrder,
@@ -507,20 +539,36 @@ impl Nexus {
             );
         };
         let cred = client.cred.clone();
-        let Ok([region, bell]) = <[OwnedFd; 2]>::try_from(fds) else {
-            self.errors.count("malformed");
+        let region = match <[OwnedFd; 1]>::try_from(fds) {
+            Ok([region]) => region,
+            Err(fds) => {
+                let n = fds.len();
+                self.closer.close(fds);
+                self.errors.count("wrong_fd_count");
+                return refuse(
+                    ErrorCode::BadMessage,
+                    format!(
+                        "channel_ready carries exactly one fd, the app region (got {n}); \
+                         the offer is withdrawn: open the channel again"
+                    ),
+                );
+            }
+        };
+        if let Err(why) = app_region_is_usable(&setup, &region) {
+            self.closer.close(vec![region]);
+            self.errors.count("bad_app_region");
             return refuse(
                 ErrorCode::BadMessage,
-                "channel_ready carries exactly two fds: the app region and the app doorbell",
+                format!("the app region is unusable: {why}; the offer is withdrawn"),
             );
-        };
-        let ep = match setup.finish(region, bell, Home::All) {
+        }
+        let ep = match setup.finish(region, Home::All) {
             Ok(ep) => ep,
             Err(e) => {
                 self.errors.count("bad_app_region");
                 return refuse(
                     ErrorCode::BadMessage,
-                    format!("the app region or doorbell is unusable: {e}"),
+                    format!("the app region is unusable: {e}; the offer is withdrawn"),
                 );
             }
         };
@@ -568,6 +616,7 @@ impl Nexus {
             Some(c) if uid == 0 || c.cred.uid == uid => {
                 c.make_defunct(DefunctReason::Administrative);
                 self.release_flows(channel);
+                self.unwatch_channel(channel);
                 Reply::Done
             }
             Some(_) => {

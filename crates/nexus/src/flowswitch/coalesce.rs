@@ -316,11 +316,10 @@ pub(crate) fn set_word(tcp: &mut [u8], at: usize, new: u16) {
 
 #[cfg(test)]
 mod tests {
-    use std::os::fd::BorrowedFd;
 
     use etherparse::{PacketBuilder, TcpOptionElement};
     use netchannel_shm::control::Offloads;
-    use netchannel_shm::endpoint::{Home, ServerSetup};
+    use netchannel_shm::endpoint::{Home, in_process_pair};
     use netchannel_shm::{Endpoint, Geometry, Packet};
 
     use super::*;
@@ -338,13 +337,7 @@ mod tests {
             bufs_per_segment: 16,
             segments: 4,
         };
-        let setup = ServerSetup::new(g).unwrap();
-        let f = setup.fds();
-        let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned().unwrap();
-        let app =
-            Endpoint::attach_app(dup(f.region), dup(f.pool), dup(f.bell), Home::Nothing).unwrap();
-        let (r, b) = app.fds();
-        let ep = setup.finish(dup(r), dup(b), Home::All).unwrap();
+        let (ep, app) = in_process_pair(g, Home::All, Home::Nothing).unwrap();
         let cred = Cred {
             pid: 1,
             uid: 0,

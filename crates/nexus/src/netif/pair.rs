@@ -17,7 +17,9 @@ pub const MAX_FRAME: usize = 1514;
 #[derive(Debug)]
 struct Queue {
     frames: Mutex<VecDeque<Vec<u8>>>,
-    bell: Doorbell,
+    /// The sender rings through `ring`; the receiver sleeps on (and drains) `wait`.
+    ring: Doorbell,
+    wait: Doorbell,
 }
 
 /// One end of a pair.
@@ -31,10 +33,12 @@ pub struct PairEnd {
 /// Makes a pair of interfaces with the given MAC addresses.
 pub fn pair(mac_a: [u8; 6], mac_b: [u8; 6]) -> std::io::Result<(PairEnd, PairEnd)> {
     let q = || -> std::io::Result<Arc<Queue>> {
-        let bell = Doorbell::new().map_err(|e| std::io::Error::other(e.to_string()))?;
+        let err = |e: netchannel_shm::Error| std::io::Error::other(e.to_string());
+        let (ring, wait) = Doorbell::pair().map_err(err)?;
         Ok(Arc::new(Queue {
             frames: Mutex::new(VecDeque::new()),
-            bell,
+            ring,
+            wait: Doorbell::adopt(wait).map_err(err)?,
         }))
     };
     let (ab, ba) = (q()?, q()?);
@@ -61,7 +65,7 @@ impl Netif for PairEnd {
             let n = q.len().min(max);
             q.drain(..n).collect()
         };
-        self.inbox.bell.drain();
+        self.inbox.wait.drain();
         if !batch.is_empty() {
             let slices: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
             f(&slices);
@@ -79,7 +83,7 @@ impl Netif for PairEnd {
         }
         q.push_back(frame.to_vec());
         drop(q);
-        self.outbox.bell.ring();
+        self.outbox.ring.ring();
         Ok(())
     }
 
@@ -88,7 +92,7 @@ impl Netif for PairEnd {
     }
 
     fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
-        Some(self.inbox.bell.as_fd())
+        Some(self.inbox.wait.as_fd())
     }
 }
 
