@@ -277,6 +277,20 @@ impl Ledger {
             return None;
         }
         let seg = (0..self.home.len()).find(|&s| self.home[s] && !self.active[s])?;
+        self.activate(seg);
+        Some(seg as u32)
+    }
+
+    /// Puts back in service a segment that [`Ledger::shrink`] just took out, when its memory
+    /// could not be given back after all (the ledger says what is true: it is still there).
+    pub fn restore(&mut self, seg: u32) {
+        let s = seg as usize;
+        if s < self.home.len() && self.home[s] && !self.active[s] {
+            self.activate(s);
+        }
+    }
+
+    fn activate(&mut self, seg: usize) {
         self.active[seg] = true;
         self.dormant -= 1;
         let first = seg as u32 * self.bufs_per_segment;
@@ -285,7 +299,6 @@ impl Ledger {
             self.set(buf, BufState::Free);
             self.push_free(buf);
         }
-        Some(seg as u32)
     }
 
     /// Takes one idle home segment (all its buffers home and free) out of service, the highest

@@ -5,7 +5,9 @@
 //! other mapping of it can only be read-only, and `write(2)` on it fails, in every process. Every
 //! region is also sealed against shrinking and growing, so that a peer can never truncate memory
 //! that the other side has mapped (which would turn its next access into SIGBUS); a side that
-//! receives a region checks those seals before it maps it.
+//! receives a region checks those seals before it maps it. Last comes `F_SEAL_SEAL`, so that a
+//! peer can add no seal of its own: `F_SEAL_FUTURE_WRITE` added to a pool would make the
+//! owner's hole punching fail, and the pool's idle memory could never be given back.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
@@ -54,7 +56,7 @@ impl Region {
             .map_err(|e| Error::sys("memfd_create", e))?;
         rustix::fs::ftruncate(&fd, len as u64).map_err(|e| Error::sys("ftruncate", e))?;
         let map = Mapping::new(fd.as_fd(), len, true)?;
-        let mut seals = SealFlags::SHRINK | SealFlags::GROW;
+        let mut seals = SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL;
         if access == Access::OwnerWrites {
             seals |= SealFlags::FUTURE_WRITE;
         }
@@ -236,6 +238,25 @@ mod tests {
             Region::attach(raw, 4096, true),
             Err(Error::Unsealed)
         ));
+    }
+
+    #[test]
+    fn a_peer_can_add_no_seal() {
+        for access in [Access::Shared, Access::OwnerWrites] {
+            let r = Region::create("t", 4 * page_size(), access).unwrap();
+            let dup = r.fd().try_clone_to_owned().unwrap();
+            for seal in [SealFlags::FUTURE_WRITE, SealFlags::WRITE, SealFlags::SEAL] {
+                assert_eq!(
+                    rustix::fs::fcntl_add_seals(&dup, seal),
+                    Err(rustix::io::Errno::PERM),
+                    "{access:?} {seal:?}"
+                );
+            }
+            if access == Access::Shared {
+                // The pool's owner still gives pages back.
+                r.punch_hole(page_size(), page_size()).unwrap();
+            }
+        }
     }
 
     #[test]

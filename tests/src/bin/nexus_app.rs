@@ -15,6 +15,9 @@
 //! nexus_app flood SOCKET            open a channel and push invalid descriptors on TX and FREE
 //!                                   as fast as the nexus takes them, forever; prints `ready`
 //!                                   after the first batch was consumed
+//! nexus_app attack SOCKET CASE      open a channel, print `ready`, wait for `go`, attack the
+//!                                   nexus through what an app holds (below), print what the
+//!                                   attack got, and keep at it until stdin ends
 //! nexus_app burn                    print `ready` and spin on the CPU forever (the control
 //!                                   load of the throughput test)
 //! nexus_app wait SOCKET             open a channel, print `waiting CHANNEL`, block in
@@ -53,6 +56,15 @@
 //! to write the nexus's sealed region and exits 0 only if the kernel refused both ways.
 //! After its last line a hostile app keeps its channel open until stdin ends.
 //!
+//! Attacks on the nexus's loop (issue 13), through the app's own fds: `bell-block` makes its
+//! doorbell end blocking, keeps the nexus ringing it (RX armed, packets reflected, the bell
+//! never read) and fills the nexus's end from a thread with blocking writes; `bell-steal` makes
+//! it blocking and reads it from a thread of its own, blocking, while it streams; both print
+//! `attacking`. `bell-shut` shuts its end for writing and prints `closed ERROR` when the
+//! channel ends; `bell-fds` tries to pass fds through its end and prints `fds RESULT`; `seal`
+//! tries to add F_SEAL_FUTURE_WRITE to its pool's memfd and prints `seal RESULT`, then goes
+//! idle (so the nexus trims the pool).
+//!
 //! Exit codes: 0 success, 1 failure (message on stderr), 2 bad usage.
 
 use std::io::{BufRead, Write};
@@ -87,6 +99,7 @@ fn main() -> ExitCode {
         },
         ["hostile", sock, case] => open(sock).and_then(|(_n, mut ch)| hostile(&mut ch, case)),
         ["flood", sock] => open(sock).and_then(|(_n, mut ch)| flood(&mut ch)),
+        ["attack", sock, case] => open(sock).and_then(|(_n, mut ch)| attack(&mut ch, case)),
         ["wait", sock] => open(sock).and_then(|(_n, mut ch)| wait_blocked(&mut ch)),
         ["user", sock, n] => number(n).and_then(|n| user(sock, n, None)),
         ["user", sock, n, victim] => {
@@ -761,5 +774,114 @@ fn strikes(ch: &mut Channel, nb: u32) -> Result<(), String> {
         if pushed > 100_000 {
             return Err(format!("{pushed} violations and still not quarantined"));
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attacks on the nexus's loop through the app's own fds (issue 13)
+
+fn attack(ch: &mut Channel, case: &str) -> Result<(), String> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    say("ready");
+    match read_line() {
+        Some(l) if l == "go" => {}
+        Some(l) => return Err(format!("expected `go`, got {l:?}")),
+        None => return Ok(()),
+    }
+    let bell =
+        || rustix::io::fcntl_dupfd_cloexec(ch.wakeup_fd(), 0).map_err(|e| format!("dup: {e}"));
+    let make_blocking = |fd: &std::os::fd::OwnedFd| -> Result<(), String> {
+        let fl = rustix::fs::fcntl_getfl(fd).map_err(|e| format!("F_GETFL: {e}"))?;
+        rustix::fs::fcntl_setfl(fd, fl - rustix::fs::OFlags::NONBLOCK)
+            .map_err(|e| format!("F_SETFL: {e}"))
+    };
+    match case {
+        "bell-block" | "bell-steal" => {
+            let fd = bell()?;
+            make_blocking(&fd)?;
+            if case == "bell-block" {
+                // Blocking writes into the nexus's end: they block this thread, never the nexus.
+                std::thread::spawn(move || {
+                    let chunk = [0xffu8; 4096];
+                    while rustix::net::send(&fd, &chunk, rustix::net::SendFlags::NOSIGNAL).is_ok() {
+                    }
+                });
+            } else {
+                // A thief reading the doorbell, blocking: it can only take our own wake-ups.
+                std::thread::spawn(move || {
+                    let mut b = [0u8; 4096];
+                    while matches!(rustix::io::read(&fd, &mut b), Ok(n) if n > 0) {}
+                });
+            }
+            let stop = Arc::new(AtomicBool::new(false));
+            let s2 = stop.clone();
+            std::thread::spawn(move || {
+                hold_until_eof();
+                s2.store(true, Ordering::Relaxed);
+            });
+            say("attacking");
+            let mut got = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                // Armed, so that every delivery rings a doorbell nobody drains.
+                if case == "bell-block" {
+                    ch.arm(Interest::Readable, true);
+                }
+                let mut pkts = Vec::new();
+                for _ in 0..8 {
+                    let Some(buf) = ch.alloc() else { break };
+                    if let Some(b) = ch.buffer_mut(buf) {
+                        b[..64].fill(0x5a);
+                    }
+                    pkts.push(Packet {
+                        buf,
+                        offset: 0,
+                        len: 64,
+                    });
+                }
+                let n = sent(ch.send(&pkts))?;
+                freed(ch.free(pkts[n..].iter().map(|p| p.buf)))?;
+                got.clear();
+                ch.recv(&mut got, 64).map_err(chan("recv"))?;
+                freed(ch.free(got.iter().map(|p| p.buf)))?;
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            Ok(())
+        }
+        "bell-shut" => {
+            let fd = bell()?;
+            rustix::net::shutdown(&fd, rustix::net::Shutdown::Write)
+                .map_err(|e| format!("shutdown: {e}"))?;
+            let e = match ch.wait(Interest::Readable, Some(WAIT)) {
+                Ok(()) => return Err("a packet came after the doorbell was shut".into()),
+                Err(e) => e,
+            };
+            say(&format!("closed {e:?}"));
+            hold_until_eof();
+            Ok(())
+        }
+        "bell-fds" => {
+            let fd = bell()?;
+            let null = std::fs::File::open("/dev/null").map_err(|e| e.to_string())?;
+            let r = netchannel_shm::fdpass::send_with_fds(
+                std::os::fd::AsFd::as_fd(&fd),
+                &[1],
+                &[std::os::fd::AsFd::as_fd(&null)],
+            );
+            say(&format!("fds {r:?}"));
+            hold_until_eof();
+            Ok(())
+        }
+        "seal" => {
+            let (pool, _, _) = ch
+                .hostile_pool()
+                .map_err(|e| format!("dup of the pool: {e}"))?;
+            let r = rustix::fs::fcntl_add_seals(&pool, rustix::fs::SealFlags::FUTURE_WRITE);
+            say(&format!("seal {r:?}"));
+            hold_until_eof();
+            Ok(())
+        }
+        other => Err(format!("unknown attack {other:?}")),
     }
 }
