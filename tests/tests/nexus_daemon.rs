@@ -269,10 +269,15 @@ impl App {
 
     /// The next line the app prints.
     fn line(&mut self) -> String {
-        match self.lines.recv_timeout(SHORT) {
+        self.line_within(SHORT)
+    }
+
+    /// The next line the app prints, waiting at most `timeout`.
+    fn line_within(&mut self, timeout: Duration) -> String {
+        match self.lines.recv_timeout(timeout) {
             Ok(l) => l,
             Err(e) => panic!(
-                "{} printed no line within {SHORT:?} ({e}); status {:?}",
+                "{} printed no line within {timeout:?} ({e}); status {:?}",
                 self.proc.what,
                 self.proc.child.try_wait()
             ),
@@ -915,7 +920,7 @@ fn control_socket_abuse_is_refused_counted_and_leaks_no_fd() {
         .collect();
     let fds =
         |n: usize| -> Vec<BorrowedFd<'_>> { devnull[..n].iter().map(|f| f.as_fd()).collect() };
-    let status_req = control::encode(&Request::Status);
+    let status_req = control::encode(&Request::Status { after: None });
     let mut oversized = status_req.clone();
     oversized.resize(5000, b' ');
     let huge = vec![b'N'; 100_000];
@@ -1332,7 +1337,7 @@ fn regression_a_request_one_byte_too_long_is_counted_as_oversized() {
     let d = Daemon::start("oversized-by-one", None);
     let mut mon = d.monitor();
     let raw = Raw::connect(&d.socket);
-    let mut msg = control::encode(&Request::Status);
+    let mut msg = control::encode(&Request::Status { after: None });
     msg.resize(MAX_REQUEST + 1, b' ');
     assert!(matches!(
         raw.ask(&msg, &[]),
@@ -1365,7 +1370,7 @@ fn regression_reserved_header_bytes_must_be_zero() {
     let d = Daemon::start("reserved-bytes", None);
     let mut mon = d.monitor();
     let raw = Raw::connect(&d.socket);
-    let mut msg = control::encode(&Request::Status);
+    let mut msg = control::encode(&Request::Status { after: None });
     msg[6] = 0xff;
     msg[7] = 0x01;
     let reply = raw.ask(&msg, &[]);
@@ -1992,4 +1997,224 @@ fn an_idle_channel_costs_at_most_256_kib() {
         rss / 1024
     );
     drop(chans);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attacks on the nexus's loop (issue 13): an unprivileged app attacks through what it holds
+// while an honest app's reflection rate is measured.
+
+/// One measured phase of the healthy app: its median reflected packets per second.
+fn healthy_rate(h: &mut App) -> u64 {
+    h.say("go");
+    let line = h.line();
+    let rest = line
+        .strip_prefix("rate ")
+        .unwrap_or_else(|| panic!("expected a rate, got {line:?}"));
+    rest.split_whitespace()
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("a rate: {line:?}"))
+}
+
+fn median_of(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+/// Runs attack `case` (an unprivileged `nexus_app attack`) beside a healthy app and checks the
+/// promise of issue 13: the healthy app keeps at least 90% of its rate before the attack (median
+/// of phases), status answers within [`PROMPT`] all along, and the nexus stops cleanly on
+/// SIGTERM with the attacker still attached. Returns the attacker's line after `go`.
+fn stall_attack(case: &str, config: Option<&str>) -> String {
+    const BEFORE: usize = 3;
+    const DURING: usize = 5;
+    let d = Daemon::start(&format!("attack-{case}"), config);
+    let mut mon = d.monitor();
+    let mut healthy = App::spawn(&["healthy", &d.socket, PHASE_SECS]);
+    assert_eq!(healthy.line(), "ready");
+    let mut attacker = App::spawn_as(Some(NOBODY), &["attack", &d.socket, case]);
+    // 64 channels of 65,536 buffers take a while to open in a debug build.
+    assert_eq!(attacker.line_within(Duration::from_secs(120)), "ready");
+    let before: Vec<u64> = (0..BEFORE).map(|_| healthy_rate(&mut healthy)).collect();
+    attacker.say("go");
+    let said = attacker.line();
+    let mut during = Vec::new();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..DURING {
+        during.push(healthy_rate(&mut healthy));
+        for _ in 0..5 {
+            let t = Instant::now();
+            let s = status(&mut mon);
+            slowest = slowest.max(t.elapsed());
+            assert!(
+                s.channels.len() >= 2,
+                "both apps are served: {:?}",
+                s.channels
+            );
+        }
+    }
+    let (b, m) = (median_of(before.clone()), median_of(during.clone()));
+    println!(
+        "{case}: healthy app {b} packets/s before, {m} during the attack ({:.3}); phases \
+         before {before:?}, during {during:?}; slowest status {slowest:?}; attacker said {said:?}",
+        m as f64 / b as f64
+    );
+    assert!(
+        m as f64 >= 0.9 * b as f64,
+        "{case}: the healthy app fell to {m} packets/s from {b} (before {before:?}, during {during:?})"
+    );
+    assert!(slowest <= PROMPT, "{case}: a status took {slowest:?}");
+    let s = status(&mut mon);
+    assert_eq!(count(&s.control_errors, "reclaim_audit_failed"), 0);
+    for c in &s.channels {
+        assert_eq!(c.audit, "ok", "{case}: {c:?}");
+    }
+    attacker.proc.assert_running();
+    let mut d = d;
+    d.proc.signal(Signal::TERM);
+    let st = d.proc.exit_within(SHORT);
+    assert!(st.success(), "{case}: the nexus stopped with {st}");
+    said
+}
+
+/// Attack 1: the app makes its doorbell end blocking, never reads it while the nexus keeps
+/// ringing it, and fills the nexus's end with blocking writes. Before doorbells were socket
+/// pairs this hung the nexus for good in write(2).
+#[test]
+fn attack_a_blocking_doorbell_never_stalls_the_nexus() {
+    let _serial = serial();
+    assert_eq!(stall_attack("bell-block", None), "attacking");
+}
+
+/// Attack 2: the app reads its doorbell from a blocking thread of its own (with a shared
+/// eventfd it stole the nexus's wake-ups, and the nexus blocked in read(2)).
+#[test]
+fn attack_a_doorbell_thief_never_stalls_the_nexus() {
+    let _serial = serial();
+    assert_eq!(stall_attack("bell-steal", None), "attacking");
+}
+
+/// Attack 3: 64 channels of 65,536 buffers and status requests from 8 connections as fast as
+/// they are answered. Status costs counters (audits run in housekeeping, within a budget) and
+/// the user's requests are rate-limited, so the honest app keeps its rate.
+#[test]
+fn attack_a_status_flood_never_starves_the_datapath() {
+    let _serial = serial();
+    assert_eq!(stall_attack("status-flood", None), "attacking");
+}
+
+/// Lesser attacks through the app's own fds: a doorbell shut (the channel is closed at once,
+/// not polled as ready for ever), fds passed through the doorbell (refused by the kernel),
+/// and a seal added to the pool's memfd (refused: the nexus sealed it with F_SEAL_SEAL, so it
+/// still gives the idle pool back).
+#[test]
+fn attack_doorbell_shut_fds_and_seals_are_refused_or_ended() {
+    let _serial = serial();
+    let d = Daemon::start("attack-fds", Some("[channel]\nidle_trim_ms = 100\n"));
+    let mut mon = d.monitor();
+    let base = status(&mut mon);
+
+    let mut shut = App::spawn_as(Some(NOBODY), &["attack", &d.socket, "bell-shut"]);
+    assert_eq!(shut.line(), "ready");
+    shut.say("go");
+    let line = shut.line();
+    assert!(line.starts_with("closed "), "{line}");
+    let (s, _) = status_until(&mut mon, "the shut channel is closed", |s| {
+        s.channels.is_empty()
+    });
+    assert_eq!(count(&s.control_errors, "doorbell_hangups"), 1);
+    drop(shut);
+
+    let mut fds = App::spawn_as(Some(NOBODY), &["attack", &d.socket, "bell-fds"]);
+    assert_eq!(fds.line(), "ready");
+    fds.say("go");
+    let line = fds.line();
+    assert!(
+        line.starts_with("fds Err("),
+        "passing an fd through a doorbell: {line}"
+    );
+    drop(fds);
+
+    let mut seal = App::spawn_as(Some(NOBODY), &["attack", &d.socket, "seal"]);
+    assert_eq!(seal.line(), "ready");
+    seal.say("go");
+    let line = seal.line();
+    assert!(
+        line.starts_with("seal Err("),
+        "adding a seal to the pool: {line}"
+    );
+    let (s, _) = status_until(&mut mon, "the idle pool is given back", |s| {
+        s.channels.len() == 1 && s.channels[0].buffers_absent > 0
+    });
+    assert_eq!(s.channels[0].drops, vec![], "no pool_release_failed");
+    drop(seal);
+    status_until(&mut mon, "every attacker is reclaimed", |s| {
+        s.channels.is_empty() && s.fds == base.fds
+    });
+    assert_serves(&d.socket);
+}
+
+/// Attack 4: more channels than one status reply holds. Status pages, and `Nexus::status`
+/// reads every page: 1,280 channels (20 users' worth) and then 10,000.
+#[test]
+fn status_answers_with_ten_thousand_channels() {
+    let _serial = serial();
+    let d = Daemon::start(
+        "many-channels",
+        Some("[channel]\nbuffers = 64\nring_slots = 64\n"),
+    );
+    let mut mon = d.monitor();
+    // Channels hold 4 or 5 fds each on both sides.
+    let lim = rustix::process::Rlimit {
+        current: Some(1 << 17),
+        maximum: Some(1 << 17),
+    };
+    let nofile = rustix::process::Resource::Nofile;
+    // Without CAP_SYS_RESOURCE the hard limit stays (20,000 in some sandboxes): then as many
+    // channels as it allows (the nexus holds 4 fds per channel, this process 5).
+    let _ = rustix::process::prlimit(Some(d.proc.pid()), nofile, lim);
+    let _ = rustix::process::setrlimit(nofile, lim);
+    // The nexus was started with this process's limit, and is raised with it or not at all.
+    let limit = rustix::process::getrlimit(nofile).current.unwrap_or(1024);
+    let most = ((limit / 5) as usize).saturating_sub(200);
+    if most < 10_000 {
+        println!(
+            "SKIPPED in part: the fd limits allow {most} channels, not 10,000 (raise \
+             RLIMIT_NOFILE to 65,536 to test them all)"
+        );
+    }
+    let mut nx = d.monitor();
+    let mut channels = Vec::new();
+    for target in [1_280usize, 10_000.min(most)] {
+        let t = Instant::now();
+        while channels.len() < target {
+            let opts = ChannelOptions {
+                buffers: Some(64),
+                ring_slots: Some(64),
+                ..ChannelOptions::default()
+            };
+            channels.push(nx.open_channel(opts).expect("open"));
+        }
+        let opened = t.elapsed();
+        let t = Instant::now();
+        let s = status(&mut mon);
+        let all = t.elapsed();
+        let t = Instant::now();
+        let first = mon.status_page(None).expect("first page");
+        let one = t.elapsed();
+        println!(
+            "{target} channels: opened in {opened:?}; whole status in {all:?}, first page \
+             ({} channels) in {one:?}",
+            first.channels.len()
+        );
+        assert_eq!(s.channels.len(), target);
+        let mut ids: Vec<u64> = s.channels.iter().map(|c| c.id).collect();
+        ids.dedup();
+        assert_eq!(ids.len(), target, "no channel twice");
+        assert!(
+            first.next_after.is_some(),
+            "{target} channels take more than a page"
+        );
+        assert!(one <= PROMPT, "a page took {one:?}");
+    }
 }

@@ -46,6 +46,9 @@ pub use netchannel_shm::control::{DEFAULT_SOCKET, FlowProto, Offloads};
 /// How long a control request may take before the nexus is considered unresponsive.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Most pages one status or flow listing may take (a million flows is 4,000 pages).
+const MAX_PAGES: usize = 1 << 16;
+
 /// What to ask for when opening a channel (unset fields take the nexus's defaults).
 #[derive(Debug, Clone, Default)]
 pub struct ChannelOptions {
@@ -212,7 +215,25 @@ impl Nexus {
 
     /// The nexus's state (every channel for root, one's own otherwise).
     pub fn status(&mut self) -> Result<NexusStatus, Error> {
-        match self.request(&Request::Status, &[])?.0 {
+        // Page by page (a nexus with thousands of channels answers in several replies).
+        let mut status = self.status_page(None)?;
+        let mut pages = 1usize;
+        while let Some(after) = status.next_after.take() {
+            let page = self.status_page(Some(after))?;
+            if page.channels.first().is_none_or(|c| c.id <= after) || pages > MAX_PAGES {
+                return Err(Error::Protocol("the status pages do not advance".into()));
+            }
+            status.channels.extend(page.channels);
+            status.next_after = page.next_after;
+            pages += 1;
+        }
+        Ok(status)
+    }
+
+    /// One page of the status: the summary and the first channels (`after` = `None`), or the
+    /// channels whose ids follow `after`.
+    pub fn status_page(&mut self, after: Option<ChannelId>) -> Result<NexusStatus, Error> {
+        match self.request(&Request::Status { after }, &[])?.0 {
             Reply::Status(s) => Ok(*s),
             other => Err(Error::Protocol(format!("expected a status, got {other:?}"))),
         }
@@ -262,9 +283,24 @@ impl Nexus {
 
     /// The flows (every flow for root, one's own otherwise).
     pub fn flows(&mut self) -> Result<Vec<FlowStatus>, Error> {
-        match self.request(&Request::Flows, &[])?.0 {
-            Reply::Flows { flows } => Ok(flows),
-            other => Err(Error::Protocol(format!("expected flows, got {other:?}"))),
+        let (mut all, mut after, mut pages) = (Vec::new(), None, 0usize);
+        loop {
+            match self.request(&Request::Flows { after }, &[])?.0 {
+                Reply::Flows { flows, next_after } => {
+                    all.extend(flows);
+                    pages += 1;
+                    match next_after {
+                        Some(n) if after.is_none_or(|a| n > a) && pages <= MAX_PAGES => {
+                            after = Some(n)
+                        }
+                        Some(_) => {
+                            return Err(Error::Protocol("the flow pages do not advance".into()));
+                        }
+                        None => return Ok(all),
+                    }
+                }
+                other => return Err(Error::Protocol(format!("expected flows, got {other:?}"))),
+            }
         }
     }
 

@@ -171,6 +171,12 @@ pub struct Limits {
     pub flows_per_user: usize,
     /// Control connections one user may have open.
     pub connections_per_user: usize,
+    /// Control requests one connection of an unprivileged user may make per second (a
+    /// quarter second's worth may come at once); beyond, the nexus stops reading it for a
+    /// while. A listing costs one more request per 8 channels or flows it returns.
+    pub requests_per_sec: u32,
+    /// Control requests all connections of one unprivileged user may make per second.
+    pub user_requests_per_sec: u32,
 }
 
 impl Default for Limits {
@@ -179,6 +185,8 @@ impl Default for Limits {
             channels_per_user: 64,
             flows_per_user: 4096,
             connections_per_user: 64,
+            requests_per_sec: 50,
+            user_requests_per_sec: 100,
         }
     }
 }

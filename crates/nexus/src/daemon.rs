@@ -12,13 +12,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use netchannel_shm::control::{ChannelId, NexusStatus};
+use netchannel_shm::control::{ChannelId, ChannelStatus, NexusStatus};
 use netchannel_shm::{DefunctReason, Drained};
 use rustix::event::epoll;
 
 use crate::channel::{Channel, Quarantine};
 use crate::config::Config;
 use crate::control::closer::Closer;
+use crate::control::rate::RateLimits;
 use crate::control::{Client, ControlErrors};
 use crate::flowswitch::{FlowTable, Switch};
 use crate::netns::HostPorts;
@@ -63,6 +64,15 @@ const MAX_FLOWS: usize = 1 << 20;
 /// How often idle channels are looked at for trimming.
 const HOUSEKEEPING: Duration = Duration::from_millis(100);
 
+/// Buffers whose ledger entries are audited per housekeeping pass (a few nanoseconds each, so
+/// well under a millisecond): audits walk the channels round-robin, and `status` reports the
+/// last result instead of auditing on the datapath thread when asked.
+const AUDIT_BUDGET: u64 = 1 << 16;
+
+/// Most bytes of channel records in one status reply (a reply holds at most
+/// [`netchannel_shm::control::MAX_REPLY`]; the rest is the summary).
+const STATUS_PAGE_BYTES: usize = 128 * 1024;
+
 /// epoll tokens: the kind in the top byte, an id below.
 pub(crate) mod token {
     pub(crate) const LISTENER: u64 = 0;
@@ -100,6 +110,10 @@ pub struct Nexus {
     shutting_down: bool,
     /// Closes the fds apps hand us that we refuse, off this thread.
     pub(crate) closer: Closer,
+    /// The channel audited last (audits go round-robin, a budget per housekeeping pass).
+    audit_cursor: ChannelId,
+    /// Control request rates per client and per user.
+    pub(crate) rate: RateLimits,
 }
 
 impl Nexus {
@@ -135,7 +149,6 @@ impl Nexus {
         let closer =
             Closer::start().map_err(|e| NexusError::sys("starting the closer thread", e))?;
         Ok(Self {
-            config,
             listener,
             epoll,
             clients: BTreeMap::new(),
@@ -152,6 +165,12 @@ impl Nexus {
             signals,
             shutting_down: false,
             closer,
+            audit_cursor: 0,
+            rate: RateLimits::new(
+                config.limits.requests_per_sec,
+                config.limits.user_requests_per_sec,
+            ),
+            config,
         })
     }
 
@@ -220,6 +239,8 @@ impl Nexus {
                 if let Some(sw) = self.switch.as_mut() {
                     sw.netif_mut().housekeeping();
                 }
+                self.audit_some(AUDIT_BUDGET);
+                self.resume_throttled(now);
             }
             // Packets waiting for a neighbour are retried at least every millisecond.
             let cap = if self.switch.as_ref().is_some_and(Switch::has_pending) {
@@ -507,14 +528,59 @@ impl Nexus {
         );
     }
 
-    /// The nexus's state, as `netchannel status` shows it.
-    pub fn status(&mut self, only_uid: Option<u32>) -> NexusStatus {
-        let channels = self
+    /// Audits channels' ledgers round-robin from where the last pass stopped, until `budget`
+    /// buffers are audited or every channel was.
+    fn audit_some(&mut self, budget: u64) {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let mut spent = 0u64;
+        for _ in 0..self.channels.len() {
+            if spent >= budget {
+                break;
+            }
+            let next = self
+                .channels
+                .range_mut((Excluded(self.audit_cursor), Unbounded))
+                .next()
+                .map(|(id, _)| *id)
+                .or_else(|| self.channels.keys().next().copied());
+            let Some(id) = next else { break };
+            if let Some(c) = self.channels.get_mut(&id) {
+                spent += c.audit_now();
+            }
+            self.audit_cursor = id;
+        }
+    }
+
+    /// The nexus's state, as `netchannel status` shows it: the summary and the first page of
+    /// channels when `after` is `None`, else the channels whose ids follow `after`. Costs the
+    /// page's counters, never an audit.
+    pub fn status(&mut self, only_uid: Option<u32>, after: Option<ChannelId>) -> NexusStatus {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let from = after.map_or(Unbounded, Excluded);
+        let (mut channels, mut bytes, mut next_after) = (Vec::new(), 0usize, None);
+        for c in self
             .channels
-            .values_mut()
+            .range_mut((from, Unbounded))
+            .map(|(_, c)| c)
             .filter(|c| only_uid.is_none_or(|u| c.cred.uid == u))
-            .map(Channel::status)
-            .collect();
+        {
+            let st = c.status();
+            // An upper bound of the record's JSON (its fixed fields take under 500 bytes).
+            bytes += 600 + st.state.len() + st.audit.len() + 64 * st.drops.len();
+            if bytes > STATUS_PAGE_BYTES && !channels.is_empty() {
+                next_after = channels.last().map(|c: &ChannelStatus| c.id);
+                break;
+            }
+            channels.push(st);
+        }
+        if after.is_some() {
+            return NexusStatus {
+                pid: std::process::id(),
+                channels,
+                next_after,
+                ..NexusStatus::default()
+            };
+        }
         NexusStatus {
             pid: std::process::id(),
             uptime_s: self.started.elapsed().as_secs_f64(),
@@ -559,6 +625,7 @@ impl Nexus {
                 })
                 .unwrap_or_default(),
             channels,
+            next_after,
         }
     }
 }

@@ -101,7 +101,7 @@ pub enum Request {
         #[serde(default)]
         offloads: Offloads,
     },
-    /// The app has mapped the offer; its region and doorbell are attached.
+    /// The app has mapped the offer; its region is attached (one fd).
     ChannelReady {
         /// The channel offered.
         channel: ChannelId,
@@ -111,8 +111,14 @@ pub enum Request {
         /// The channel.
         channel: ChannelId,
     },
-    /// Report the nexus's state and every channel (or only the caller's, for non-root users).
-    Status,
+    /// Report the nexus's state and its channels (every one for root, the caller's own
+    /// otherwise), a page at a time: the channels whose ids follow `after`, as many as fit one
+    /// reply. The summary (counters of the nexus and the interface) comes with the first page.
+    Status {
+        /// The last channel of the previous page (none: the first page).
+        #[serde(default)]
+        after: Option<ChannelId>,
+    },
     /// Revoke a channel (root, or the channel's owner).
     Defunct {
         /// The channel.
@@ -136,8 +142,13 @@ pub enum Request {
         /// The flow.
         flow: u32,
     },
-    /// List flows (every flow for root, one's own otherwise).
-    Flows,
+    /// List flows (every flow for root, one's own otherwise), a page at a time: the flows
+    /// whose ids follow `after`.
+    Flows {
+        /// The last flow of the previous page (none: the first page).
+        #[serde(default)]
+        after: Option<u32>,
+    },
 }
 
 /// Transport protocols of flows.
@@ -214,8 +225,11 @@ pub enum Reply {
     },
     /// The flows.
     Flows {
-        /// Every flow visible to the caller.
+        /// The flows of this page.
         flows: Vec<FlowStatus>,
+        /// More follow: ask again with `after` set to this.
+        #[serde(default)]
+        next_after: Option<u32>,
     },
     /// The request was refused.
     Error {
@@ -268,8 +282,11 @@ pub struct NexusStatus {
     /// Interface counters (frames in and out, drops by reason), when the nexus serves one.
     #[serde(default)]
     pub interface: Vec<(String, u64)>,
-    /// Channels.
+    /// Channels (of this page).
     pub channels: Vec<ChannelStatus>,
+    /// More channels follow: ask again with `after` set to this.
+    #[serde(default)]
+    pub next_after: Option<ChannelId>,
 }
 
 /// One channel as the nexus sees it.
@@ -370,6 +387,18 @@ pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], max: usize) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_request_without_a_page_is_the_first_page() {
+        let mut old = MAGIC.to_vec();
+        old.extend_from_slice(&VERSION.to_le_bytes());
+        old.extend_from_slice(&[0, 0]);
+        old.extend_from_slice(br#"{"op":"status"}"#);
+        assert_eq!(
+            decode::<Request>(&old, MAX_REQUEST).unwrap(),
+            Request::Status { after: None }
+        );
+    }
 
     #[test]
     fn round_trip() {

@@ -10,7 +10,7 @@
 //! * [`ring`]: single-producer/single-consumer rings of slot descriptors, with need-wakeup flags.
 //! * [`pool`]: fixed-size packet buffers in page-multiple segments that can be given back to the OS.
 //! * [`ledger`]: each end's private record of who holds every buffer.
-//! * [`doorbell`]: eventfd wake-ups; [`fdpass`]: SCM_RIGHTS; [`control`]: the control-socket
+//! * [`doorbell`]: wake-ups over socket pairs that cannot block; [`fdpass`]: SCM_RIGHTS; [`control`]: the control-socket
 //!   protocol between apps and the nexus.
 //! * [`endpoint`]: one end of a channel, tying the above together behind a batch packet API.
 //!

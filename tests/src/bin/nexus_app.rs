@@ -63,7 +63,10 @@
 //! `attacking`. `bell-shut` shuts its end for writing and prints `closed ERROR` when the
 //! channel ends; `bell-fds` tries to pass fds through its end and prints `fds RESULT`; `seal`
 //! tries to add F_SEAL_FUTURE_WRITE to its pool's memfd and prints `seal RESULT`, then goes
-//! idle (so the nexus trims the pool).
+//! idle (so the nexus trims the pool). `status-flood` opens as many channels of 65,536
+//! buffers as the user may (64 by default), prints `ready`, and on `go` asks for the status
+//! from 8 connections as fast as the nexus answers, printing `attacking` after the first
+//! answers and `asked N` (the requests answered) when stdin ends.
 //!
 //! Exit codes: 0 success, 1 failure (message on stderr), 2 bad usage.
 
@@ -99,6 +102,7 @@ fn main() -> ExitCode {
         },
         ["hostile", sock, case] => open(sock).and_then(|(_n, mut ch)| hostile(&mut ch, case)),
         ["flood", sock] => open(sock).and_then(|(_n, mut ch)| flood(&mut ch)),
+        ["attack", sock, "status-flood"] => status_flood(sock),
         ["attack", sock, case] => open(sock).and_then(|(_n, mut ch)| attack(&mut ch, case)),
         ["wait", sock] => open(sock).and_then(|(_n, mut ch)| wait_blocked(&mut ch)),
         ["user", sock, n] => number(n).and_then(|n| user(sock, n, None)),
@@ -845,7 +849,7 @@ fn attack(ch: &mut Channel, case: &str) -> Result<(), String> {
                 got.clear();
                 ch.recv(&mut got, 64).map_err(chan("recv"))?;
                 freed(ch.free(got.iter().map(|p| p.buf)))?;
-                std::thread::sleep(Duration::from_micros(500));
+                std::thread::sleep(Duration::from_millis(2));
             }
             Ok(())
         }
@@ -884,4 +888,63 @@ fn attack(ch: &mut Channel, case: &str) -> Result<(), String> {
         }
         other => Err(format!("unknown attack {other:?}")),
     }
+}
+
+/// Many large channels, and status requests from several connections as fast as they are
+/// answered (issue 13, attack 3).
+fn status_flood(sock: &str) -> Result<(), String> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let mut nx = Nexus::connect(sock).map_err(|e| format!("connect: {e}"))?;
+    let mut channels = Vec::new();
+    loop {
+        let opts = ChannelOptions {
+            buffers: Some(65_536),
+            ..ChannelOptions::default()
+        };
+        match nx.open_channel(opts) {
+            Ok(ch) => channels.push(ch),
+            Err(Error::Refused { .. }) => break,
+            Err(e) => return Err(format!("open: {e}")),
+        }
+    }
+    say("ready");
+    match read_line() {
+        Some(l) if l == "go" => {}
+        Some(l) => return Err(format!("expected `go`, got {l:?}")),
+        None => return Ok(()),
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let asked = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::new();
+    for _ in 0..8 {
+        let (stop, asked, sock) = (stop.clone(), asked.clone(), sock.to_owned());
+        threads.push(std::thread::spawn(move || {
+            let Ok(mut c) = Nexus::connect(&sock) else {
+                return;
+            };
+            while !stop.load(Ordering::Relaxed) {
+                if c.status_page(None).is_err() {
+                    return;
+                }
+                asked.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    while asked.load(Ordering::Relaxed) < 8 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    say("attacking");
+    hold_until_eof();
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    say(&format!(
+        "asked {} with {} channels",
+        asked.load(Ordering::Relaxed),
+        channels.len()
+    ));
+    Ok(())
 }

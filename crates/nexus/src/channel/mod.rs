@@ -351,7 +351,21 @@ impl Channel {
         r
     }
 
-    /// The channel as `netchannel status` shows it.
+    /// Recounts the ledger and checks the redzones now (O(buffers): housekeeping calls it
+    /// within a budget, never a status request). Returns the buffers audited.
+    pub fn audit_now(&mut self) -> u64 {
+        if self.defunct.is_some() {
+            return 0;
+        }
+        self.audit = match self.ep.audit() {
+            Ok(_) => "ok".into(),
+            Err(e) => e.to_string(),
+        };
+        u64::from(self.ep.pool().buffers())
+    }
+
+    /// The channel as `netchannel status` shows it, with the result of its last audit. Costs
+    /// its counters only.
     pub fn status(&mut self) -> ChannelStatus {
         let (rx_ring, tx_ring) = if self.defunct.is_none() {
             self.ep.ring_occupancy()
@@ -372,12 +386,6 @@ impl Channel {
         }
         for (reason, n) in &self.drops.tx {
             drops.push((format!("tx_{reason}"), *n));
-        }
-        if self.defunct.is_none() {
-            self.audit = match self.ep.audit() {
-                Ok(_) => "ok".into(),
-                Err(e) => e.to_string(),
-            };
         }
         ChannelStatus {
             id: self.id,

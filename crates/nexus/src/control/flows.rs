@@ -158,11 +158,14 @@ impl Nexus {
         Reply::Done
     }
 
-    pub(super) fn list_flows(&self, client: u64) -> Reply {
+    /// A page of the flows visible to the client: those whose ids follow `after`, at most
+    /// [`FLOWS_PER_PAGE`].
+    pub(super) fn list_flows(&self, client: u64, after: Option<u32>) -> Reply {
         let uid = self.clients.get(&client).map_or(u32::MAX, |c| c.cred.uid);
-        let flows = self
+        let first = after.map_or(0, |a| a.saturating_add(1));
+        let mut flows: Vec<FlowStatus> = self
             .flows
-            .iter()
+            .iter_from(first)
             .filter_map(|(id, f)| {
                 let c = self.channels.get(&f.channel)?;
                 if uid != 0 && c.cred.uid != uid {
@@ -186,7 +189,17 @@ impl Nexus {
                     tx_packets,
                 })
             })
+            .take(FLOWS_PER_PAGE + 1)
             .collect();
-        Reply::Flows { flows }
+        let next_after = if flows.len() > FLOWS_PER_PAGE {
+            flows.truncate(FLOWS_PER_PAGE);
+            flows.last().map(|f| f.id)
+        } else {
+            None
+        };
+        Reply::Flows { flows, next_after }
     }
 }
+
+/// Most flows in one reply (each record is a few hundred bytes of JSON: well inside a reply).
+const FLOWS_PER_PAGE: usize = 256;

@@ -7,6 +7,7 @@
 pub(crate) mod closer;
 mod flows;
 pub mod policy;
+pub(crate) mod rate;
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
@@ -30,6 +31,8 @@ use crate::daemon::{Nexus, NexusError, token};
 const MAX_PENDING_OFFERS: usize = 4;
 /// Most messages read from one client per event (fairness between clients).
 const MESSAGES_PER_EVENT: usize = 16;
+/// Records (channels, flows) of a listing that cost as much as one more request.
+const RECORDS_PER_TOKEN: f64 = 8.0;
 
 /// Counters of refused requests and dropped messages, by reason.
 #[derive(Debug, Default)]
@@ -222,15 +225,36 @@ impl Nexus {
 
     /// Handles readiness or hang-up of a client socket.
     pub(crate) fn on_client_event(&mut self, id: u64, flags: epoll::EventFlags) {
+        let hung_up = flags
+            .intersects(epoll::EventFlags::HUP | epoll::EventFlags::RDHUP | epoll::EventFlags::ERR);
+        let now = std::time::Instant::now();
         for _ in 0..MESSAGES_PER_EVENT {
             let Some(client) = self.clients.get(&id) else {
                 return;
             };
+            if !self.rate.admit(id, client.cred.uid, now) {
+                // Not read until its buckets refill: its requests wait in its own socket.
+                if !hung_up {
+                    self.throttle(id);
+                }
+                break;
+            }
             let mut buf = vec![0u8; MAX_REQUEST + 1];
             match recv_with_fds(client.sock.as_fd(), &mut buf, true) {
                 Ok(r) => {
                     buf.truncate(r.len);
                     let reply = self.on_message(id, &buf, r.fds, r.truncated, r.fds_truncated);
+                    // A page of many records costs the datapath thread more than one request.
+                    let records = match &reply.0 {
+                        Reply::Status(s) => s.channels.len(),
+                        Reply::Flows { flows, .. } => flows.len(),
+                        _ => 0,
+                    };
+                    if let Some(c) = self.clients.get(&id) {
+                        let uid = c.cred.uid;
+                        self.rate
+                            .charge(id, uid, records as f64 / RECORDS_PER_TOKEN);
+                    }
                     self.send_reply(id, &reply.0, &reply.1);
                 }
                 Err(ShmError::Sys {
@@ -243,10 +267,53 @@ impl Nexus {
                 }
             }
         }
-        if flags
-            .intersects(epoll::EventFlags::HUP | epoll::EventFlags::RDHUP | epoll::EventFlags::ERR)
-        {
+        if hung_up {
             self.drop_client(id);
+        }
+    }
+
+    /// Stops reading a client over its request rate (a hang-up is still noticed).
+    fn throttle(&mut self, id: u64) {
+        let Some(client) = self.clients.get(&id) else {
+            return;
+        };
+        if self.rate.throttled.insert(id, client.cred.uid).is_some() {
+            return;
+        }
+        self.errors.count("throttled");
+        tracing::debug!(
+            client = id,
+            uid = client.cred.uid,
+            "control requests throttled"
+        );
+        let _ = epoll::modify(
+            &self.epoll,
+            &client.sock,
+            epoll::EventData::new_u64(token::CLIENT | id),
+            epoll::EventFlags::RDHUP,
+        );
+    }
+
+    /// Reads again the throttled clients whose buckets have refilled (housekeeping).
+    pub(crate) fn resume_throttled(&mut self, now: std::time::Instant) {
+        let ready: Vec<u64> = self
+            .rate
+            .throttled
+            .clone()
+            .into_iter()
+            .filter(|&(id, uid)| self.rate.may_resume(id, uid, now))
+            .map(|(id, _)| id)
+            .collect();
+        for id in ready {
+            self.rate.throttled.remove(&id);
+            if let Some(client) = self.clients.get(&id) {
+                let _ = epoll::modify(
+                    &self.epoll,
+                    &client.sock,
+                    epoll::EventData::new_u64(token::CLIENT | id),
+                    epoll::EventFlags::IN | epoll::EventFlags::RDHUP,
+                );
+            }
         }
     }
 
@@ -272,6 +339,7 @@ impl Nexus {
             return;
         };
         let _ = epoll::delete(&self.epoll, &client.sock);
+        self.rate.forget(id);
         let owned: Vec<ChannelId> = self
             .channels
             .values()
@@ -363,10 +431,10 @@ impl Nexus {
             } => self.open_channel(id, kind, ring_slots, buffers, buf_size, offloads),
             Request::ChannelReady { channel } => (self.channel_ready(id, channel, fds), vec![]),
             Request::CloseChannel { channel } => (self.close_channel(id, channel), vec![]),
-            Request::Status => {
+            Request::Status { after } => {
                 let uid = self.clients.get(&id).map_or(u32::MAX, |c| c.cred.uid);
                 (
-                    Reply::Status(Box::new(self.status((uid != 0).then_some(uid)))),
+                    Reply::Status(Box::new(self.status((uid != 0).then_some(uid), after))),
                     vec![],
                 )
             }
@@ -378,7 +446,7 @@ impl Nexus {
                 remote,
             } => (self.add_flow(id, channel, proto, local, remote), vec![]),
             Request::RemoveFlow { flow } => (self.remove_flow(id, flow), vec![]),
-            Request::Flows => (self.list_flows(id), vec![]),
+            Request::Flows { after } => (self.list_flows(id, after), vec![]),
         }
     }
 

@@ -378,10 +378,16 @@ impl FlowTable {
 
     /// Every flow, with its id.
     pub fn iter(&self) -> impl Iterator<Item = (FlowId, &Flow)> {
-        self.flows
+        self.iter_from(0)
+    }
+
+    /// Every flow whose id is `first` or more, in id order.
+    pub fn iter_from(&self, first: FlowId) -> impl Iterator<Item = (FlowId, &Flow)> {
+        let skip = (first as usize).min(self.flows.len());
+        self.flows[skip..]
             .iter()
             .enumerate()
-            .filter_map(|(i, f)| f.as_ref().map(|f| (i as FlowId, f)))
+            .filter_map(move |(i, f)| f.as_ref().map(|f| ((skip + i) as FlowId, f)))
     }
 
     /// The flow a packet belongs to: the exact 5-tuple, else a listener on its local address,
