@@ -41,6 +41,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test (unit, property and multi-process integration tests)"
 cargo test --workspace --locked
 
+step "attacks on the nexus's loop, an honest app's rate measured (release build, as deployed)"
+cargo test --release --locked -p netchannel-tests --test nexus_daemon attack_
+
 if [ -z "${QUICK:-}" ]; then
     step "loom: exhaustive interleavings of the ring index and need-wakeup protocol"
     RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \

@@ -2022,7 +2022,8 @@ fn median_of(mut v: Vec<u64>) -> u64 {
 }
 
 /// Runs attack `case` (an unprivileged `nexus_app attack`) beside a healthy app and checks the
-/// promise of issue 13: the healthy app keeps at least 90% of its rate before the attack (median
+/// promise of issue 13 (in a release build, as the nexus runs: a debug build's JSON alone costs
+/// the honest app 20% under the status flood, against nothing in release): the healthy app keeps at least 90% of its rate before the attack (median
 /// of phases), status answers within [`PROMPT`] all along, and the nexus stops cleanly on
 /// SIGTERM with the attacker still attached. Returns the attacker's line after `go`.
 fn stall_attack(case: &str, config: Option<&str>) -> String {
@@ -2081,6 +2082,10 @@ fn stall_attack(case: &str, config: Option<&str>) -> String {
 /// ringing it, and fills the nexus's end with blocking writes. Before doorbells were socket
 /// pairs this hung the nexus for good in write(2).
 #[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "rates are judged in a release build: scripts/test.sh runs this with --release"
+)]
 fn attack_a_blocking_doorbell_never_stalls_the_nexus() {
     let _serial = serial();
     assert_eq!(stall_attack("bell-block", None), "attacking");
@@ -2089,6 +2094,10 @@ fn attack_a_blocking_doorbell_never_stalls_the_nexus() {
 /// Attack 2: the app reads its doorbell from a blocking thread of its own (with a shared
 /// eventfd it stole the nexus's wake-ups, and the nexus blocked in read(2)).
 #[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "rates are judged in a release build: scripts/test.sh runs this with --release"
+)]
 fn attack_a_doorbell_thief_never_stalls_the_nexus() {
     let _serial = serial();
     assert_eq!(stall_attack("bell-steal", None), "attacking");
@@ -2098,6 +2107,10 @@ fn attack_a_doorbell_thief_never_stalls_the_nexus() {
 /// they are answered. Status costs counters (audits run in housekeeping, within a budget) and
 /// the user's requests are rate-limited, so the honest app keeps its rate.
 #[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "rates are judged in a release build: scripts/test.sh runs this with --release"
+)]
 fn attack_a_status_flood_never_starves_the_datapath() {
     let _serial = serial();
     assert_eq!(stall_attack("status-flood", None), "attacking");

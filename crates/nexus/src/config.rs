@@ -173,7 +173,8 @@ pub struct Limits {
     pub connections_per_user: usize,
     /// Control requests one connection of an unprivileged user may make per second (a
     /// quarter second's worth may come at once); beyond, the nexus stops reading it for a
-    /// while. A listing costs one more request per 8 channels or flows it returns.
+    /// while. A reply costs one more request per 256 bytes (a listing of 64 channels about 160),
+    /// a channel one more per 1,024 buffers of its pool.
     pub requests_per_sec: u32,
     /// Control requests all connections of one unprivileged user may make per second.
     pub user_requests_per_sec: u32,
@@ -185,8 +186,8 @@ impl Default for Limits {
             channels_per_user: 64,
             flows_per_user: 4096,
             connections_per_user: 64,
-            requests_per_sec: 50,
-            user_requests_per_sec: 100,
+            requests_per_sec: 1000,
+            user_requests_per_sec: 2000,
         }
     }
 }

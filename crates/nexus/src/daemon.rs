@@ -69,6 +69,9 @@ const HOUSEKEEPING: Duration = Duration::from_millis(100);
 /// last result instead of auditing on the datapath thread when asked.
 const AUDIT_BUDGET: u64 = 1 << 16;
 
+/// How often throttled control clients are looked at again.
+const RESUME_CHECK: Duration = Duration::from_millis(10);
+
 /// Most bytes of channel records in one status reply (a reply holds at most
 /// [`netchannel_shm::control::MAX_REPLY`]; the rest is the summary).
 const STATUS_PAGE_BYTES: usize = 128 * 1024;
@@ -225,6 +228,7 @@ impl Nexus {
         let mut passes = 0u32;
         let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
         let mut last_housekeeping = Instant::now();
+        let mut last_resume = Instant::now();
         tracing::info!(socket = %self.config.control.socket.display(), "nexus serving");
         while !self.shutting_down && !self.stop.load(Ordering::Relaxed) {
             let (moved, sent) = self.service_channels();
@@ -240,11 +244,19 @@ impl Nexus {
                     sw.netif_mut().housekeeping();
                 }
                 self.audit_some(AUDIT_BUDGET);
+            }
+            // Throttled clients are looked at often (their requests wait meanwhile), also
+            // while the loop would otherwise sleep for good.
+            let throttled = !self.rate.throttled.is_empty();
+            if throttled && now.saturating_duration_since(last_resume) >= RESUME_CHECK {
+                last_resume = now;
                 self.resume_throttled(now);
             }
             // Packets waiting for a neighbour are retried at least every millisecond.
             let cap = if self.switch.as_ref().is_some_and(Switch::has_pending) {
                 Duration::from_millis(1)
+            } else if throttled {
+                RESUME_CHECK
             } else {
                 Duration::MAX
             };

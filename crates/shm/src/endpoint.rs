@@ -201,6 +201,11 @@ impl ServerSetup {
         })
     }
 
+    /// The channel's geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.layout.geometry
+    }
+
     /// The fds to send to the app end.
     pub fn fds(&self) -> ServerFds<'_> {
         ServerFds {

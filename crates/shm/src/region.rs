@@ -259,6 +259,18 @@ mod tests {
         }
     }
 
+    /// An app shares the pool's open file description, so it can set its file status flags;
+    /// none of them changes what the owner's calls on it do.
+    #[test]
+    fn a_peer_setting_file_flags_changes_nothing_for_the_owner() {
+        use rustix::fs::OFlags;
+        let r = Region::create("t", 4 * page_size(), Access::Shared).unwrap();
+        let dup = r.fd().try_clone_to_owned().unwrap();
+        rustix::fs::fcntl_setfl(&dup, OFlags::APPEND | OFlags::NONBLOCK | OFlags::NOATIME).ok();
+        r.punch_hole(page_size(), page_size()).unwrap();
+        r.forget_pages().unwrap();
+    }
+
     #[test]
     fn forgetting_pages_keeps_contents() {
         let r = Region::create("t", 64 * page_size(), Access::Shared).unwrap();

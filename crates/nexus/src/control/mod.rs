@@ -31,8 +31,12 @@ use crate::daemon::{Nexus, NexusError, token};
 const MAX_PENDING_OFFERS: usize = 4;
 /// Most messages read from one client per event (fairness between clients).
 const MESSAGES_PER_EVENT: usize = 16;
-/// Records (channels, flows) of a listing that cost as much as one more request.
-const RECORDS_PER_TOKEN: f64 = 8.0;
+/// Bytes of a reply that cost as much as one more request (a status page of 64 channels is
+/// about 40 KB: 160 requests' worth).
+const REPLY_BYTES_PER_TOKEN: f64 = 256.0;
+/// Pool buffers of a channel offer that cost as much as one more request (building, then
+/// reclaiming, a pool costs about 10 ns a buffer).
+const BUFFERS_PER_TOKEN: f64 = 1024.0;
 
 /// Counters of refused requests and dropped messages, by reason.
 #[derive(Debug, Default)]
@@ -244,18 +248,22 @@ impl Nexus {
                 Ok(r) => {
                     buf.truncate(r.len);
                     let reply = self.on_message(id, &buf, r.fds, r.truncated, r.fds_truncated);
-                    // A page of many records costs the datapath thread more than one request.
-                    let records = match &reply.0 {
-                        Reply::Status(s) => s.channels.len(),
-                        Reply::Flows { flows, .. } => flows.len(),
+                    // A large reply (a page of many records) or a large pool costs the
+                    // datapath thread more than one request: charged in proportion.
+                    let pool = match &reply.0 {
+                        Reply::ChannelOffer { channel } => self
+                            .clients
+                            .get(&id)
+                            .and_then(|c| c.offers.get(channel))
+                            .map_or(0, |o| o.0.geometry().buffers()),
                         _ => 0,
                     };
-                    if let Some(c) = self.clients.get(&id) {
-                        let uid = c.cred.uid;
-                        self.rate
-                            .charge(id, uid, records as f64 / RECORDS_PER_TOKEN);
+                    let bytes = self.send_reply(id, &reply.0, &reply.1);
+                    if let Some(uid) = self.clients.get(&id).map(|c| c.cred.uid) {
+                        let extra = bytes as f64 / REPLY_BYTES_PER_TOKEN
+                            + f64::from(pool) / BUFFERS_PER_TOKEN;
+                        self.rate.charge(id, uid, extra);
                     }
-                    self.send_reply(id, &reply.0, &reply.1);
                 }
                 Err(ShmError::Sys {
                     source: rustix::io::Errno::AGAIN,
@@ -317,20 +325,22 @@ impl Nexus {
         }
     }
 
-    fn send_reply(&mut self, id: u64, reply: &Reply, fds: &[OwnedFd]) {
+    /// Sends a reply (never blocking); returns its size in bytes.
+    fn send_reply(&mut self, id: u64, reply: &Reply, fds: &[OwnedFd]) -> usize {
         let Some(client) = self.clients.get(&id) else {
-            return;
+            return 0;
         };
         let bytes = control::encode(reply);
         if bytes.len() > MAX_REPLY {
             self.errors.count("reply_too_large");
-            return;
+            return bytes.len();
         }
         let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
         if send_with_fds(client.sock.as_fd(), &bytes, &borrowed).is_err() {
             // The client does not read its replies (or is gone); never block on it.
             self.errors.count("reply_dropped");
         }
+        bytes.len()
     }
 
     /// The app is gone: every channel it held is reclaimed at once.
