@@ -172,6 +172,12 @@ fn finish(
         }
         Some(NetSlice::Ipv6(v6)) => {
             let h = v6.header();
+            // Payload length 0 announces a jumbogram (RFC 2675), whose real length is in a
+            // hop-by-hop option: extension headers are refused, so is this (etherparse would
+            // take the rest of the slice as the payload; found by the fuzzer).
+            if h.payload_length() == 0 {
+                return Err(RxDrop::BadHeader);
+            }
             let len = 40 + usize::from(h.payload_length());
             (
                 IpAddr::V6(h.source_addr()),
@@ -311,6 +317,15 @@ pub(crate) mod tests {
     pub(crate) const B: [u8; 4] = [198, 18, 0, 2];
     pub(crate) const A6: [u8; 16] = [0xfd, 0, 1, 0x98, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
     pub(crate) const B6: [u8; 16] = [0xfd, 0, 1, 0x98, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+
+    /// Regression (fuzzer): payload length 0 is a jumbogram's, not a packet of that length.
+    #[test]
+    fn ipv6_payload_length_zero_is_refused() {
+        let mut f = tcp6(A6, 4000, B6, 80, b"data");
+        f[14 + 4..14 + 6].copy_from_slice(&[0, 0]);
+        assert_eq!(parse_frame(&f).err(), Some(RxDrop::BadHeader));
+        assert_eq!(parse_ip(&f[14..]).err(), Some(RxDrop::BadHeader));
+    }
 
     #[test]
     fn mss_option_is_found_behind_other_options() {

@@ -72,7 +72,9 @@ impl TcpLayout {
         };
         let hl = usize::from(ip.get(l4 + 12)? >> 4) * 4;
         let end = ip_len.min(ip.len());
-        (hl >= 20 && l4 >= 20 && end >= l4 + hl).then_some(Self {
+        // `then`, not `then_some`: the length is computed only once the bounds hold (found by
+        // the fuzzer: a total length under the header length overflowed).
+        (hl >= 20 && l4 >= 20 && end >= l4 + hl).then(|| Self {
             l4,
             hl,
             tcp_len: end - l4,
@@ -176,6 +178,17 @@ mod tests {
 
     use super::*;
     use crate::flowswitch::parse::parse_ip;
+
+    /// Regression (fuzzer): an IPv4 total length under the header length is no layout, and
+    /// no overflow.
+    #[test]
+    fn a_total_length_under_the_headers_is_no_layout() {
+        let mut p = big(true, b"x", false);
+        p[2..4].copy_from_slice(&[0, 0]);
+        assert!(TcpLayout::of(&p).is_none());
+        p[2..4].copy_from_slice(&[0, 30]);
+        assert!(TcpLayout::of(&p).is_none());
+    }
 
     fn big(v4: bool, payload: &[u8], fin: bool) -> Vec<u8> {
         let b = if v4 {
