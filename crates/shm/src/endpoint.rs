@@ -649,6 +649,8 @@ impl Endpoint {
                 flags: 0,
             };
             self.pool.check(&d).map_err(SendError::Invalid)?;
+            // The peer drops (and counts as a violation) an empty packet: refuse it here.
+            non_empty(&d, self.pool.buf_size()).map_err(SendError::Invalid)?;
             if self.ledger.state(p.buf) != Some(crate::ledger::BufState::Held) {
                 return Err(SendError::Invalid(Violation::NotOwner { buf: p.buf }));
             }
@@ -1325,6 +1327,21 @@ mod tests {
         let s = t.join().unwrap();
         assert!(s.stats().doorbells >= 1, "the sleeping app was rung");
         assert!(a.stats().sleeps >= 1);
+    }
+
+    /// An empty packet is refused at the sender, not found out (and counted as a violation)
+    /// by the peer.
+    #[test]
+    fn an_empty_packet_is_refused_at_the_sender() {
+        let (_server, mut app) = pair(small());
+        let buf = app.alloc().expect("the app end's own half of the pool");
+        let empty = Packet {
+            buf,
+            offset: 0,
+            len: 0,
+        };
+        assert!(matches!(app.send(&[empty]), Err(SendError::Invalid(_))));
+        assert_eq!(app.send(&[Packet { len: 1, ..empty }]).unwrap(), 1);
     }
 
     #[test]
