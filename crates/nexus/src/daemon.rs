@@ -69,6 +69,9 @@ const HOUSEKEEPING: Duration = Duration::from_millis(100);
 /// last result instead of auditing on the datapath thread when asked.
 const AUDIT_BUDGET: u64 = 1 << 16;
 
+/// Most doorbells cleared per wait (the rest stay ready and end the next wait at once).
+const BELLS_PER_WAIT: usize = 256;
+
 /// How often throttled control clients are looked at again.
 const RESUME_CHECK: Duration = Duration::from_millis(10);
 
@@ -81,6 +84,8 @@ pub(crate) mod token {
     pub(crate) const LISTENER: u64 = 0;
     pub(crate) const SIGNAL: u64 = 1;
     pub(crate) const NETIF: u64 = 2;
+    /// The epoll set of the channels' doorbells, nested in the loop's.
+    pub(crate) const BELLS: u64 = 3;
     pub(crate) const CLIENT: u64 = 1 << 56;
     pub(crate) const CHANNEL: u64 = 2 << 56;
     pub(crate) const ID_MASK: u64 = (1 << 56) - 1;
@@ -92,6 +97,10 @@ pub struct Nexus {
     pub(crate) config: Config,
     pub(crate) listener: OwnedFd,
     pub(crate) epoll: OwnedFd,
+    /// The channels' doorbells, in an epoll set of their own nested in `epoll`: while the loop
+    /// polls, a flood of rings is one ready entry there, looked at only before it sleeps (an
+    /// app cannot make a polling nexus read its doorbell).
+    bells: OwnedFd,
     pub(crate) clients: BTreeMap<u64, Client>,
     pub(crate) channels: BTreeMap<ChannelId, Channel>,
     pub(crate) next_id: u64,
@@ -147,13 +156,17 @@ impl Nexus {
             )
             .map_err(|e| NexusError::sys("epoll_ctl", e))
         };
+        let bells = epoll::create(epoll::CreateFlags::CLOEXEC)
+            .map_err(|e| NexusError::sys("epoll_create", e))?;
         add(listener.as_fd(), token::LISTENER)?;
         add(signals.as_fd(), token::SIGNAL)?;
+        add(bells.as_fd(), token::BELLS)?;
         let closer =
             Closer::start().map_err(|e| NexusError::sys("starting the closer thread", e))?;
         Ok(Self {
             listener,
             epoll,
+            bells,
             clients: BTreeMap::new(),
             channels: BTreeMap::new(),
             next_id: 1,
@@ -361,6 +374,9 @@ impl Nexus {
         }
         let ready: Vec<(u64, epoll::EventFlags)> =
             events.iter().map(|e| (e.data.u64(), e.flags)).collect();
+        // Only a wait that may sleep looks at the doorbells: a polling loop serves every
+        // channel's rings anyway, whatever rang.
+        let may_sleep = timeout != Some(Duration::ZERO);
         let mut stray = Vec::new();
         let mut hung_up = Vec::new();
         for (t, flags) in ready {
@@ -375,14 +391,7 @@ impl Nexus {
                 t if t & !token::ID_MASK == token::CLIENT => {
                     self.on_client_event(t & token::ID_MASK, flags)
                 }
-                t if t & !token::ID_MASK == token::CHANNEL => {
-                    let id = t & token::ID_MASK;
-                    if let Some(c) = self.channels.get(&id)
-                        && c.endpoint().clear_bell_into(&mut stray) == Drained::PeerGone
-                    {
-                        hung_up.push(id);
-                    }
-                }
+                token::BELLS if may_sleep => self.clear_bells(&mut stray, &mut hung_up)?,
                 _ => {}
             }
         }
@@ -403,11 +412,42 @@ impl Nexus {
         Ok(())
     }
 
+    /// Clears the doorbells that rang (each read at most [`netchannel_shm::doorbell::DRAIN_BYTES`]),
+    /// noting those whose app hung up its end.
+    fn clear_bells(
+        &mut self,
+        stray: &mut Vec<OwnedFd>,
+        hung_up: &mut Vec<ChannelId>,
+    ) -> Result<(), NexusError> {
+        let mut rang: Vec<epoll::Event> = Vec::with_capacity(BELLS_PER_WAIT);
+        let zero = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        match epoll::wait(
+            &self.bells,
+            rustix::buffer::spare_capacity(&mut rang),
+            Some(&zero),
+        ) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(NexusError::sys("epoll_wait(doorbells)", e)),
+        }
+        for e in &rang {
+            let id = e.data.u64() & token::ID_MASK;
+            if let Some(c) = self.channels.get(&id)
+                && c.endpoint().clear_bell_into(stray) == Drained::PeerGone
+            {
+                hung_up.push(id);
+            }
+        }
+        Ok(())
+    }
+
     /// Stops waking for a channel that is no longer served (defunct): its app may ring on,
     /// and nothing it rings for is looked at.
     pub(crate) fn unwatch_channel(&mut self, id: ChannelId) {
         if let Some(c) = self.channels.get(&id) {
-            let _ = epoll::delete(&self.epoll, c.endpoint().bell_fd());
+            let _ = epoll::delete(&self.bells, c.endpoint().bell_fd());
         }
     }
 
@@ -490,7 +530,7 @@ impl Nexus {
     /// Registers a channel's doorbell in the epoll set and starts serving it.
     pub(crate) fn add_channel(&mut self, ch: Channel) -> Result<(), NexusError> {
         epoll::add(
-            &self.epoll,
+            &self.bells,
             ch.endpoint().bell_fd(),
             epoll::EventData::new_u64(token::CHANNEL | ch.id),
             epoll::EventFlags::IN,
@@ -515,7 +555,7 @@ impl Nexus {
     pub(crate) fn remove_channel(&mut self, id: ChannelId) {
         self.release_flows(id);
         if let Some(mut c) = self.channels.remove(&id) {
-            let _ = epoll::delete(&self.epoll, c.endpoint().bell_fd());
+            let _ = epoll::delete(&self.bells, c.endpoint().bell_fd());
             if let Err(e) = c.reclaim() {
                 tracing::error!(channel = id, error = %e, "ledger not whole after reclaiming a channel");
                 self.errors.count("reclaim_audit_failed");
