@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The whole netchannel test suite, from a fresh machine: installs what the tests need, then runs
-# formatting and lint checks, every unit and multi-process integration test, the loom model
-# checks of the ring protocol, and a smoke run of the main benchmark.
+# formatting and lint checks, every unit and multi-process integration test, the attacks on the
+# nexus's loop in a release build, the loom model checks of the ring protocol, the fuzz targets
+# (scripts/fuzz.sh, 60 s each) and smoke runs of the benchmarks.
 #
 #   bash scripts/test.sh            # everything
-#   QUICK=1 bash scripts/test.sh    # skip the loom build and the benchmark smoke run
+#   QUICK=1 bash scripts/test.sh    # skip loom, fuzzing and the benchmark smoke runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,6 +49,9 @@ if [ -z "${QUICK:-}" ]; then
     step "loom: exhaustive interleavings of the ring index and need-wakeup protocol"
     RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
         cargo test -p netchannel-shm --release --locked --lib loom_tests
+
+    step "fuzzing: frame parser, control decoder, a hostile shared-memory peer (${FUZZ_SECS:-60} s each)"
+    FUZZ_JOBS=${FUZZ_JOBS:-2} bash scripts/fuzz.sh
 
     step "smoke runs of the benchmarks (1 short repetition each; figures not judged)"
     cargo run --release --locked -q -p netchannel-cli -- bench pipe --reps 1 --duration-ms 100 --rtt-iterations 2000 --json >/dev/null
