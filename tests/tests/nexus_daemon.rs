@@ -2026,13 +2026,20 @@ fn median_of(mut v: Vec<u64>) -> u64 {
 /// the honest app 20% under the status flood, against nothing in release): the healthy app keeps at least 90% of its rate before the attack (median
 /// of phases), status answers within [`PROMPT`] all along, and the nexus stops cleanly on
 /// SIGTERM with the attacker still attached. Returns the attacker's line after `go`.
-fn stall_attack(case: &str, config: Option<&str>) -> String {
+fn stall_attack(case: &str) -> String {
     const BEFORE: usize = 3;
     const DURING: usize = 5;
-    let d = Daemon::start(&format!("attack-{case}"), config);
+    // Without interrupt moderation: with it, the healthy app's rate in a release build jumps
+    // between two regimes (the nexus serving on its 100 µs timer, or spinning) whatever the
+    // attack does, and any other app's traffic tips it into the faster one.
+    let d = Daemon::start(
+        &format!("attack-{case}"),
+        Some("[datapath]\ncoalesce_us = 0\n"),
+    );
     let mut mon = d.monitor();
     let mut healthy = App::spawn(&["healthy", &d.socket, PHASE_SECS]);
     assert_eq!(healthy.line(), "ready");
+    let healthy_pid = healthy.proc.pid().as_raw_nonzero().get();
     let mut attacker = App::spawn_as(Some(NOBODY), &["attack", &d.socket, case]);
     // 64 channels of 65,536 buffers take a while to open in a debug build.
     assert_eq!(attacker.line_within(Duration::from_secs(120)), "ready");
@@ -2048,8 +2055,8 @@ fn stall_attack(case: &str, config: Option<&str>) -> String {
             let s = status(&mut mon);
             slowest = slowest.max(t.elapsed());
             assert!(
-                s.channels.len() >= 2,
-                "both apps are served: {:?}",
+                s.channels.iter().any(|c| c.pid == healthy_pid),
+                "the healthy app is served: {:?}",
                 s.channels
             );
         }
@@ -2088,7 +2095,7 @@ fn stall_attack(case: &str, config: Option<&str>) -> String {
 )]
 fn attack_a_blocking_doorbell_never_stalls_the_nexus() {
     let _serial = serial();
-    assert_eq!(stall_attack("bell-block", None), "attacking");
+    assert_eq!(stall_attack("bell-block"), "attacking");
 }
 
 /// Attack 2: the app reads its doorbell from a blocking thread of its own (with a shared
@@ -2100,7 +2107,7 @@ fn attack_a_blocking_doorbell_never_stalls_the_nexus() {
 )]
 fn attack_a_doorbell_thief_never_stalls_the_nexus() {
     let _serial = serial();
-    assert_eq!(stall_attack("bell-steal", None), "attacking");
+    assert_eq!(stall_attack("bell-steal"), "attacking");
 }
 
 /// Attack 3: 64 channels of 65,536 buffers and status requests from 8 connections as fast as
@@ -2113,7 +2120,20 @@ fn attack_a_doorbell_thief_never_stalls_the_nexus() {
 )]
 fn attack_a_status_flood_never_starves_the_datapath() {
     let _serial = serial();
-    assert_eq!(stall_attack("status-flood", None), "attacking");
+    assert_eq!(stall_attack("status-flood"), "attacking");
+}
+
+/// Channel churn: channels of 65,536 buffers opened and closed from 4 connections as fast as
+/// the nexus lets them (an open costs the nexus's thread in proportion to its pool, and is
+/// charged so).
+#[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "rates are judged in a release build: scripts/test.sh runs this with --release"
+)]
+fn attack_channel_churn_never_starves_the_datapath() {
+    let _serial = serial();
+    assert_eq!(stall_attack("churn"), "attacking");
 }
 
 /// Lesser attacks through the app's own fds: a doorbell shut (the channel is closed at once,

@@ -66,7 +66,8 @@
 //! idle (so the nexus trims the pool). `status-flood` opens as many channels of 65,536
 //! buffers as the user may (64 by default), prints `ready`, and on `go` asks for the status
 //! from 8 connections as fast as the nexus answers, printing `attacking` after the first
-//! answers and `asked N` (the requests answered) when stdin ends.
+//! answers and `asked N` (the requests answered) when stdin ends. `churn` opens and closes
+//! channels of 65,536 buffers from 4 connections as fast as the nexus lets it.
 //!
 //! Exit codes: 0 success, 1 failure (message on stderr), 2 bad usage.
 
@@ -103,6 +104,7 @@ fn main() -> ExitCode {
         ["hostile", sock, case] => open(sock).and_then(|(_n, mut ch)| hostile(&mut ch, case)),
         ["flood", sock] => open(sock).and_then(|(_n, mut ch)| flood(&mut ch)),
         ["attack", sock, "status-flood"] => status_flood(sock),
+        ["attack", sock, "churn"] => churn(sock),
         ["attack", sock, case] => open(sock).and_then(|(_n, mut ch)| attack(&mut ch, case)),
         ["wait", sock] => open(sock).and_then(|(_n, mut ch)| wait_blocked(&mut ch)),
         ["user", sock, n] => number(n).and_then(|n| user(sock, n, None)),
@@ -946,5 +948,53 @@ fn status_flood(sock: &str) -> Result<(), String> {
         asked.load(Ordering::Relaxed),
         channels.len()
     ));
+    Ok(())
+}
+
+/// Channels of 65,536 buffers opened and closed as fast as the nexus allows, from 4
+/// connections (each open builds a pool and a ledger on the nexus's thread).
+fn churn(sock: &str) -> Result<(), String> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    say("ready");
+    match read_line() {
+        Some(l) if l == "go" => {}
+        Some(l) => return Err(format!("expected `go`, got {l:?}")),
+        None => return Ok(()),
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let opened = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::new();
+    for _ in 0..4 {
+        let (stop, opened, sock) = (stop.clone(), opened.clone(), sock.to_owned());
+        threads.push(std::thread::spawn(move || {
+            let Ok(mut nx) = Nexus::connect(&sock) else {
+                return;
+            };
+            while !stop.load(Ordering::Relaxed) {
+                let opts = ChannelOptions {
+                    buffers: Some(65_536),
+                    ..ChannelOptions::default()
+                };
+                let Ok(ch) = nx.open_channel(opts) else {
+                    return;
+                };
+                opened.fetch_add(1, Ordering::Relaxed);
+                if nx.close_channel(ch).is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    while opened.load(Ordering::Relaxed) < 4 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    say("attacking");
+    hold_until_eof();
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
     Ok(())
 }
