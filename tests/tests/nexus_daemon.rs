@@ -2027,8 +2027,8 @@ fn median_of(mut v: Vec<u64>) -> u64 {
 /// of phases), status answers within [`PROMPT`] all along, and the nexus stops cleanly on
 /// SIGTERM with the attacker still attached. Returns the attacker's line after `go`.
 fn stall_attack(case: &str) -> String {
-    const BEFORE: usize = 3;
-    const DURING: usize = 5;
+    const BEFORE: usize = 4;
+    const DURING: usize = 6;
     // Without interrupt moderation: with it, the healthy app's rate in a release build jumps
     // between two regimes (the nexus serving on its 100 µs timer, or spinning) whatever the
     // attack does, and any other app's traffic tips it into the faster one.
@@ -2043,6 +2043,12 @@ fn stall_attack(case: &str) -> String {
     let mut attacker = App::spawn_as(Some(NOBODY), &["attack", &d.socket, case]);
     // 64 channels of 65,536 buffers take a while to open in a debug build.
     assert_eq!(attacker.line_within(Duration::from_secs(120)), "ready");
+    // As in the flood test: the nexus and the attacker (whose threads start after `go` and
+    // inherit this) share CPU 0, the healthy app has CPU 1, so that scheduling noise and the
+    // attacker's own CPU time do not pass for harm done through the nexus.
+    pin(d.proc.pid(), 0);
+    pin(attacker.proc.pid(), 0);
+    pin(healthy.proc.pid(), 1);
     let before: Vec<u64> = (0..BEFORE).map(|_| healthy_rate(&mut healthy)).collect();
     attacker.say("go");
     let said = attacker.line();

@@ -3,6 +3,11 @@
 //! The loop polls channels while there is work, keeps polling for a short spin time after the
 //! last packet (so a busy app never has to ring the nexus), then arms the need-wakeup flags of
 //! every channel and sleeps in `epoll_wait` on the control sockets and the channels' doorbells.
+//!
+//! Nothing an app does may make this loop block or slow it for the others (`SECURITY.md`):
+//! doorbells never block and are read only before a sleep, control requests are rate-limited,
+//! status costs counters (ledger audits run in housekeeping within a budget), and fds apps
+//! send are closed on another thread.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
@@ -287,6 +292,10 @@ impl Nexus {
                     // A coalescing sleep ends on its timer (or an app's doorbell), not on the
                     // interface's next frame.
                     self.watch_netif(netif)?;
+                    // Rings are cleared before a sleep, not after a wake-up: off the path of
+                    // the packet that woke us. Before arming, so that a ring for what arrives
+                    // after the check below stays and wakes the wait.
+                    self.clear_bells()?;
                     if !arm {
                         self.wait_events(&mut events, Some(timeout.min(cap)))?;
                         continue;
@@ -374,11 +383,6 @@ impl Nexus {
         }
         let ready: Vec<(u64, epoll::EventFlags)> =
             events.iter().map(|e| (e.data.u64(), e.flags)).collect();
-        // Only a wait that may sleep looks at the doorbells: a polling loop serves every
-        // channel's rings anyway, whatever rang.
-        let may_sleep = timeout != Some(Duration::ZERO);
-        let mut stray = Vec::new();
-        let mut hung_up = Vec::new();
         for (t, flags) in ready {
             match t {
                 token::LISTENER => self.accept_clients(),
@@ -391,34 +395,20 @@ impl Nexus {
                 t if t & !token::ID_MASK == token::CLIENT => {
                     self.on_client_event(t & token::ID_MASK, flags)
                 }
-                token::BELLS if may_sleep => self.clear_bells(&mut stray, &mut hung_up)?,
+                // A ring only ends a sleep: the loop then serves every channel's rings, and
+                // clears the doorbells before it sleeps again (`clear_bells`).
                 _ => {}
-            }
-        }
-        self.closer.close(stray);
-        // An app that shut or closed its end of a channel's doorbell can neither wake us nor be
-        // woken: the channel is over, as if it had closed it (and its bell would poll as ready
-        // for ever).
-        for id in hung_up {
-            if self.channels.contains_key(&id) {
-                tracing::info!(
-                    channel = id,
-                    "the app hung up the channel's doorbell; closing the channel"
-                );
-                self.errors.count("doorbell_hangups");
-                self.remove_channel(id);
             }
         }
         Ok(())
     }
 
-    /// Clears the doorbells that rang (each read at most [`netchannel_shm::doorbell::DRAIN_BYTES`]),
-    /// noting those whose app hung up its end.
-    fn clear_bells(
-        &mut self,
-        stray: &mut Vec<OwnedFd>,
-        hung_up: &mut Vec<ChannelId>,
-    ) -> Result<(), NexusError> {
+    /// Clears the doorbells that rang (each read at most
+    /// [`netchannel_shm::doorbell::DRAIN_BYTES`]), before the loop sleeps: never while it polls,
+    /// so a flood of rings costs a polling nexus nothing. A channel whose app hung up its end
+    /// of the doorbell is closed.
+    fn clear_bells(&mut self) -> Result<(), NexusError> {
+        let (mut stray, mut hung_up) = (Vec::new(), Vec::new());
         let mut rang: Vec<epoll::Event> = Vec::with_capacity(BELLS_PER_WAIT);
         let zero = rustix::time::Timespec {
             tv_sec: 0,
@@ -435,9 +425,23 @@ impl Nexus {
         for e in &rang {
             let id = e.data.u64() & token::ID_MASK;
             if let Some(c) = self.channels.get(&id)
-                && c.endpoint().clear_bell_into(stray) == Drained::PeerGone
+                && c.endpoint().clear_bell_into(&mut stray) == Drained::PeerGone
             {
                 hung_up.push(id);
+            }
+        }
+        self.closer.close(stray);
+        // An app that shut or closed its end of a channel's doorbell can neither wake us nor be
+        // woken: the channel is over, as if it had closed it (and its bell would poll as ready
+        // for ever).
+        for id in hung_up {
+            if self.channels.contains_key(&id) {
+                tracing::info!(
+                    channel = id,
+                    "the app hung up the channel's doorbell; closing the channel"
+                );
+                self.errors.count("doorbell_hangups");
+                self.remove_channel(id);
             }
         }
         Ok(())

@@ -80,6 +80,9 @@ pub enum Drained {
 #[derive(Debug)]
 pub struct Doorbell {
     fd: OwnedFd,
+    /// The kernel refuses fds sent to this end (`SO_PASSRIGHTS` off): drains need no room for
+    /// them, and take the cheaper `recv`.
+    fds_refused: bool,
 }
 
 impl Doorbell {
@@ -93,9 +96,15 @@ impl Doorbell {
             None,
         )
         .map_err(|e| Error::sys("socketpair(AF_UNIX, SOCK_STREAM)", e))?;
-        refuse_fds(ours.as_fd());
+        let fds_refused = refuse_fds(ours.as_fd());
         refuse_fds(theirs.as_fd());
-        Ok((Self { fd: ours }, theirs))
+        Ok((
+            Self {
+                fd: ours,
+                fds_refused,
+            },
+            theirs,
+        ))
     }
 
     /// Adopts the end of a doorbell the peer sent. Refuses anything but a connected `AF_UNIX`
@@ -113,8 +122,8 @@ impl Doorbell {
         if rustix::net::getpeername(&fd).is_err() {
             return Err(Error::Handshake("the peer's doorbell is not connected"));
         }
-        refuse_fds(fd.as_fd());
-        Ok(Self { fd })
+        let fds_refused = refuse_fds(fd.as_fd());
+        Ok(Self { fd, fds_refused })
     }
 
     /// Wakes whoever sleeps on the other end. Never blocks, whatever the peer did to its end.
@@ -140,6 +149,14 @@ impl Doorbell {
     /// the caller to close where a blocking close harms nobody.
     pub fn drain_into(&self, stray: &mut Vec<OwnedFd>) -> Drained {
         let mut buf = [0u8; DRAIN_BYTES];
+        if self.fds_refused {
+            return match rustix::net::recv(&self.fd, &mut buf, RecvFlags::DONTWAIT) {
+                Ok((n, _)) if n > 0 => Drained::Rung,
+                Ok(_) => Drained::PeerGone,
+                Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => Drained::Quiet,
+                Err(_) => Drained::PeerGone,
+            };
+        }
         let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(SCM_MAX_FD))];
         let mut control = RecvAncillaryBuffer::new(&mut space);
         let r = rustix::net::recvmsg(
@@ -170,8 +187,8 @@ impl AsFd for Doorbell {
 }
 
 /// Turns `SO_PASSRIGHTS` off on a doorbell end, so that a peer's `SCM_RIGHTS` sends to it fail
-/// (`EPERM`). Best effort: older kernels do not know the option, and the drain copes.
-fn refuse_fds(fd: BorrowedFd<'_>) {
+/// (`EPERM`). Best effort: older kernels do not know the option (false), and the drain copes.
+fn refuse_fds(fd: BorrowedFd<'_>) -> bool {
     #[cfg(any(
         target_arch = "x86_64",
         target_arch = "x86",
@@ -185,7 +202,7 @@ fn refuse_fds(fd: BorrowedFd<'_>) {
         let off: libc::c_int = 0;
         // SAFETY: `fd` is a valid socket for the duration of the call; the option value is a
         // live `c_int` whose exact size is passed.
-        let _ = unsafe {
+        let r = unsafe {
             libc::setsockopt(
                 std::os::fd::AsRawFd::as_raw_fd(&fd),
                 libc::SOL_SOCKET,
@@ -194,6 +211,7 @@ fn refuse_fds(fd: BorrowedFd<'_>) {
                 size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
+        r == 0
     }
     #[cfg(not(any(
         target_arch = "x86_64",
@@ -204,7 +222,10 @@ fn refuse_fds(fd: BorrowedFd<'_>) {
         target_arch = "loongarch64",
         target_arch = "s390x"
     )))]
-    let _ = fd;
+    {
+        let _ = fd;
+        false
+    }
 }
 
 #[cfg(test)]

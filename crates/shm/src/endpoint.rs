@@ -884,6 +884,16 @@ impl Endpoint {
             crate::sync::spin_hint();
         }
         loop {
+            // Rings are cleared before a sleep, not after a wake-up (off the path of the
+            // packet that woke us), and before arming: a ring for what arrives after the check
+            // below stays, and ends the sleep.
+            if self.bell.drain() == Drained::PeerGone {
+                self.check()?;
+                if self.ready(interest)? {
+                    return Ok(());
+                }
+                return Err(Error::PeerGone);
+            }
             self.arm(interest, true);
             let ready = self.ready(interest);
             if !matches!(ready, Ok(false)) {
@@ -936,10 +946,8 @@ impl Endpoint {
             Err(e) => return Err(Error::sys("poll", e)),
         }
         // A doorbell whose other end is gone (shut or closed) is readable for ever: the peer
-        // left, so say so rather than spin.
-        if fds[0]
-            .revents()
-            .intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR)
+        // left, so say so rather than spin. A plain ring is left for the next sleep to clear.
+        if fds[0].revents().intersects(PollFlags::HUP | PollFlags::ERR)
             && self.bell.drain() == Drained::PeerGone
         {
             return Err(Error::PeerGone);

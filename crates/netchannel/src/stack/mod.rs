@@ -448,6 +448,9 @@ fn drive(shared: &std::sync::Weak<Shared>) {
             let sleep = if changed || g.dev.rx_pending() {
                 None
             } else {
+                // Rings are cleared before a sleep (off the path of the packet that ends it),
+                // and before arming: a ring for what arrives after the check stays.
+                let _ = g.dev.channel().clear_bell();
                 g.dev.arm(true);
                 if g.dev.has_work() {
                     g.dev.arm(false);
@@ -469,7 +472,6 @@ fn drive(shared: &std::sync::Weak<Shared>) {
             // A caller that took over meanwhile owns the doorbell and its flag.
             if !s.poller.load(Ordering::Acquire) {
                 g.dev.arm(false);
-                g.dev.channel().clear_bell();
             }
         }
     }
@@ -897,6 +899,7 @@ impl Shared {
                 continue;
             }
             let delay = g.sleep_for(Some(left));
+            let _ = g.dev.channel().clear_bell();
             g.dev.arm(true);
             if g.dev.has_work() {
                 g.dev.arm(false);
@@ -906,7 +909,6 @@ impl Shared {
             sleep_on(self.bell.as_fd(), self.rouse.as_fd(), delay);
             g = lock(&self.inner);
             g.dev.arm(false);
-            g.dev.channel().clear_bell();
         }
     }
 

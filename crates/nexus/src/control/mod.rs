@@ -2,7 +2,8 @@
 //!
 //! Every message is length-limited and versioned (see [`netchannel_shm::control`]). Anything
 //! malformed is answered with an error and counted under its reason; fds a client sends unasked
-//! are closed at once; nothing a client sends can make the nexus panic or block.
+//! are closed at once, on the closer thread ([`closer`]); requests are rate-limited per client
+//! and per user ([`rate`]); nothing a client sends can make the nexus panic or block.
 
 pub(crate) mod closer;
 mod flows;
@@ -302,7 +303,8 @@ impl Nexus {
         );
     }
 
-    /// Reads again the throttled clients whose buckets have refilled (housekeeping).
+    /// Reads again the throttled clients whose buckets have refilled (every few milliseconds
+    /// while any is throttled).
     pub(crate) fn resume_throttled(&mut self, now: std::time::Instant) {
         let ready: Vec<u64> = self
             .rate
