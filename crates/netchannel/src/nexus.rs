@@ -182,7 +182,7 @@ impl Nexus {
             .try_into()
             .map_err(|_| Error::Protocol("a channel offer carries exactly three fds".into()))?;
         let mut ep = Endpoint::attach_app(region, pool, bell, Home::Nothing)?;
-        let (reply, _) = self.request(&Request::ChannelReady { channel }, &[ep.region_fd()])?;
+        let (reply, _) = self.request(&Request::ChannelReady { channel }, &[ep.region_fd()?])?;
         let Reply::ChannelOpened {
             channel: opened,
             addresses,

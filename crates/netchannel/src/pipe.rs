@@ -98,7 +98,7 @@ impl PipeListener {
             rustix::net::accept_with(&self.fd, SocketFlags::CLOEXEC).map_err(sys("accept"))?;
         handshake_timeout(&sock, Some(HANDSHAKE_TIMEOUT))?;
         let setup = ServerSetup::new(geometry)?;
-        let f = setup.fds();
+        let f = setup.fds()?;
         send_with_fds(sock.as_fd(), SERVER_HELLO, &[f.region, f.pool, f.bell])?;
         let fds = recv_exact(sock.as_fd(), APP_HELLO, 1)?;
         let [region]: [OwnedFd; 1] = fds
@@ -130,7 +130,7 @@ impl UserPipe {
             Error::Handshake("the listener must send its region, pool and doorbell")
         })?;
         let mut ep = Endpoint::attach_app(region, pool, bell, Home::UpperHalf)?;
-        send_with_fds(sock.as_fd(), APP_HELLO, &[ep.region_fd()])?;
+        send_with_fds(sock.as_fd(), APP_HELLO, &[ep.region_fd()?])?;
         handshake_timeout(&sock, None)?;
         ep.watch(sock);
         Ok(Self { ep })

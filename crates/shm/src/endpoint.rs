@@ -207,12 +207,12 @@ impl ServerSetup {
     }
 
     /// The fds to send to the app end.
-    pub fn fds(&self) -> ServerFds<'_> {
-        ServerFds {
-            region: self.region.fd(),
-            pool: self.pool.fd(),
+    pub fn fds(&self) -> Result<ServerFds<'_>, Error> {
+        Ok(ServerFds {
+            region: self.region.fd()?,
+            pool: self.pool.fd()?,
             bell: self.app_bell.as_fd(),
-        }
+        })
     }
 
     /// Whether `fd` is one of the objects this set-up made (its own region or pool): a peer
@@ -220,9 +220,14 @@ impl ServerSetup {
     pub fn owns_object(&self, fd: BorrowedFd<'_>) -> bool {
         let id = |f: BorrowedFd<'_>| rustix::fs::fstat(f).ok().map(|s| (s.st_dev, s.st_ino));
         let Some(theirs) = id(fd) else { return false };
-        [self.region.fd(), self.pool.fd(), self.app_bell.as_fd()]
-            .into_iter()
-            .any(|f| id(f) == Some(theirs))
+        [
+            self.region.fd().ok(),
+            self.pool.fd().ok(),
+            Some(self.app_bell.as_fd()),
+        ]
+        .into_iter()
+        .flatten()
+        .any(|f| id(f) == Some(theirs))
     }
 
     /// Completes the set-up with the app end's region, and marks the channel ACTIVE. Refuses a
@@ -260,12 +265,12 @@ pub fn in_process_pair(
     app_home: Home,
 ) -> Result<(Endpoint, Endpoint), Error> {
     let setup = ServerSetup::new(geometry)?;
-    let f = setup.fds();
+    let f = setup.fds()?;
     let dup = |fd: BorrowedFd<'_>| {
         rustix::io::fcntl_dupfd_cloexec(fd, 0).map_err(|e| Error::sys("dup", e))
     };
     let app = Endpoint::attach_app(dup(f.region)?, dup(f.pool)?, dup(f.bell)?, app_home)?;
-    let server = setup.finish(dup(app.region_fd())?, server_home)?;
+    let server = setup.finish(dup(app.region_fd()?)?, server_home)?;
     Ok((server, app))
 }
 
@@ -422,8 +427,17 @@ impl Endpoint {
     }
 
     /// This end's region, for the app end to send to the server.
-    pub fn region_fd(&self) -> BorrowedFd<'_> {
+    pub fn region_fd(&self) -> Result<BorrowedFd<'_>, Error> {
         self.own.fd()
+    }
+
+    /// Closes the memfds of the regions and the pool once set-up is over: the mappings stay,
+    /// and the pool still gives segments back. Leaves a server with one fd per channel (its
+    /// doorbell), so ten thousand channels fit an ordinary fd limit.
+    pub fn release_fds(&mut self) {
+        self.own.release_fd();
+        self.peer.release_fd();
+        self.pool.release_fd();
     }
 
     /// Watches `fd` (the socket to the peer) during waits: its hang-up ends the channel with
@@ -1060,7 +1074,8 @@ impl Endpoint {
     /// hostile app can do at any moment, such as rewriting a packet's headers after handing
     /// it over.
     pub fn hostile_pool(&self) -> Result<(OwnedFd, u32, u32), rustix::io::Errno> {
-        let fd = rustix::io::fcntl_dupfd_cloexec(self.pool.fd(), 0)?;
+        let pool = self.pool.fd().map_err(|_| rustix::io::Errno::BADF)?;
+        let fd = rustix::io::fcntl_dupfd_cloexec(pool, 0)?;
         Ok((fd, self.pool.buf_size(), self.pool.buffers()))
     }
 
@@ -1081,7 +1096,9 @@ impl Endpoint {
         &self,
     ) -> (Option<rustix::io::Errno>, Option<rustix::io::Errno>) {
         use rustix::mm::{MapFlags, ProtFlags};
-        let fd = self.peer.fd();
+        let Ok(fd) = self.peer.fd() else {
+            return (Some(rustix::io::Errno::BADF), Some(rustix::io::Errno::BADF));
+        };
         // SAFETY: a fresh mapping chosen by the kernel, unmapped at once if it succeeds.
         let map = unsafe {
             rustix::mm::mmap(

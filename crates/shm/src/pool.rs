@@ -43,9 +43,14 @@ impl Pool {
         })
     }
 
-    /// The memfd, to pass to the peer.
-    pub fn fd(&self) -> BorrowedFd<'_> {
+    /// The memfd, to pass to the peer (an error once released).
+    pub fn fd(&self) -> Result<BorrowedFd<'_>, Error> {
         self.region.fd()
+    }
+
+    /// Closes the memfd; the mapping stays, and segments are still given back.
+    pub fn release_fd(&mut self) {
+        self.region.release_fd();
     }
 
     /// The geometry.

@@ -12,7 +12,7 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 
-use rustix::fs::{FallocateFlags, MemfdFlags, SealFlags};
+use rustix::fs::{MemfdFlags, SealFlags};
 use rustix::mm::{MapFlags, ProtFlags};
 
 use crate::Error;
@@ -40,7 +40,8 @@ pub enum Access {
 /// A memfd and the creator's or attacher's mapping of it.
 #[derive(Debug)]
 pub struct Region {
-    fd: OwnedFd,
+    /// The memfd, until [`Region::release_fd`]: the mapping lives on without it.
+    fd: Option<OwnedFd>,
     map: Mapping,
 }
 
@@ -61,7 +62,7 @@ impl Region {
             seals |= SealFlags::FUTURE_WRITE;
         }
         rustix::fs::fcntl_add_seals(&fd, seals).map_err(|e| Error::sys("F_ADD_SEALS", e))?;
-        Ok(Self { fd, map })
+        Ok(Self { fd: Some(fd), map })
     }
 
     /// Maps a region received from the peer. `writable` asks for a shared writable mapping (the
@@ -81,12 +82,20 @@ impl Region {
             });
         }
         let map = Mapping::new(fd.as_fd(), expected_len, writable)?;
-        Ok(Self { fd, map })
+        Ok(Self { fd: Some(fd), map })
     }
 
-    /// The memfd, to pass to the peer.
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+    /// The memfd, to pass to the peer (an error once released).
+    pub fn fd(&self) -> Result<BorrowedFd<'_>, Error> {
+        self.fd.as_ref().map(AsFd::as_fd).ok_or(Error::Handshake(
+            "the region's memfd was released after set-up",
+        ))
+    }
+
+    /// Closes the memfd; the mapping stays (and with it the memory). A server holding
+    /// thousands of channels keeps one fd per channel (its doorbell) instead of four.
+    pub fn release_fd(&mut self) {
+        self.fd = None;
     }
 
     /// Length of the region in bytes (a whole number of pages).
@@ -126,9 +135,10 @@ impl Region {
         .map_err(|e| Error::sys("madvise(MADV_DONTNEED)", e))
     }
 
-    /// Gives the pages of `[offset, offset + len)` back to the OS (`FALLOC_FL_PUNCH_HOLE`): the
-    /// range reads as zeros afterwards, in every mapping, and no longer counts in anyone's
-    /// resident size. Both bounds must be page-aligned and inside the region.
+    /// Gives the pages of `[offset, offset + len)` back to the OS (`MADV_REMOVE` on this side's
+    /// writable mapping: a hole punched in the memfd, with no need of its fd): the range reads
+    /// as zeros afterwards, in every mapping, and no longer counts in anyone's resident size.
+    /// Both bounds must be page-aligned and inside the region.
     pub fn punch_hole(&self, offset: usize, len: usize) -> Result<(), Error> {
         let page = page_size();
         let end = offset.checked_add(len);
@@ -141,13 +151,18 @@ impl Region {
                 len,
             });
         }
-        rustix::fs::fallocate(
-            &self.fd,
-            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
-            offset as u64,
-            len as u64,
-        )
-        .map_err(|e| Error::sys("fallocate(PUNCH_HOLE)", e))
+        // SAFETY: the range lies inside our own shared mapping (checked above). On a shared
+        // memfd mapping MADV_REMOVE frees the backing pages, which then read as zeros: a
+        // change of contents that the pool's ledger allows only for segments out of service,
+        // whose buffers no reference points into.
+        unsafe {
+            rustix::mm::madvise(
+                self.map.ptr.as_ptr().add(offset).cast(),
+                len,
+                rustix::mm::Advice::LinuxRemove,
+            )
+        }
+        .map_err(|e| Error::sys("madvise(MADV_REMOVE)", e))
     }
 }
 
@@ -212,7 +227,7 @@ mod tests {
         assert_eq!(r.len(), page_size());
         // SAFETY: in bounds of the owner's writable mapping.
         unsafe { r.base().as_ptr().write(7) };
-        let dup = r.fd().try_clone_to_owned().unwrap();
+        let dup = r.fd().unwrap().try_clone_to_owned().unwrap();
         // A second writable mapping of a FUTURE_WRITE-sealed memfd is refused...
         assert!(Mapping::new(dup.as_fd(), r.len(), true).is_err());
         // ...a read-only one works and sees the owner's write.
@@ -224,7 +239,7 @@ mod tests {
     #[test]
     fn attach_refuses_wrong_size_and_unsealed_memfds() {
         let r = Region::create("t", 8192, Access::Shared).unwrap();
-        let dup = r.fd().try_clone_to_owned().unwrap();
+        let dup = r.fd().unwrap().try_clone_to_owned().unwrap();
         assert!(matches!(
             Region::attach(dup, 4096, true),
             Err(Error::RegionSize {
@@ -244,7 +259,7 @@ mod tests {
     fn a_peer_can_add_no_seal() {
         for access in [Access::Shared, Access::OwnerWrites] {
             let r = Region::create("t", 4 * page_size(), access).unwrap();
-            let dup = r.fd().try_clone_to_owned().unwrap();
+            let dup = r.fd().unwrap().try_clone_to_owned().unwrap();
             for seal in [SealFlags::FUTURE_WRITE, SealFlags::WRITE, SealFlags::SEAL] {
                 assert_eq!(
                     rustix::fs::fcntl_add_seals(&dup, seal),
@@ -265,7 +280,7 @@ mod tests {
     fn a_peer_setting_file_flags_changes_nothing_for_the_owner() {
         use rustix::fs::OFlags;
         let r = Region::create("t", 4 * page_size(), Access::Shared).unwrap();
-        let dup = r.fd().try_clone_to_owned().unwrap();
+        let dup = r.fd().unwrap().try_clone_to_owned().unwrap();
         rustix::fs::fcntl_setfl(&dup, OFlags::APPEND | OFlags::NONBLOCK | OFlags::NOATIME).ok();
         r.punch_hole(page_size(), page_size()).unwrap();
         r.forget_pages().unwrap();
@@ -274,7 +289,7 @@ mod tests {
     #[test]
     fn forgetting_pages_keeps_contents() {
         let r = Region::create("t", 64 * page_size(), Access::Shared).unwrap();
-        let dup = r.fd().try_clone_to_owned().unwrap();
+        let dup = r.fd().unwrap().try_clone_to_owned().unwrap();
         let other = Region::attach(dup, r.len(), true).unwrap();
         // SAFETY: in bounds of a writable mapping.
         unsafe { other.base().as_ptr().add(5 * page_size()).write(42) };

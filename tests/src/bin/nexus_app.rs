@@ -18,6 +18,8 @@
 //! nexus_app attack SOCKET CASE      open a channel, print `ready`, wait for `go`, attack the
 //!                                   nexus through what an app holds (below), print what the
 //!                                   attack got, and keep at it until stdin ends
+//! nexus_app many SOCKET N           open N small channels (64 buffers, rings of 64), print
+//!                                   `opened N`, and hold them until stdin ends
 //! nexus_app burn                    print `ready` and spin on the CPU forever (the control
 //!                                   load of the throughput test)
 //! nexus_app wait SOCKET             open a channel, print `waiting CHANNEL`, block in
@@ -105,6 +107,7 @@ fn main() -> ExitCode {
         ["flood", sock] => open(sock).and_then(|(_n, mut ch)| flood(&mut ch)),
         ["attack", sock, "status-flood"] => status_flood(sock),
         ["attack", sock, "churn"] => churn(sock),
+        ["many", sock, n] => number(n).and_then(|n| many(sock, n)),
         ["attack", sock, case] => open(sock).and_then(|(_n, mut ch)| attack(&mut ch, case)),
         ["wait", sock] => open(sock).and_then(|(_n, mut ch)| wait_blocked(&mut ch)),
         ["user", sock, n] => number(n).and_then(|n| user(sock, n, None)),
@@ -996,5 +999,25 @@ fn churn(sock: &str) -> Result<(), String> {
     for t in threads {
         let _ = t.join();
     }
+    Ok(())
+}
+
+/// Opens `n` small channels and holds them until stdin ends.
+fn many(sock: &str, n: u64) -> Result<(), String> {
+    let mut nx = Nexus::connect(sock).map_err(|e| format!("connect: {e}"))?;
+    let mut channels = Vec::new();
+    for i in 0..n {
+        let opts = ChannelOptions {
+            buffers: Some(64),
+            ring_slots: Some(64),
+            ..ChannelOptions::default()
+        };
+        channels.push(
+            nx.open_channel(opts)
+                .map_err(|e| format!("open #{i}: {e}"))?,
+        );
+    }
+    say(&format!("opened {}", channels.len()));
+    hold_until_eof();
     Ok(())
 }

@@ -586,12 +586,13 @@ impl Nexus {
                 );
             }
         };
-        let f = setup.fds();
-        let fds: Result<Vec<OwnedFd>, _> = [f.region, f.pool, f.bell]
-            .iter()
-            .map(|fd| fd.try_clone_to_owned())
-            .collect();
-        let Ok(fds) = fds else {
+        let fds: Option<Vec<OwnedFd>> = setup.fds().ok().and_then(|f| {
+            [f.region, f.pool, f.bell]
+                .iter()
+                .map(|fd| fd.try_clone_to_owned().ok())
+                .collect()
+        });
+        let Some(fds) = fds else {
             self.errors.count("resource");
             return (
                 refuse(ErrorCode::Resource, "out of file descriptors"),
@@ -642,7 +643,7 @@ impl Nexus {
                 format!("the app region is unusable: {why}; the offer is withdrawn"),
             );
         }
-        let ep = match setup.finish(region, Home::All) {
+        let mut ep = match setup.finish(region, Home::All) {
             Ok(ep) => ep,
             Err(e) => {
                 self.errors.count("bad_app_region");
@@ -652,6 +653,9 @@ impl Nexus {
                 );
             }
         };
+        // From here on the mappings and the doorbell are all the nexus needs: one fd per
+        // channel, so that thousands of channels fit an ordinary fd limit.
+        ep.release_fds();
         let mut ch = Channel::new(channel, id, cred, ep, &self.config.channel);
         ch.offloads = offloads;
         if let Err(q) = ch.service(&self.config.channel, 0) {
