@@ -45,6 +45,7 @@ pub const DRAIN_BYTES: usize = 512;
 const SCM_MAX_FD: usize = 253;
 
 /// `SO_PASSRIGHTS` (include/uapi/asm-generic/socket.h, Linux 6.16); not yet in libc or rustix.
+/// Architectures with their own socket option numbers go without (the drain copes).
 #[cfg(any(
     target_arch = "x86_64",
     target_arch = "x86",
@@ -54,7 +55,17 @@ const SCM_MAX_FD: usize = 253;
     target_arch = "loongarch64",
     target_arch = "s390x"
 ))]
-const SO_PASSRIGHTS: libc::c_int = 83;
+const SO_PASSRIGHTS: Option<libc::c_int> = Some(83);
+#[cfg(not(any(
+    target_arch = "x86_64",
+    target_arch = "x86",
+    target_arch = "aarch64",
+    target_arch = "arm",
+    target_arch = "riscv64",
+    target_arch = "loongarch64",
+    target_arch = "s390x"
+)))]
+const SO_PASSRIGHTS: Option<libc::c_int> = None;
 
 /// What a ring did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,43 +200,22 @@ impl AsFd for Doorbell {
 /// Turns `SO_PASSRIGHTS` off on a doorbell end, so that a peer's `SCM_RIGHTS` sends to it fail
 /// (`EPERM`). Best effort: older kernels do not know the option (false), and the drain copes.
 fn refuse_fds(fd: BorrowedFd<'_>) -> bool {
-    #[cfg(any(
-        target_arch = "x86_64",
-        target_arch = "x86",
-        target_arch = "aarch64",
-        target_arch = "arm",
-        target_arch = "riscv64",
-        target_arch = "loongarch64",
-        target_arch = "s390x"
-    ))]
-    {
-        let off: libc::c_int = 0;
-        // SAFETY: `fd` is a valid socket for the duration of the call; the option value is a
-        // live `c_int` whose exact size is passed.
-        let r = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
-                libc::SOL_SOCKET,
-                SO_PASSRIGHTS,
-                (&raw const off).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        r == 0
-    }
-    #[cfg(not(any(
-        target_arch = "x86_64",
-        target_arch = "x86",
-        target_arch = "aarch64",
-        target_arch = "arm",
-        target_arch = "riscv64",
-        target_arch = "loongarch64",
-        target_arch = "s390x"
-    )))]
-    {
-        let _ = fd;
-        false
-    }
+    let Some(option) = SO_PASSRIGHTS else {
+        return false;
+    };
+    let off: libc::c_int = 0;
+    // SAFETY: `fd` is a valid socket for the duration of the call; the option value is a live
+    // `c_int` whose exact size is passed.
+    let r = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            libc::SOL_SOCKET,
+            option,
+            (&raw const off).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    r == 0
 }
 
 #[cfg(test)]

@@ -793,11 +793,8 @@ fn attack(ch: &mut Channel, case: &str) -> Result<(), String> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    say("ready");
-    match read_line() {
-        Some(l) if l == "go" => {}
-        Some(l) => return Err(format!("expected `go`, got {l:?}")),
-        None => return Ok(()),
+    if !ready_then_go()? {
+        return Ok(());
     }
     let bell =
         || rustix::io::fcntl_dupfd_cloexec(ch.wakeup_fd(), 0).map_err(|e| format!("dup: {e}"));
@@ -895,12 +892,53 @@ fn attack(ch: &mut Channel, case: &str) -> Result<(), String> {
     }
 }
 
-/// Many large channels, and status requests from several connections as fast as they are
-/// answered (issue 13, attack 3).
-fn status_flood(sock: &str) -> Result<(), String> {
+/// Prints `ready` and waits for `go`; false if stdin ended first.
+fn ready_then_go() -> Result<bool, String> {
+    say("ready");
+    match read_line() {
+        Some(l) if l == "go" => Ok(true),
+        Some(l) => Err(format!("expected `go`, got {l:?}")),
+        None => Ok(false),
+    }
+}
+
+/// Runs `op` in a loop on each of `conns` control connections of its own, until stdin ends
+/// or `op` fails; prints `attacking` once they have done it `conns` times. Returns how many
+/// times `op` succeeded.
+fn from_connections(sock: &str, conns: usize, op: fn(&mut Nexus) -> bool) -> u64 {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..conns)
+        .map(|_| {
+            let (stop, done, sock) = (stop.clone(), done.clone(), sock.to_owned());
+            std::thread::spawn(move || {
+                let Ok(mut nx) = Nexus::connect(&sock) else {
+                    return;
+                };
+                while !stop.load(Ordering::Relaxed) && op(&mut nx) {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    while done.load(Ordering::Relaxed) < conns as u64 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    say("attacking");
+    hold_until_eof();
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    done.load(Ordering::Relaxed)
+}
+
+/// Many large channels, and status requests from several connections as fast as they are
+/// answered (issue 13, attack 3).
+fn status_flood(sock: &str) -> Result<(), String> {
     let mut nx = Nexus::connect(sock).map_err(|e| format!("connect: {e}"))?;
     let mut channels = Vec::new();
     loop {
@@ -914,91 +952,29 @@ fn status_flood(sock: &str) -> Result<(), String> {
             Err(e) => return Err(format!("open: {e}")),
         }
     }
-    say("ready");
-    match read_line() {
-        Some(l) if l == "go" => {}
-        Some(l) => return Err(format!("expected `go`, got {l:?}")),
-        None => return Ok(()),
+    if !ready_then_go()? {
+        return Ok(());
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let asked = Arc::new(AtomicU64::new(0));
-    let mut threads = Vec::new();
-    for _ in 0..8 {
-        let (stop, asked, sock) = (stop.clone(), asked.clone(), sock.to_owned());
-        threads.push(std::thread::spawn(move || {
-            let Ok(mut c) = Nexus::connect(&sock) else {
-                return;
-            };
-            while !stop.load(Ordering::Relaxed) {
-                if c.status_page(None).is_err() {
-                    return;
-                }
-                asked.fetch_add(1, Ordering::Relaxed);
-            }
-        }));
-    }
-    while asked.load(Ordering::Relaxed) < 8 {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    say("attacking");
-    hold_until_eof();
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        let _ = t.join();
-    }
-    say(&format!(
-        "asked {} with {} channels",
-        asked.load(Ordering::Relaxed),
-        channels.len()
-    ));
+    let asked = from_connections(sock, 8, |nx| nx.status_page(None).is_ok());
+    say(&format!("asked {asked} with {} channels", channels.len()));
     Ok(())
 }
 
 /// Channels of 65,536 buffers opened and closed as fast as the nexus allows, from 4
 /// connections (each open builds a pool and a ledger on the nexus's thread).
 fn churn(sock: &str) -> Result<(), String> {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-
-    say("ready");
-    match read_line() {
-        Some(l) if l == "go" => {}
-        Some(l) => return Err(format!("expected `go`, got {l:?}")),
-        None => return Ok(()),
+    if !ready_then_go()? {
+        return Ok(());
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let opened = Arc::new(AtomicU64::new(0));
-    let mut threads = Vec::new();
-    for _ in 0..4 {
-        let (stop, opened, sock) = (stop.clone(), opened.clone(), sock.to_owned());
-        threads.push(std::thread::spawn(move || {
-            let Ok(mut nx) = Nexus::connect(&sock) else {
-                return;
-            };
-            while !stop.load(Ordering::Relaxed) {
-                let opts = ChannelOptions {
-                    buffers: Some(65_536),
-                    ..ChannelOptions::default()
-                };
-                let Ok(ch) = nx.open_channel(opts) else {
-                    return;
-                };
-                opened.fetch_add(1, Ordering::Relaxed);
-                if nx.close_channel(ch).is_err() {
-                    return;
-                }
-            }
-        }));
-    }
-    while opened.load(Ordering::Relaxed) < 4 {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    say("attacking");
-    hold_until_eof();
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        let _ = t.join();
-    }
+    from_connections(sock, 4, |nx| {
+        let opts = ChannelOptions {
+            buffers: Some(65_536),
+            ..ChannelOptions::default()
+        };
+        nx.open_channel(opts)
+            .and_then(|ch| nx.close_channel(ch))
+            .is_ok()
+    });
     Ok(())
 }
 
