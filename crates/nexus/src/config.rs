@@ -174,7 +174,7 @@ pub struct Limits {
     /// Control requests one connection of an unprivileged user may make per second (a
     /// quarter second's worth may come at once); beyond, the nexus stops reading it for a
     /// while. A reply costs one more request per 256 bytes (a listing of 64 channels about 160),
-    /// a channel one more per 1,024 buffers of its pool.
+    /// a channel one more per 256 buffers of its pool.
     pub requests_per_sec: u32,
     /// Control requests all connections of one unprivileged user may make per second.
     pub user_requests_per_sec: u32,
