@@ -263,12 +263,20 @@ fn paced(
             std::thread::sleep(d);
         }
     }
-    for _ in 0..3 {
-        let _ = sock.send(&[0u8]);
+    let secs = start.elapsed().as_secs_f64();
+    // The end marker is a datagram too: a receiver that fell behind (a descheduled worker on
+    // a busy machine) has a full receive buffer that drops it. Repeat it, spaced out, until the
+    // receiver has gone (its closed port refuses us) or the receiver's own idle limit passes.
+    let give_up = Instant::now() + IDLE;
+    while Instant::now() < give_up {
+        match sock.send(&[0u8]) {
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => break,
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
     }
     Ok(Report {
         packets: seq,
-        secs: start.elapsed().as_secs_f64(),
+        secs,
         ..Report::default()
     })
 }
