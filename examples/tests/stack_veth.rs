@@ -92,7 +92,8 @@ impl InProcess {
         .expect("AF_XDP on the veth's host end");
         let mut cfg = netchannel_nexus::Config::default();
         cfg.control.socket = socket.clone().into();
-        let mut nexus = netchannel_nexus::Nexus::with_switch(cfg, sw).expect("a nexus on the veth");
+        let mut nexus =
+            netchannel_nexus::Nexus::with_datapath(cfg, sw).expect("a nexus on the veth");
         let stop = nexus.stop_flag();
         let thread = std::thread::spawn(move || nexus.run().expect("the nexus runs"));
         Self {

@@ -34,7 +34,8 @@ use std::time::{Duration, Instant};
 
 use netchannel::nexus::{Channel, ChannelOptions, FlowProto, Nexus};
 use netchannel::{Error, Interest, Packet};
-use netchannel_nexus::flowswitch::{NextHop, Switch};
+use netchannel_nexus::datapath::Datapath;
+use netchannel_nexus::flowswitch::NextHop;
 use netchannel_nexus::netif::afxdp::{AfXdp, AfXdpOptions};
 use netchannel_shm::control::{ErrorCode, NexusStatus};
 use netchannel_tests::testbed::{Kid, VethNet, run, serial, skip_without_root};
@@ -67,14 +68,15 @@ impl Net {
     }
 
     /// Opens the host end over AF_XDP (XDP program attached) and builds its flowswitch.
-    fn switch(&self) -> Switch {
+    fn switch(&self) -> Datapath {
         let xsk = AfXdp::open(&self.host, AfXdpOptions::default()).expect("AF_XDP on the veth");
         let ifindex = xsk.ifindex();
-        Switch::new(
+        Datapath::on(
             Box::new(xsk),
             vec![IpAddr::V4(self.host4), IpAddr::V6(self.host6)],
             NextHop::Kernel(ifindex),
         )
+        .expect("a netlink socket")
     }
 }
 
@@ -92,7 +94,7 @@ impl InProcess {
         let mut cfg = netchannel_nexus::Config::default();
         cfg.control.socket = socket.clone().into();
         let mut nexus =
-            netchannel_nexus::Nexus::with_switch(cfg, net.switch()).expect("a nexus on the veth");
+            netchannel_nexus::Nexus::with_datapath(cfg, net.switch()).expect("a nexus on the veth");
         let stop = nexus.stop_flag();
         let thread = std::thread::spawn(move || nexus.run().expect("the nexus runs"));
         Self {

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 use netchannel::nexus::{ChannelOptions, FlowProto, Nexus};
 use netchannel::{Interest, Packet};
-use netchannel_nexus::flowswitch::{NextHop, Switch};
+use netchannel_nexus::datapath::Datapath;
+use netchannel_nexus::flowswitch::NextHop;
 use netchannel_nexus::netif::Netif;
 use netchannel_nexus::netif::pair::{PairEnd, pair};
 
@@ -60,12 +61,13 @@ fn start_with(name: &str, mut cfg: netchannel_nexus::Config) -> Running {
     let (nexus_end, wire) = pair(NEXUS_MAC, PEER_MAC).expect("an interface pair");
     let socket = format!("/tmp/netchannel-fsw-{}-{name}.sock", std::process::id());
     cfg.control.socket = socket.clone().into();
-    let sw = Switch::new(
+    let sw = Datapath::on(
         Box::new(nexus_end),
         vec![HOST.into()],
         NextHop::Fixed(PEER_MAC),
-    );
-    let mut nexus = netchannel_nexus::Nexus::with_switch(cfg, sw).expect("a nexus on the pair");
+    )
+    .expect("a datapath");
+    let mut nexus = netchannel_nexus::Nexus::with_datapath(cfg, sw).expect("a nexus on the pair");
     let stop = nexus.stop_flag();
     let thread = std::thread::spawn(move || nexus.run().expect("the nexus runs"));
     let t0 = Instant::now();

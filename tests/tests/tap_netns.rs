@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use netchannel::nexus::{ChannelOptions, FlowProto, Nexus};
 use netchannel::{Interest, Packet};
-use netchannel_nexus::flowswitch::{NextHop, Switch};
+use netchannel_nexus::datapath::Datapath;
+use netchannel_nexus::flowswitch::NextHop;
 use netchannel_nexus::netif::tap::Tap;
 
 const NEXUS_MAC: [u8; 6] = [2, 0x4e, 0x43, 0, 0, 1];
@@ -74,12 +75,13 @@ fn exchange_through_tap(v6: bool) {
     let socket = format!("/tmp/netchannel-tap{fam}-{pid}.sock");
     let mut cfg = netchannel_nexus::Config::default();
     cfg.control.socket = socket.clone().into();
-    let sw = Switch::new(
+    let sw = Datapath::on(
         Box::new(tap),
         vec![us.parse().expect("TAP exchange")],
         NextHop::Arp,
-    );
-    let mut nexus = netchannel_nexus::Nexus::with_switch(cfg, sw).expect("TAP exchange");
+    )
+    .expect("a datapath");
+    let mut nexus = netchannel_nexus::Nexus::with_datapath(cfg, sw).expect("TAP exchange");
     let stop = nexus.stop_flag();
     let daemon = std::thread::spawn(move || nexus.run().expect("TAP exchange"));
     let t0 = Instant::now();
@@ -222,12 +224,13 @@ fn a_tap_deleted_under_the_nexus_is_reported_and_does_not_spin_it() {
     let socket = format!("/tmp/netchannel-tapdel-{pid}.sock");
     let mut cfg = netchannel_nexus::Config::default();
     cfg.control.socket = socket.clone().into();
-    let sw = Switch::new(
+    let sw = Datapath::on(
         Box::new(tap),
         vec!["198.18.0.1".parse().expect("an address")],
         NextHop::Arp,
-    );
-    let mut nexus = netchannel_nexus::Nexus::with_switch(cfg, sw).expect("a nexus on the TAP");
+    )
+    .expect("a datapath");
+    let mut nexus = netchannel_nexus::Nexus::with_datapath(cfg, sw).expect("a nexus on the TAP");
     let stop = nexus.stop_flag();
     let (tid_tx, tid_rx) = std::sync::mpsc::channel();
     let daemon = std::thread::spawn(move || {

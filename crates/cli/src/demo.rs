@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use netchannel::nexus::{ChannelOptions, FlowProto, Nexus};
 use netchannel::{Interest, Packet};
-use netchannel_nexus::flowswitch::{NextHop, Switch};
+use netchannel_nexus::datapath::Datapath;
+use netchannel_nexus::flowswitch::NextHop;
 use netchannel_nexus::netif::afxdp::{AfXdp, AfXdpOptions};
 use netchannel_nexus::netif::tap::Tap;
 
@@ -67,7 +68,7 @@ pub(crate) enum DemoBackend {
 }
 
 /// Builds the test network and the flowswitch of its nexus.
-fn network(backend: DemoBackend, cleanup: &mut Cleanup) -> Result<Switch, String> {
+fn network(backend: DemoBackend, cleanup: &mut Cleanup) -> Result<Datapath, String> {
     let ns = cleanup.netns.clone();
     let in_ns = |args: &[&str]| {
         let mut full = vec!["netns", "exec", ns.as_str(), "ip"];
@@ -104,11 +105,10 @@ fn network(backend: DemoBackend, cleanup: &mut Cleanup) -> Result<Switch, String
                 xsk.mode(),
                 if xsk.zerocopy() { "zero-copy" } else { "copy" }
             );
-            Ok(Switch::new(
-                Box::new(xsk),
-                vec![host],
-                NextHop::Kernel(ifindex),
-            ))
+            Ok(
+                Datapath::on(Box::new(xsk), vec![host], NextHop::Kernel(ifindex))
+                    .map_err(|e| e.to_string())?,
+            )
         }
         DemoBackend::Tap => {
             let tap = Tap::create(&format!("ncdemo{pid}"), NEXUS_MAC).map_err(|e| e.to_string())?;
@@ -120,7 +120,7 @@ fn network(backend: DemoBackend, cleanup: &mut Cleanup) -> Result<Switch, String
                 "1. test network: namespace {ns} with {dev} at {PEER_IP}/24 (kernel peer); the nexus behind it at {NEXUS_IP}"
             );
             println!("2. nexus on the TAP device {dev}, answering ARP itself");
-            Ok(Switch::new(Box::new(tap), vec![host], NextHop::Arp))
+            Ok(Datapath::on(Box::new(tap), vec![host], NextHop::Arp).map_err(|e| e.to_string())?)
         }
     }
 }
@@ -145,7 +145,8 @@ pub(crate) fn run(count: u32, backend: DemoBackend) -> Result<(), String> {
 
     let mut cfg = netchannel_nexus::Config::default();
     cfg.control.socket = cleanup.socket.clone().into();
-    let mut nexus = netchannel_nexus::Nexus::with_switch(cfg, switch).map_err(|e| e.to_string())?;
+    let mut nexus =
+        netchannel_nexus::Nexus::with_datapath(cfg, switch).map_err(|e| e.to_string())?;
     let nexus_stop = nexus.stop_flag();
     let daemon = std::thread::spawn(move || nexus.run().map_err(|e| e.to_string()));
 

@@ -25,8 +25,9 @@ use crate::channel::{Channel, Quarantine};
 use crate::config::Config;
 use crate::control::closer::Closer;
 use crate::control::rate::RateLimits;
-use crate::control::{Client, ControlErrors};
-use crate::flowswitch::{FlowTable, Switch};
+use crate::control::{Client, ControlCount, ControlErrors};
+use crate::datapath::Datapath;
+use crate::flowswitch::FlowTable;
 use crate::netns::HostPorts;
 use crate::pacer::{Next, Pacer, Sent};
 
@@ -91,6 +92,8 @@ pub(crate) mod token {
     pub(crate) const NETIF: u64 = 2;
     /// The epoll set of the channels' doorbells, nested in the loop's.
     pub(crate) const BELLS: u64 = 3;
+    /// The netlink socket of the datapath's next hops.
+    pub(crate) const NETLINK: u64 = 4;
     pub(crate) const CLIENT: u64 = 1 << 56;
     pub(crate) const CHANNEL: u64 = 2 << 56;
     pub(crate) const ID_MASK: u64 = (1 << 56) - 1;
@@ -116,8 +119,9 @@ pub struct Nexus {
     /// Host-port reservations, shared by the flows of one channel on one (proto, address,
     /// port) and released with the last of them.
     pub(crate) host_ports: HostPorts,
-    /// The flowswitch of the interface, if the nexus serves one (else channels reflect).
-    pub(crate) switch: Option<Switch>,
+    /// The flowswitch of the interface and its driver, if the nexus serves one (else
+    /// channels reflect).
+    pub(crate) datapath: Option<Datapath>,
     stop: Arc<AtomicBool>,
     /// Whether the interface's fd is in the epoll set's interest (not during coalescing).
     netif_watched: bool,
@@ -179,7 +183,7 @@ impl Nexus {
             errors: ControlErrors::default(),
             flows: FlowTable::new(MAX_FLOWS),
             host_ports: HostPorts::default(),
-            switch: None,
+            datapath: None,
             stop: Arc::new(AtomicBool::new(false)),
             netif_watched: true,
             netif_failed: false,
@@ -196,21 +200,27 @@ impl Nexus {
     }
 
     /// Serves an interface through a flowswitch instead of reflecting packets.
-    pub fn with_switch(config: Config, switch: Switch) -> Result<Self, NexusError> {
+    pub fn with_datapath(config: Config, dp: Datapath) -> Result<Self, NexusError> {
         let mut n = Self::new(config)?;
-        if let Some(fd) = switch.netif().wake_fd() {
+        let watch = |fd, t, what: &str| {
             epoll::add(
                 &n.epoll,
                 fd,
-                epoll::EventData::new_u64(token::NETIF),
+                epoll::EventData::new_u64(t),
                 epoll::EventFlags::IN,
             )
-            .map_err(|e| NexusError::sys("epoll_ctl(interface)", e))?;
+            .map_err(|e| NexusError::sys(format!("epoll_ctl({what})"), e))
+        };
+        if let Some(fd) = dp.netif().wake_fd() {
+            watch(fd, token::NETIF, "interface")?;
         }
-        if let Some(steering) = switch.netif().steering() {
+        if let Some(fd) = dp.resolver_fd() {
+            watch(fd, token::NETLINK, "netlink")?;
+        }
+        if let Some(steering) = dp.netif().steering() {
             n.host_ports.set_steering(steering);
         }
-        n.switch = Some(switch);
+        n.datapath = Some(dp);
         Ok(n)
     }
 
@@ -218,9 +228,9 @@ impl Nexus {
     pub fn from_config(config: Config) -> Result<Self, NexusError> {
         match config.interface.clone() {
             Some(i) => {
-                let sw = crate::netif::open_impaired(&i, config.faults)
+                let dp = crate::netif::open_impaired(&i, config.faults)
                     .map_err(|e| NexusError::Interface(e.to_string()))?;
-                Self::with_switch(config, sw)
+                Self::with_datapath(config, dp)
             }
             None => Self::new(config),
         }
@@ -258,8 +268,8 @@ impl Nexus {
                 for c in self.channels.values_mut() {
                     c.housekeeping(&self.config.channel, now);
                 }
-                if let Some(sw) = self.switch.as_mut() {
-                    sw.netif_mut().housekeeping();
+                if let Some(dp) = self.datapath.as_mut() {
+                    dp.netif_mut().housekeeping();
                 }
                 self.audit_some(AUDIT_BUDGET);
             }
@@ -271,7 +281,7 @@ impl Nexus {
                 self.resume_throttled(now);
             }
             // Packets waiting for a neighbour are retried at least every millisecond.
-            let cap = if self.switch.as_ref().is_some_and(Switch::has_pending) {
+            let cap = if self.datapath.as_ref().is_some_and(Datapath::has_pending) {
                 Duration::from_millis(1)
             } else if throttled {
                 RESUME_CHECK
@@ -320,7 +330,7 @@ impl Nexus {
         if self.netif_failed {
             return Ok(());
         }
-        let Some(sw) = self.switch.as_ref() else {
+        let Some(sw) = self.datapath.as_ref() else {
             return Ok(());
         };
         let Some(why) = sw.netif().failed() else {
@@ -345,7 +355,7 @@ impl Nexus {
         if self.netif_watched == on || self.netif_failed {
             return Ok(());
         }
-        if let Some(fd) = self.switch.as_ref().and_then(|sw| sw.netif().wake_fd()) {
+        if let Some(fd) = self.datapath.as_ref().and_then(|dp| dp.netif().wake_fd()) {
             let flags = if on {
                 epoll::EventFlags::IN
             } else {
@@ -395,6 +405,11 @@ impl Nexus {
                 t if t & !token::ID_MASK == token::CLIENT => {
                     self.on_client_event(t & token::ID_MASK, flags)
                 }
+                token::NETLINK => {
+                    if let Some(dp) = self.datapath.as_mut() {
+                        dp.resolver_readable();
+                    }
+                }
                 // A ring only ends a sleep: the loop then serves every channel's rings, and
                 // clears the doorbells before it sleeps again (`clear_bells`).
                 _ => {}
@@ -440,7 +455,7 @@ impl Nexus {
                     channel = id,
                     "the app hung up the channel's doorbell; closing the channel"
                 );
-                self.errors.count("doorbell_hangups");
+                self.errors.count(ControlCount::DoorbellHangups);
                 self.remove_channel(id);
             }
         }
@@ -460,14 +475,15 @@ impl Nexus {
         let (cfg, batch) = (&self.config.channel, self.config.datapath.batch);
         let (mut moved, mut sent_all) = (0, Sent::default());
         let mut quarantine = Vec::new();
-        match &mut self.switch {
+        match &mut self.datapath {
             // With an interface: the flowswitch moves packets between it and the channels.
             Some(sw) => {
-                moved += sw.retry_pending(&mut self.flows);
+                sw.exchange(Instant::now());
+                moved += sw.retry_pending(&mut self.flows, &mut self.channels);
                 let (n, broken) = sw.rx_pass(&mut self.flows, &mut self.channels, RX_BUDGET);
                 moved += n;
                 quarantine.extend(broken.into_iter().map(|id| (id, Quarantine::RingCorrupt)));
-                let frames_before = sw.stats().tx_frames;
+                let frames_before = sw.switch().stats().tx_frames;
                 for c in self.channels.values_mut() {
                     let sent = match sw.tx_pass(&mut self.flows, c, batch) {
                         Ok(k) => k,
@@ -483,7 +499,8 @@ impl Nexus {
                     }
                 }
                 sw.flush();
-                sent_all.frames += sw.stats().tx_frames.saturating_sub(frames_before) as usize;
+                sent_all.frames +=
+                    sw.switch().stats().tx_frames.saturating_sub(frames_before) as usize;
             }
             // Without one: each channel's packets are reflected back to it.
             None => {
@@ -548,8 +565,8 @@ impl Nexus {
     /// Gives up every flow of a channel and its host-port reservations.
     pub(crate) fn release_flows(&mut self, channel: ChannelId) {
         // The app's TCP peers learn of its end at once.
-        if let Some(sw) = self.switch.as_mut() {
-            sw.reset_connections(channel);
+        if let Some(dp) = self.datapath.as_mut() {
+            dp.reset_connections(channel);
         }
         for flow in self.flows.remove_channel(channel) {
             self.host_ports.release(flow);
@@ -562,7 +579,7 @@ impl Nexus {
             let _ = epoll::delete(&self.bells, c.endpoint().bell_fd());
             if let Err(e) = c.reclaim() {
                 tracing::error!(channel = id, error = %e, "ledger not whole after reclaiming a channel");
-                self.errors.count("reclaim_audit_failed");
+                self.errors.count(ControlCount::ReclaimAuditFailed);
             } else {
                 self.errors.count_ok_reclaim();
             }
@@ -655,10 +672,10 @@ impl Nexus {
                 v
             },
             interface: self
-                .switch
+                .datapath
                 .as_ref()
                 .map(|sw| {
-                    let st = sw.stats();
+                    let st = sw.switch().stats();
                     let mut v = vec![
                         ("rx_frames".to_owned(), st.rx_frames),
                         ("rx_switched".to_owned(), st.rx_switched),
@@ -671,7 +688,7 @@ impl Nexus {
                         ("conntrack_evicted".to_owned(), st.conntrack_evicted),
                         ("interface_failed".to_owned(), u64::from(self.netif_failed)),
                     ];
-                    v.extend(st.rx_drops.iter().map(|(k, n)| (format!("rx_{k}"), *n)));
+                    v.extend(st.drops.nonzero().map(|(r, n)| (r.name().to_owned(), n)));
                     v.extend(
                         sw.netif_counters()
                             .into_iter()

@@ -7,9 +7,12 @@
 //! * [`channel`]: each channel as the nexus serves it (its datapath, defunct, reclamation);
 //! * [`daemon`]: the event loop that ties them together, and [`pacer`], which decides when it
 //!   polls and when it sleeps;
-//! * [`flowswitch`]: parsing, the flow table, RX demux, TX validation (anti-spoofing), next
-//!   hops, TCP offloads for apps' stacks (receive coalescing, segmentation, checksums folded
-//!   into the copies), and just enough TCP state to reset a dead app's connections;
+//! * [`flowswitch`]: the sans-IO core: parsing, the flow table, RX demux, TX validation
+//!   (anti-spoofing), next hops, TCP offloads for apps' stacks (receive coalescing,
+//!   segmentation, checksums folded into the copies), just enough TCP state to reset a dead
+//!   app's connections, and the drop taxonomy;
+//! * [`datapath`]: the driver that runs the flowswitch on an interface: it owns the backend,
+//!   netlink and the clock, and carries out the core's decisions;
 //! * [`netif`]: interface backends (AF_XDP with its XDP program, TAP, an in-memory pair) and a
 //!   fault-injecting layer for tests;
 //! * [`netns`]: one port space with the host (port reservations), netlink, offloads;
@@ -27,6 +30,7 @@ pub mod channel;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod datapath;
 pub mod flowswitch;
 pub mod netif;
 pub mod netns;

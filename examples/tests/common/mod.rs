@@ -44,7 +44,7 @@ impl Bed {
         let socket = format!("/tmp/netchannel-{tag}-{}.sock", std::process::id());
         let mut cfg = netchannel_nexus::Config::default();
         cfg.control.socket = socket.clone().into();
-        let mut nexus = netchannel_nexus::Nexus::with_switch(cfg, sw).expect("a nexus");
+        let mut nexus = netchannel_nexus::Nexus::with_datapath(cfg, sw).expect("a nexus");
         Self {
             ns: veth.ns.clone(),
             socket,

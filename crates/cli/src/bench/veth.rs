@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 
 use netchannel::nexus::{ChannelOptions, FlowProto, Nexus};
 use netchannel::{Interest, Packet};
-use netchannel_nexus::flowswitch::{NextHop, Switch};
+use netchannel_nexus::datapath::Datapath;
+use netchannel_nexus::flowswitch::NextHop;
 use netchannel_nexus::netif::afxdp::{AfXdp, AfXdpOptions};
 use serde::{Deserialize, Serialize};
 
@@ -343,14 +344,16 @@ impl NexusRun {
     pub(super) fn start(bed: &Bed) -> Result<Self, String> {
         let xsk = AfXdp::open(&bed.host_dev, AfXdpOptions::default()).map_err(|e| e.to_string())?;
         let ifindex = xsk.ifindex();
-        let sw = Switch::new(
+        let sw = Datapath::on(
             Box::new(xsk),
             vec![HOST_IP.into()],
             NextHop::Kernel(ifindex),
-        );
+        )
+        .map_err(|e| e.to_string())?;
         let mut cfg = netchannel_nexus::Config::default();
         cfg.control.socket = bed.socket.clone().into();
-        let mut nexus = netchannel_nexus::Nexus::with_switch(cfg, sw).map_err(|e| e.to_string())?;
+        let mut nexus =
+            netchannel_nexus::Nexus::with_datapath(cfg, sw).map_err(|e| e.to_string())?;
         let stop = nexus.stop_flag();
         let thread = std::thread::Builder::new()
             .name("nexus".into())

@@ -1,11 +1,13 @@
 //! The channel server: one app's channel as the nexus holds it. The nexus is the server end of
 //! the channel's rings, the home of every buffer of its pool, and the single owner of the
-//! ledger. Until the flowswitch exists, the datapath is a **reflector**: each packet the app
-//! sends is copied into a fresh buffer of the nexus and delivered back on the same channel's RX
-//! ring, exactly the copy the flowswitch will make between an app's pool and another's.
+//! ledger. With an interface, the flowswitch delivers into the channel through its
+//! [`Port`](crate::flowswitch::Port) and takes what the app sends with [`Channel::drain_tx`];
+//! without one (a loopback nexus), the channel is a **reflector**: each packet the app sends is
+//! copied into a fresh buffer of the nexus and delivered back on the same channel's RX ring.
 
 use std::time::{Duration, Instant};
 
+use crate::flowswitch::{DropCounters, DropReason, Port};
 use netchannel_shm::control::{ChannelId, ChannelStatus, Offloads};
 use netchannel_shm::{DefunctReason, Endpoint, Interest, Packet};
 
@@ -21,19 +23,6 @@ pub enum Quarantine {
     Strikes,
 }
 
-/// Nexus-side drop counters of a channel (the app's violations are counted by its endpoint).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Drops {
-    /// The channel's RX ring was full.
-    pub rx_ring_full: u64,
-    /// The channel's pool had no free buffer for an incoming packet.
-    pub rx_no_buf: u64,
-    /// An incoming packet was larger than a buffer.
-    pub rx_too_big: u64,
-    /// Packets the app sent that the flowswitch refused, by reason (`tx_<reason>`).
-    pub tx: std::collections::BTreeMap<&'static str, u64>,
-}
-
 /// One channel in service (or revoked and waiting for its app to close it).
 #[derive(Debug)]
 pub struct Channel {
@@ -45,7 +34,9 @@ pub struct Channel {
     pub cred: Cred,
     ep: Endpoint,
     defunct: Option<DefunctReason>,
-    drops: Drops,
+    /// Nexus-side drops of packets for and from this channel (the app's violations of the
+    /// ring protocol are counted by its endpoint).
+    drops: DropCounters,
     tx: Vec<Packet>,
     rx: Vec<Packet>,
     audit: String,
@@ -96,7 +87,7 @@ impl Channel {
             cred,
             ep,
             defunct: None,
-            drops: Drops::default(),
+            drops: DropCounters::default(),
             tx: Vec::new(),
             rx: Vec::new(),
             audit: "ok".into(),
@@ -137,7 +128,7 @@ impl Channel {
             self.rx.clear();
             for p in &self.tx {
                 let Some(dst) = self.ep.alloc() else {
-                    self.drops.rx_no_buf += 1;
+                    count(&mut self.drops, &mut self.forged, DropReason::RxNoBuf);
                     continue;
                 };
                 match self.ep.copy_into(p, dst) {
@@ -193,13 +184,13 @@ impl Channel {
             return false;
         }
         let Some(buf) = self.ep.alloc() else {
-            self.drops.rx_no_buf += 1;
+            self.count_drop(DropReason::RxNoBuf);
             return false;
         };
         let filled = match self.ep.buffer_mut(buf).and_then(|b| b.get_mut(..len)) {
             Some(bytes) => fill(bytes),
             None => {
-                self.drops.rx_too_big += 1;
+                self.count_drop(DropReason::RxTooBig);
                 let _ = self.ep.free([buf]);
                 return false;
             }
@@ -236,7 +227,7 @@ impl Channel {
             return Err(Quarantine::RingCorrupt);
         };
         for q in &self.rx[sent..] {
-            self.drops.rx_ring_full += 1;
+            count(&mut self.drops, &mut self.forged, DropReason::RxRingFull);
             let _ = self.ep.free([q.buf]);
         }
         self.rx.clear();
@@ -249,7 +240,7 @@ impl Channel {
     pub fn drain_tx(
         &mut self,
         budget: usize,
-        mut f: impl FnMut(&[u8]) -> Result<(), &'static str>,
+        mut f: impl FnMut(&[u8]) -> Result<(), DropReason>,
     ) -> Result<usize, Quarantine> {
         if self.defunct.is_some() {
             return Ok(0);
@@ -261,11 +252,7 @@ impl Channel {
             .map_err(|_| Quarantine::RingCorrupt)?;
         for p in &self.tx {
             if let Err(reason) = f(self.ep.payload(p)) {
-                *self.drops.tx.entry(reason).or_default() += 1;
-                use crate::flowswitch::tx::TxDrop;
-                if reason == TxDrop::SpoofedAddress.name() || reason == TxDrop::NotOwner.name() {
-                    self.forged += 1;
-                }
+                count(&mut self.drops, &mut self.forged, reason);
             }
         }
         let _ = self.ep.free(self.tx.iter().map(|p| p.buf));
@@ -306,6 +293,11 @@ impl Channel {
     /// of them is an attack.
     fn strikes(&self) -> u64 {
         self.ep.stats().total_violations() + (self.forged - self.forged_before)
+    }
+
+    /// Counts a drop of a packet for or from this channel (a forgery is also a strike).
+    pub fn count_drop(&mut self, reason: DropReason) {
+        count(&mut self.drops, &mut self.forged, reason);
     }
 
     /// Sets or clears the need-wakeup flags of the rings the nexus consumes. Returns true if
@@ -375,18 +367,7 @@ impl Channel {
         let c = self.ep.buffer_counts();
         let s = self.ep.stats();
         let mut drops = s.drop_counters();
-        for (name, n) in [
-            ("rx_ring_full", self.drops.rx_ring_full),
-            ("rx_no_buf", self.drops.rx_no_buf),
-            ("rx_too_big", self.drops.rx_too_big),
-        ] {
-            if n > 0 {
-                drops.push((name.into(), n));
-            }
-        }
-        for (reason, n) in &self.drops.tx {
-            drops.push((format!("tx_{reason}"), *n));
-        }
+        drops.extend(self.drops.nonzero().map(|(r, n)| (r.name().to_owned(), n)));
         ChannelStatus {
             id: self.id,
             pid: self.cred.pid,
@@ -408,6 +389,39 @@ impl Channel {
             drops,
             audit: self.audit.clone(),
         }
+    }
+}
+
+/// Counts a drop on a channel's counters (a forgery also on its strikes): the one place a
+/// channel's drops are counted.
+fn count(drops: &mut DropCounters, forged: &mut u64, reason: DropReason) {
+    drops.add(reason);
+    if reason.is_forgery() {
+        *forged += 1;
+    }
+}
+
+impl Port for Channel {
+    fn id(&self) -> ChannelId {
+        self.id
+    }
+    fn is_active(&self) -> bool {
+        self.defunct.is_none()
+    }
+    fn offloads(&self) -> Offloads {
+        self.offloads
+    }
+    fn buf_size(&self) -> usize {
+        self.ep.pool().buf_size() as usize
+    }
+    fn stage_with(&mut self, len: usize, fill: impl FnOnce(&mut [u8]) -> bool) -> bool {
+        Self::stage_with(self, len, fill)
+    }
+    fn last_staged(&mut self) -> Option<(&mut u32, &mut [u8])> {
+        Self::last_staged(self)
+    }
+    fn count_drop(&mut self, reason: DropReason) {
+        Self::count_drop(self, reason)
     }
 }
 

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use netchannel_shm::control::{ChannelId, ErrorCode, FlowProto, FlowStatus, Reply};
 
-use super::{policy, refuse};
+use super::{ControlCount, policy, refuse};
 use crate::daemon::Nexus;
 use crate::flowswitch::table::{FlowKey, FlowSpec, TableError};
 use crate::flowswitch::{FlowId, Proto};
@@ -63,7 +63,7 @@ impl Nexus {
         if local.port() != 0
             && !policy::may_claim_port(&self.config.policy, &cred, local.port(), addr)
         {
-            self.errors.count("not_permitted");
+            self.errors.count(ControlCount::NotPermitted);
             return refuse(
                 ErrorCode::NotPermitted,
                 format!(
@@ -81,7 +81,7 @@ impl Nexus {
             .sum();
         let limit = self.config.limits.flows_per_user;
         if cred.uid != 0 && owned >= limit {
-            self.errors.count("limit_flows");
+            self.errors.count(ControlCount::LimitFlows);
             return refuse(
                 ErrorCode::Limit,
                 format!(
@@ -94,7 +94,7 @@ impl Nexus {
         if local.port() != 0
             && let Err(e) = self.flows.check(channel, spec(p, local, remote))
         {
-            self.errors.count("port_in_use");
+            self.errors.count(ControlCount::PortInUse);
             return refuse(ErrorCode::InUse, e.to_string());
         }
         let (handle, local) = match self.host_ports.acquire(channel, p, local) {
@@ -104,7 +104,7 @@ impl Nexus {
                 local,
                 holder,
             }) => {
-                self.errors.count("port_in_use");
+                self.errors.count(ControlCount::PortInUse);
                 let by = holder.map(|h| format!(" by {h}")).unwrap_or_default();
                 return refuse(
                     ErrorCode::InUse,
@@ -119,7 +119,7 @@ impl Nexus {
                 self.host_ports.unacquire(handle);
                 let code = match e {
                     TableError::InUse { .. } => {
-                        self.errors.count("port_in_use");
+                        self.errors.count(ControlCount::PortInUse);
                         ErrorCode::InUse
                     }
                     TableError::Full(_) => ErrorCode::Limit,
@@ -143,7 +143,7 @@ impl Nexus {
         }
         // What the app sent on the flow before removing it still goes out: drain the
         // channel's TX ring first (an app closes a socket right after its last send).
-        if let (Some(sw), Some(f)) = (self.switch.as_mut(), self.flows.get(flow)) {
+        if let (Some(sw), Some(f)) = (self.datapath.as_mut(), self.flows.get(flow)) {
             let id = f.channel;
             if let Some(c) = self.channels.get_mut(&id) {
                 let ring = self.config.channel.max_ring_slots as usize;

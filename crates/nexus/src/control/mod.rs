@@ -40,27 +40,111 @@ const REPLY_BYTES_PER_TOKEN: f64 = 256.0;
 /// churning such channels gets about 8 a second at the default rate.
 const BUFFERS_PER_TOKEN: f64 = 256.0;
 
-/// Counters of refused requests and dropped messages, by reason.
-#[derive(Debug, Default)]
+macro_rules! control_counts {
+    ($( $(#[doc = $doc:literal])* $v:ident = $name:literal; )*) => {
+        /// What the control path counts: refused requests, dropped messages, reclaims.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(u8)]
+        pub enum ControlCount {
+            $( $(#[doc = $doc])* $v, )*
+        }
+
+        impl ControlCount {
+            /// Every kind, in counter order.
+            pub const ALL: &'static [ControlCount] = &[$(ControlCount::$v,)*];
+
+            /// The counter's name in `netchannel status`.
+            pub const fn name(self) -> &'static str {
+                match self { $(ControlCount::$v => $name,)* }
+            }
+        }
+    };
+}
+
+control_counts! {
+    /// A channel_ready carried a region that is not a valid app region (or the nexus's own).
+    BadAppRegion = "bad_app_region";
+    /// A message that is not netchannel's.
+    BadMagic = "bad_magic";
+    /// A message of another protocol version.
+    BadVersion = "bad_version";
+    /// A channel closed because its app hung up its doorbell.
+    DoorbellHangups = "doorbell_hangups";
+    /// A client could not be watched (epoll refused it).
+    EpollFull = "epoll_full";
+    /// A channel refused: the user's channel limit.
+    LimitChannels = "limit_channels";
+    /// A client refused: the connection limit.
+    LimitConnections = "limit_connections";
+    /// A flow refused: the user's flow limit.
+    LimitFlows = "limit_flows";
+    /// A message whose body does not decode.
+    Malformed = "malformed";
+    /// A client refused: its credentials could not be read.
+    NoPeercred = "no_peercred";
+    /// A request the policy does not permit.
+    NotPermitted = "not_permitted";
+    /// A request out of order (a channel_ready without an offer, say).
+    OutOfOrder = "out_of_order";
+    /// A message larger than a request may be.
+    Oversized = "oversized";
+    /// A flow refused: the host already uses the port.
+    PortInUse = "port_in_use";
+    /// A channel's ledger was not whole after it was reclaimed.
+    ReclaimAuditFailed = "reclaim_audit_failed";
+    /// Channels reclaimed with a whole ledger.
+    Reclaims = "reclaims";
+    /// A reply the client's socket did not take.
+    ReplyDropped = "reply_dropped";
+    /// A reply larger than a reply may be.
+    ReplyTooLarge = "reply_too_large";
+    /// A request refused for want of a resource (memory, fds).
+    Resource = "resource";
+    /// A client paused for exceeding its request rate.
+    Throttled = "throttled";
+    /// A message with more fds than any request carries.
+    TooManyFds = "too_many_fds";
+    /// A message shorter than its header.
+    Truncated = "truncated";
+    /// Fds sent with a request that takes none.
+    UnaskedFds = "unasked_fds";
+    /// A channel_ready with the wrong number of fds.
+    WrongFdCount = "wrong_fd_count";
+}
+
+/// Counters of the control path, one per [`ControlCount`].
+#[derive(Debug)]
 pub struct ControlErrors {
-    counts: BTreeMap<&'static str, u64>,
+    counts: [u64; ControlCount::ALL.len()],
+}
+
+impl Default for ControlErrors {
+    fn default() -> Self {
+        Self {
+            counts: [0; ControlCount::ALL.len()],
+        }
+    }
 }
 
 impl ControlErrors {
-    pub(crate) fn count(&mut self, reason: &'static str) {
-        *self.counts.entry(reason).or_default() += 1;
+    pub(crate) fn count(&mut self, what: ControlCount) {
+        self.counts[what as usize] += 1;
     }
 
     pub(crate) fn count_ok_reclaim(&mut self) {
-        self.count("reclaims");
+        self.count(ControlCount::Reclaims);
     }
 
-    /// Every counter as (name, count).
+    /// Every counter counted at least once, as (name, count), by name.
     pub fn list(&self) -> Vec<(String, u64)> {
-        self.counts
+        let mut v: Vec<(String, u64)> = ControlCount::ALL
             .iter()
-            .map(|(k, v)| ((*k).to_owned(), *v))
-            .collect()
+            .zip(self.counts.iter())
+            .filter(|(_, n)| **n > 0)
+            .map(|(k, n)| (k.name().to_owned(), *n))
+            .collect();
+        v.sort();
+        v
     }
 }
 
@@ -171,7 +255,7 @@ impl Nexus {
                 }
             };
             let Ok(uc) = rustix::net::sockopt::socket_peercred(&sock) else {
-                self.errors.count("no_peercred");
+                self.errors.count(ControlCount::NoPeercred);
                 continue;
             };
             let cred = Cred {
@@ -186,7 +270,7 @@ impl Nexus {
                 .filter(|c| c.cred.uid == cred.uid)
                 .count();
             if cred.uid != 0 && same_user >= self.config.limits.connections_per_user {
-                self.errors.count("limit_connections");
+                self.errors.count(ControlCount::LimitConnections);
                 let msg = format!(
                     "uid {} already has {same_user} connections; the limit is limits.connections_per_user = {}",
                     cred.uid, self.config.limits.connections_per_user
@@ -209,7 +293,7 @@ impl Nexus {
             )
             .is_err()
             {
-                self.errors.count("epoll_full");
+                self.errors.count(ControlCount::EpollFull);
                 continue;
             }
             tracing::debug!(
@@ -290,7 +374,7 @@ impl Nexus {
         if self.rate.throttled.insert(id, client.cred.uid).is_some() {
             return;
         }
-        self.errors.count("throttled");
+        self.errors.count(ControlCount::Throttled);
         tracing::debug!(
             client = id,
             uid = client.cred.uid,
@@ -335,13 +419,13 @@ impl Nexus {
         };
         let bytes = control::encode(reply);
         if bytes.len() > MAX_REPLY {
-            self.errors.count("reply_too_large");
+            self.errors.count(ControlCount::ReplyTooLarge);
             return bytes.len();
         }
         let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
         if send_with_fds(client.sock.as_fd(), &bytes, &borrowed).is_err() {
             // The client does not read its replies (or is gone); never block on it.
-            self.errors.count("reply_dropped");
+            self.errors.count(ControlCount::ReplyDropped);
         }
         bytes.len()
     }
@@ -381,7 +465,7 @@ impl Nexus {
         if too_many_fds {
             let n = fds.len();
             self.closer.close(fds);
-            self.errors.count("too_many_fds");
+            self.errors.count(ControlCount::TooManyFds);
             return (
                 refuse(
                     ErrorCode::BadMessage,
@@ -395,7 +479,7 @@ impl Nexus {
         }
         if truncated || bytes.len() > MAX_REQUEST {
             self.closer.close(fds);
-            self.errors.count("oversized");
+            self.errors.count(ControlCount::Oversized);
             return (
                 refuse(
                     ErrorCode::BadMessage,
@@ -409,10 +493,10 @@ impl Nexus {
             Err(e) => {
                 self.closer.close(fds);
                 self.errors.count(match e {
-                    DecodeError::Size(_) => "truncated",
-                    DecodeError::Magic => "bad_magic",
-                    DecodeError::Version { .. } => "bad_version",
-                    DecodeError::Body(_) | DecodeError::Reserved => "malformed",
+                    DecodeError::Size(_) => ControlCount::Truncated,
+                    DecodeError::Magic => ControlCount::BadMagic,
+                    DecodeError::Version { .. } => ControlCount::BadVersion,
+                    DecodeError::Body(_) | DecodeError::Reserved => ControlCount::Malformed,
                 });
                 let code = if matches!(e, DecodeError::Version { .. }) {
                     ErrorCode::Version
@@ -424,7 +508,7 @@ impl Nexus {
         };
         let expects_fds = matches!(req, Request::ChannelReady { .. });
         if !expects_fds && !fds.is_empty() {
-            self.errors.count("unasked_fds");
+            self.errors.count(ControlCount::UnaskedFds);
             self.closer.close(fds);
             return (
                 refuse(
@@ -477,7 +561,7 @@ impl Nexus {
         };
         let cred = client.cred.clone();
         if let Err(why) = policy::may_open(&self.config.policy, &cred, kind) {
-            self.errors.count("not_permitted");
+            self.errors.count(ControlCount::NotPermitted);
             return (refuse(ErrorCode::NotPermitted, why), vec![]);
         }
         if kind != ChannelKind::Normal {
@@ -502,7 +586,7 @@ impl Nexus {
                 .sum::<usize>();
         let limit = self.config.limits.channels_per_user;
         if cred.uid != 0 && held >= limit {
-            self.errors.count("limit_channels");
+            self.errors.count(ControlCount::LimitChannels);
             return (
                 refuse(
                     ErrorCode::Limit,
@@ -515,7 +599,7 @@ impl Nexus {
             );
         }
         if client.offers.len() >= MAX_PENDING_OFFERS {
-            self.errors.count("out_of_order");
+            self.errors.count(ControlCount::OutOfOrder);
             return (
                 refuse(
                     ErrorCode::OutOfOrder,
@@ -560,7 +644,7 @@ impl Nexus {
             .clamp(c.buffers_per_segment, max_buffers);
         // Offloads need an interface to reshape packets for, and buffers that hold several
         // segments.
-        let offloads = if self.switch.is_some() && buf_size >= Offloads::MIN_BUF_SIZE {
+        let offloads = if self.datapath.is_some() && buf_size >= Offloads::MIN_BUF_SIZE {
             offloads
         } else {
             Offloads::default()
@@ -577,7 +661,7 @@ impl Nexus {
         let setup = match ServerSetup::new(geometry) {
             Ok(s) => s,
             Err(e) => {
-                self.errors.count("resource");
+                self.errors.count(ControlCount::Resource);
                 return (
                     refuse(
                         ErrorCode::Resource,
@@ -594,7 +678,7 @@ impl Nexus {
                 .collect()
         });
         let Some(fds) = fds else {
-            self.errors.count("resource");
+            self.errors.count(ControlCount::Resource);
             return (
                 refuse(ErrorCode::Resource, "out of file descriptors"),
                 vec![],
@@ -614,7 +698,7 @@ impl Nexus {
         };
         let Some((setup, offloads)) = client.offers.remove(&channel) else {
             self.closer.close(fds);
-            self.errors.count("out_of_order");
+            self.errors.count(ControlCount::OutOfOrder);
             return refuse(
                 ErrorCode::OutOfOrder,
                 format!("no channel {channel} was offered to you; send open_channel first"),
@@ -626,7 +710,7 @@ impl Nexus {
             Err(fds) => {
                 let n = fds.len();
                 self.closer.close(fds);
-                self.errors.count("wrong_fd_count");
+                self.errors.count(ControlCount::WrongFdCount);
                 return refuse(
                     ErrorCode::BadMessage,
                     format!(
@@ -638,7 +722,7 @@ impl Nexus {
         };
         if let Err(why) = app_region_is_usable(&setup, &region) {
             self.closer.close(vec![region]);
-            self.errors.count("bad_app_region");
+            self.errors.count(ControlCount::BadAppRegion);
             return refuse(
                 ErrorCode::BadMessage,
                 format!("the app region is unusable: {why}; the offer is withdrawn"),
@@ -647,7 +731,7 @@ impl Nexus {
         let mut ep = match setup.finish(region, Home::All) {
             Ok(ep) => ep,
             Err(e) => {
-                self.errors.count("bad_app_region");
+                self.errors.count(ControlCount::BadAppRegion);
                 return refuse(
                     ErrorCode::BadMessage,
                     format!("the app region is unusable: {e}; the offer is withdrawn"),
@@ -663,7 +747,7 @@ impl Nexus {
             tracing::warn!(channel, ?q, "a new channel failed its first pass");
         }
         if let Err(e) = self.add_channel(ch) {
-            self.errors.count("resource");
+            self.errors.count(ControlCount::Resource);
             return refuse(ErrorCode::Resource, e.to_string());
         }
         tracing::info!(
@@ -672,9 +756,9 @@ impl Nexus {
             "channel opened"
         );
         let (addresses, mtu) = self
-            .switch
+            .datapath
             .as_ref()
-            .map(|sw| (sw.host_addrs().to_vec(), sw.netif().mtu()))
+            .map(|dp| (dp.switch().host_addrs().to_vec(), dp.netif().mtu()))
             .unwrap_or_default();
         Reply::ChannelOpened {
             channel,
@@ -705,7 +789,7 @@ impl Nexus {
                 Reply::Done
             }
             Some(_) => {
-                self.errors.count("not_permitted");
+                self.errors.count(ControlCount::NotPermitted);
                 refuse(
                     ErrorCode::NotPermitted,
                     format!("channel {channel} is not yours; only root may revoke it"),

@@ -18,14 +18,13 @@
 //! what a pool buffer holds: the app's stack then sends large segments, which the nexus cuts to
 //! the real MSS (it remembers it; see `conntrack`).
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use netchannel_shm::control::ChannelId;
 
 use super::checksum::{self, Sum};
 use super::parse::{Proto, RxDrop};
-use crate::channel::Channel;
+use super::port::{Port, Ports};
 
 const PSH: u8 = 0x08;
 const ACK: u8 = 0x10;
@@ -109,15 +108,17 @@ enum Append {
 impl Coalescer {
     /// Delivers `p` to `c`: appended to the channel's growing packet if it continues it,
     /// otherwise copied into a buffer of its own. A packet with a wrong checksum is not
-    /// delivered. (A full pool is counted by the channel, as `rx_no_buf`.)
-    pub fn deliver(&mut self, c: &mut Channel, p: &Incoming<'_>) -> Result<(), RxDrop> {
-        let coalesce = c.offloads.rx_coalesce && p.proto == Proto::Tcp;
-        if let Some(i) = self.open.iter().position(|o| o.channel == c.id) {
+    /// delivered. `Ok(false)`: the channel could not take it, and counted why (`rx_no_buf`,
+    /// `rx_too_big`).
+    pub fn deliver(&mut self, c: &mut impl Port, p: &Incoming<'_>) -> Result<bool, RxDrop> {
+        let coalesce = c.offloads().rx_coalesce && p.proto == Proto::Tcp;
+        let id = c.id();
+        if let Some(i) = self.open.iter().position(|o| o.channel == id) {
             if coalesce {
                 match append(&mut self.open[i], c, p) {
                     Append::Done => {
                         self.stats.merged += 1;
-                        return Ok(());
+                        return Ok(true);
                     }
                     Append::BadChecksum => return Err(RxDrop::BadL4Checksum),
                     Append::No => {}
@@ -134,8 +135,8 @@ impl Coalescer {
         let zero_udp4 =
             p.proto == Proto::Udp && p.src.is_ipv4() && header.get(6..8) == Some(&[0, 0]);
         let pseudo = checksum::pseudo(p.src, p.dst, p.proto as u8, p.ip.len() - l4);
-        let raise_mss = (c.offloads.tx_segment && p.proto == Proto::Tcp)
-            .then(|| max_segment(c.endpoint().pool().buf_size() as usize, p.src.is_ipv4()));
+        let raise_mss = (c.offloads().tx_segment && p.proto == Proto::Tcp)
+            .then(|| max_segment(c.buf_size(), p.src.is_ipv4()));
         let mut bad = false;
         let mut payload_sum = Sum::default();
         let staged = c.stage_with(p.ip.len(), |dst| {
@@ -159,7 +160,7 @@ impl Coalescer {
         let flags = header.get(13).copied().unwrap_or(0);
         if staged && coalesce && flags == ACK && !payload.is_empty() {
             self.open.push(Open {
-                channel: c.id,
+                channel: id,
                 src: p.src,
                 dst: p.dst,
                 l4,
@@ -171,21 +172,21 @@ impl Coalescer {
                 closed: false,
             });
         }
-        Ok(())
+        Ok(staged)
     }
 
     /// Closes every growing packet (at the end of a batch, before the channels' RX rings are
     /// published): their checksums are written.
-    pub fn finish(&mut self, channels: &mut BTreeMap<ChannelId, Channel>) {
+    pub fn finish(&mut self, ports: &mut impl Ports) {
         for o in std::mem::take(&mut self.open) {
-            if let Some(c) = channels.get_mut(&o.channel) {
+            if let Some(c) = ports.port(o.channel) {
                 self.close(c, &o);
             }
         }
     }
 
     /// Writes the checksums of a packet that grew (`o` must be the channel's last staged).
-    fn close(&mut self, c: &mut Channel, o: &Open) {
+    fn close(&mut self, c: &mut impl Port, o: &Open) {
         if o.segs < 2 {
             return;
         }
@@ -209,7 +210,7 @@ impl Coalescer {
 }
 
 /// Appends `p` to the open packet `o` if it continues it.
-fn append(o: &mut Open, c: &mut Channel, p: &Incoming<'_>) -> Append {
+fn append(o: &mut Open, c: &mut impl Port, p: &Incoming<'_>) -> Append {
     if o.closed || p.src != o.src || p.dst != o.dst {
         return Append::No;
     }
@@ -322,7 +323,10 @@ mod tests {
     use netchannel_shm::endpoint::{Home, in_process_pair};
     use netchannel_shm::{Endpoint, Geometry, Packet};
 
+    use std::collections::BTreeMap;
+
     use super::*;
+    use crate::channel::Channel;
     use crate::config::ChannelConfig;
     use crate::control::policy::Cred;
 
@@ -365,7 +369,7 @@ mod tests {
         out
     }
 
-    fn deliver(co: &mut Coalescer, c: &mut Channel, ip: &[u8]) -> Result<(), RxDrop> {
+    fn deliver(co: &mut Coalescer, c: &mut Channel, ip: &[u8]) -> Result<bool, RxDrop> {
         co.deliver(
             c,
             &Incoming {

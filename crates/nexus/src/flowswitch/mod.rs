@@ -8,10 +8,16 @@
 //! * [`table`]: the flow table, exact 5-tuples first, then listeners;
 //! * [`tx`]: validation of what an app sends (anti-spoofing);
 //! * [`conntrack`]: just enough of each TCP connection to reset it when its app dies;
-//! * [`datapath`]: the switch between an interface and the channels.
+//! * [`neighbour`]: next hops (ARP/NDP behind a TAP, the kernel's answers on a shared
+//!   interface);
+//! * [`drop`]: the drop taxonomy, one reason per frame or packet not delivered;
+//! * [`port`]: how the core reaches a channel (a trait; [`MemPort`] in memory for tests);
+//! * [`switch`]: the core that ties them together, frames and packets in, decisions out.
 //!
-//! Everything here is a plain function of (table, bytes): no I/O, so the whole classification
-//! path is tested in-process and benchmarked with criterion (`benches/flow_lookup.rs`).
+//! Everything here is a plain function of (state, bytes, now): no I/O, no clock, no waiting.
+//! The driver that owns the interface, netlink and the clock is [`crate::datapath`]. So the
+//! whole classification path is tested in-process and benchmarked with criterion
+//! (`benches/flow_lookup.rs`).
 //!
 //! **Fragment policy.** The flowswitch does not reassemble. An IP fragment (first or not) is
 //! never delivered to an app: a non-first fragment carries no ports, and classifying it by
@@ -21,15 +27,22 @@
 pub mod checksum;
 pub mod coalesce;
 pub mod conntrack;
-pub mod datapath;
+pub mod drop;
 pub mod index;
 pub mod neighbour;
 pub mod parse;
+pub mod port;
 pub mod segment;
+pub mod switch;
 pub mod table;
 pub mod tx;
 
-pub use datapath::{NextHop, Switch, SwitchStats};
+#[cfg(test)]
+mod tests;
+
+pub use drop::{DropCounters, DropReason};
 pub use parse::{Parsed, Proto, RxDrop};
+pub use port::{MemPort, Port, Ports};
+pub use switch::{NextHop, Switch, SwitchStats, TxStep};
 pub use table::{FlowId, FlowKey, FlowSpec, FlowTable, Hit, TableError};
 pub use tx::TxDrop;

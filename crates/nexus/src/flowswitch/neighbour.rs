@@ -3,14 +3,13 @@
 //! * [`Neighbours`]: a nexus that stands behind a TAP device is a host of its own: it answers
 //!   ARP for its addresses and learns its peers' MAC addresses from their ARP traffic.
 //! * [`KernelNeighbours`]: on an interface shared with the kernel (AF_XDP) the kernel keeps
-//!   answering ARP and NDP; the nexus asks it for the route and the neighbour over netlink,
-//!   caches the answer, and asks the kernel to resolve a neighbour it lacks.
+//!   answering ARP and NDP; the flowswitch keeps the routes and neighbours the kernel reported
+//!   and queues a [`Query`] for what it lacks, which the driver asks over netlink without
+//!   waiting (and keeps current from the kernel's neighbour-table notifications).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
-
-use crate::netns::netlink::Rtnl;
 
 /// Most neighbours remembered.
 const CAPACITY: usize = 4096;
@@ -219,17 +218,41 @@ fn icmp6_frame(
     f
 }
 
-/// How long a kernel answer is trusted before it is asked again.
+/// How long a route the kernel gave is trusted before it is asked again (meanwhile it is
+/// still used: a refresh never holds a packet up).
 const FRESH: Duration = Duration::from_secs(5);
-/// How soon a neighbour the kernel lacked is asked for again.
+/// How soon the same question is asked again when the kernel has not answered it.
 const RETRY: Duration = Duration::from_millis(10);
 
-/// Next hops from the kernel's routing and neighbour tables, cached.
-#[derive(Debug)]
+/// A question for the kernel: the driver asks it over netlink without waiting, and brings the
+/// answer back with [`KernelNeighbours::on_route`] or [`KernelNeighbours::on_neighbour`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Query {
+    /// The route to a destination (`ip route get`).
+    Route(IpAddr),
+    /// The MAC address of a next hop on the interface; if the kernel lacks it, the driver asks
+    /// the kernel to resolve it, and the answer comes with the neighbour table's next change.
+    Neighbour(IpAddr),
+}
+
+/// Where the kernel routes a destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hop {
+    /// Through this next hop on the interface (the destination itself when on the link).
+    Via(IpAddr),
+    /// Out of another interface.
+    OtherInterface,
+}
+
+/// Next hops from the kernel's routing and neighbour tables, as the driver reports them. Plain
+/// state: no socket, no clock; a miss queues a [`Query`] and the packet waits (or is dropped),
+/// so the datapath never waits for the kernel.
+#[derive(Debug, Default)]
 pub struct KernelNeighbours {
-    ifindex: u32,
-    rtnl: Option<Rtnl>,
-    cache: HashMap<IpAddr, (Option<[u8; 6]>, Instant)>,
+    routes: HashMap<IpAddr, (Hop, Instant)>,
+    macs: HashMap<IpAddr, [u8; 6]>,
+    asked: HashMap<Query, Instant>,
+    queries: std::collections::VecDeque<Query>,
 }
 
 /// Why a packet has no next hop yet.
@@ -242,59 +265,72 @@ pub enum NoHop {
 }
 
 impl KernelNeighbours {
-    /// Next hops on interface `ifindex`.
-    pub fn new(ifindex: u32) -> Self {
-        Self {
-            ifindex,
-            rtnl: None,
-            cache: HashMap::new(),
-        }
-    }
-
-    /// The MAC address to send a packet for `dst` to: the route's gateway, or `dst` itself
-    /// when it is on the link.
+    /// The MAC address to send a packet for `dst` to, if known: the route's gateway's, or
+    /// `dst`'s own when it is on the link. What is not known is asked.
     pub fn lookup(&mut self, dst: IpAddr, now: Instant) -> Result<[u8; 6], NoHop> {
-        if let Some(&(mac, at)) = self.cache.get(&dst) {
-            let age = now.saturating_duration_since(at);
-            match mac {
-                Some(mac) if age < FRESH => return Ok(mac),
-                None if age < RETRY => return Err(NoHop::Unresolved),
-                _ => {}
-            }
-        }
-        let answer = self.ask(dst);
-        if self.cache.len() >= CAPACITY {
-            self.cache.clear();
-        }
-        self.cache.insert(dst, (answer.ok(), now));
-        answer
-    }
-
-    fn ask(&mut self, dst: IpAddr) -> Result<[u8; 6], NoHop> {
-        if self.rtnl.is_none() {
-            match Rtnl::open() {
-                Ok(r) => self.rtnl = Some(r),
-                Err(e) => {
-                    tracing::warn!(error = %e, "no netlink socket for next hops");
-                    return Err(NoHop::Unresolved);
-                }
-            }
-        }
-        let Some(nl) = self.rtnl.as_mut() else {
+        let Some(&(hop, at)) = self.routes.get(&dst) else {
+            self.ask(Query::Route(dst), now);
             return Err(NoHop::Unresolved);
         };
-        let route = nl.route(dst).map_err(|_| NoHop::Unresolved)?;
-        if route.oif.is_some_and(|o| o != self.ifindex) {
-            return Err(NoHop::OtherInterface);
+        if now.saturating_duration_since(at) >= FRESH {
+            self.ask(Query::Route(dst), now);
         }
-        let hop = route.gateway.unwrap_or(dst);
-        match nl.neighbour(self.ifindex, hop) {
-            Ok(Some(mac)) => Ok(mac),
-            _ => {
-                if let Err(e) = nl.resolve(self.ifindex, hop) {
-                    tracing::debug!(%hop, error = %e, "asking the kernel to resolve a neighbour");
+        match hop {
+            Hop::OtherInterface => Err(NoHop::OtherInterface),
+            Hop::Via(h) => match self.macs.get(&h) {
+                Some(mac) => Ok(*mac),
+                None => {
+                    self.ask(Query::Neighbour(h), now);
+                    Err(NoHop::Unresolved)
                 }
-                Err(NoHop::Unresolved)
+            },
+        }
+    }
+
+    fn ask(&mut self, q: Query, now: Instant) {
+        if let Some(at) = self.asked.get(&q)
+            && now.saturating_duration_since(*at) < RETRY
+        {
+            return;
+        }
+        if self.asked.len() >= CAPACITY {
+            self.asked.clear();
+        }
+        self.asked.insert(q, now);
+        self.queries.push_back(q);
+    }
+
+    /// The next question for the kernel.
+    pub fn poll_query(&mut self) -> Option<Query> {
+        self.queries.pop_front()
+    }
+
+    /// The kernel's route to `dst`. Its next hop's MAC address is asked afresh (the neighbour
+    /// table's changes keep it current meanwhile).
+    pub fn on_route(&mut self, dst: IpAddr, hop: Hop, now: Instant) {
+        if self.routes.len() >= CAPACITY {
+            self.routes.clear();
+        }
+        self.routes.insert(dst, (hop, now));
+        self.asked.remove(&Query::Route(dst));
+        if let Hop::Via(h) = hop {
+            self.asked.remove(&Query::Neighbour(h));
+            self.ask(Query::Neighbour(h), now);
+        }
+    }
+
+    /// The kernel's neighbour entry for `ip` on the interface: its MAC address, or `None` when
+    /// it has none usable (being resolved, failed, deleted).
+    pub fn on_neighbour(&mut self, ip: IpAddr, mac: Option<[u8; 6]>) {
+        match mac {
+            Some(mac) => {
+                if self.macs.len() >= CAPACITY && !self.macs.contains_key(&ip) {
+                    self.macs.clear();
+                }
+                self.macs.insert(ip, mac);
+            }
+            None => {
+                self.macs.remove(&ip);
             }
         }
     }

@@ -16,7 +16,8 @@ pub mod xdp;
 use std::os::fd::BorrowedFd;
 
 use crate::config::{Backend, InterfaceConfig};
-use crate::flowswitch::{NextHop, Switch};
+use crate::datapath::Datapath;
+use crate::flowswitch::NextHop;
 
 /// Why a backend failed.
 #[derive(Debug, thiserror::Error)]
@@ -117,10 +118,18 @@ pub enum OpenError {
     /// The fault settings are out of range.
     #[error("{0}")]
     Faults(String),
+    /// No netlink socket to ask the kernel for next hops.
+    #[error("opening a netlink socket for the next hops of {ifname}: {source}")]
+    Netlink {
+        /// The interface.
+        ifname: String,
+        /// The error.
+        source: std::io::Error,
+    },
 }
 
-/// Opens the configured interface and builds its flowswitch.
-pub fn open(cfg: &InterfaceConfig) -> Result<Switch, OpenError> {
+/// Opens the configured interface and builds its flowswitch and the driver that runs it.
+pub fn open(cfg: &InterfaceConfig) -> Result<Datapath, OpenError> {
     open_impaired(cfg, None)
 }
 
@@ -128,7 +137,7 @@ pub fn open(cfg: &InterfaceConfig) -> Result<Switch, OpenError> {
 pub fn open_impaired(
     cfg: &InterfaceConfig,
     faults: Option<faults::FaultConfig>,
-) -> Result<Switch, OpenError> {
+) -> Result<Datapath, OpenError> {
     if let Some(f) = &faults {
         f.validate().map_err(OpenError::Faults)?;
     }
@@ -172,5 +181,8 @@ pub fn open_impaired(
         }
         None => netif,
     };
-    Ok(Switch::new(netif, addrs, next_hop))
+    Datapath::on(netif, addrs, next_hop).map_err(|source| OpenError::Netlink {
+        ifname: cfg.name.clone(),
+        source,
+    })
 }

@@ -5,6 +5,7 @@
 //! uses is refused with the name of its holder. Addresses, routes and neighbours (netlink)
 //! will live here too.
 
+pub mod neighbours;
 pub mod netlink;
 pub mod offload;
 pub mod reserve;

@@ -1,0 +1,500 @@
+//! The flowswitch's core: what becomes of each frame from the wire and each packet from an app,
+//! as plain functions of (state, bytes, now). No I/O, no clock, no waiting: the driver
+//! (`crate::datapath`) owns the interface, the netlink socket and the clock, and carries out
+//! what the core decides.
+//!
+//! * **RX** ([`Switch::rx_batch`]): each frame is parsed once, looked up (exact flow, then
+//!   listener) and its IP packet (Ethernet stripped) is delivered into the owning channel
+//!   through its [`Port`]; the driver then publishes each touched channel's batch. Every frame
+//!   that reaches no app is counted under one [`DropReason`].
+//! * **TX** ([`Switch::tx_prepare`]): a packet the driver has already copied out of the app's
+//!   memory is validated against the sending channel's flows (anti-spoofing) and given its
+//!   Ethernet header, or held while its next hop is resolved.
+//! * **Next hops**: behind a TAP the core answers ARP/NDP itself and asks for its neighbours
+//!   (frames of its own, [`Switch::poll_transmit`]); on a shared interface it asks the kernel
+//!   ([`Switch::poll_query`]) and learns the answers ([`Switch::on_route`],
+//!   [`Switch::on_neighbour`]).
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use netchannel_shm::control::ChannelId;
+
+use super::coalesce::{Coalescer, Incoming};
+use super::conntrack::Conns;
+use super::drop::{DropCounters, DropReason};
+use super::neighbour::{ArpAction, Hop, KernelNeighbours, Neighbours, NoHop, Query};
+use super::parse::parse_frame_headers;
+use super::port::{Port, Ports};
+use super::table::{BatchScratch, FlowId, FlowKey, FlowTable, Hit};
+use super::tx;
+
+/// Interface-level counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SwitchStats {
+    /// Frames received from the interface.
+    pub rx_frames: u64,
+    /// Frames delivered to a channel (staged in its pool; the channel counts those its full
+    /// RX ring then refuses, `rx_ring_full`).
+    pub rx_switched: u64,
+    /// Frames that reached no channel, and the nexus's own frames the interface refused, by
+    /// reason (drops of a channel's packets are counted on the channel).
+    pub drops: DropCounters,
+    /// Frames sent on the interface.
+    pub tx_frames: u64,
+    /// Frames the interface refused (queue full, too large), the channels' and the nexus's.
+    pub tx_netif_errors: u64,
+    /// Packets of all channels dropped without a next hop (waited in vain, or too many
+    /// waited).
+    pub tx_unresolved: u64,
+    /// Resets sent to the peers of a dead app's TCP connections.
+    pub tx_resets: u64,
+    /// TCP segments appended to the previous one by receive coalescing.
+    pub rx_coalesced: u64,
+    /// Large TCP packets from apps cut into segments (segmentation offload).
+    pub tx_segmented: u64,
+    /// Half-open TCP connections forgotten to make room for new ones (a SYN flood).
+    pub conntrack_evicted: u64,
+}
+
+impl SwitchStats {
+    /// Counts a drop: on the interface if it is the interface's, and in the interface-wide
+    /// totals every drop of its kind feeds. (A channel's drop is counted on the channel by the
+    /// caller, once.)
+    pub fn note(&mut self, reason: DropReason) {
+        if reason.scope() == super::drop::Scope::Interface {
+            self.drops.add(reason);
+        }
+        if reason.is_netif_error() {
+            self.tx_netif_errors += 1;
+        }
+        if reason.is_unresolved() {
+            self.tx_unresolved += 1;
+        }
+    }
+}
+
+/// A packet waiting for its next hop to be resolved, as the kernel holds packets while it
+/// resolves a neighbour (the first packet to a new peer must not be lost).
+#[derive(Debug)]
+struct Pending {
+    dst: IpAddr,
+    /// The whole frame; its MAC addresses are written once the next hop is known.
+    frame: Vec<u8>,
+    flow: FlowId,
+    channel: ChannelId,
+    since: Instant,
+}
+
+/// A held packet whose next hop is now known: its frame is complete.
+#[derive(Debug)]
+pub struct Ready {
+    /// The whole Ethernet frame.
+    pub frame: Vec<u8>,
+    /// Its flow.
+    pub flow: FlowId,
+    /// The channel that sent it.
+    pub channel: ChannelId,
+}
+
+/// Most packets held for unresolved neighbours, in all and per destination.
+const PENDING_MAX: usize = 256;
+const PENDING_PER_DST: usize = 16;
+/// How long a packet waits for its neighbour before it is dropped (`tx_unresolved`).
+const PENDING_FOR: Duration = Duration::from_secs(3);
+
+/// Length of an Ethernet header.
+pub const ETH: usize = 14;
+
+/// How the switch finds the destination MAC of what it sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextHop {
+    /// Every frame goes to this MAC (a point-to-point link, or a test).
+    Fixed([u8; 6]),
+    /// The nexus is a host of its own on the link (TAP): it answers ARP for its addresses and
+    /// learns its neighbours from theirs; a packet to an unknown neighbour waits while an ARP
+    /// request (or neighbour solicitation) goes out.
+    Arp,
+    /// The interface is shared with the kernel (AF_XDP on interface `ifindex`): routes and
+    /// neighbours come from the kernel; a packet to a neighbour the kernel has not resolved
+    /// yet waits while the kernel resolves it.
+    Kernel(u32),
+}
+
+/// What becomes of a validated packet from an app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxStep {
+    /// Ready in the buffer, Ethernet header and all: send it.
+    Send(FlowId, FlowKey),
+    /// Held until its next hop is resolved (sent later by [`Switch::poll_pending`]).
+    Held,
+}
+
+/// The flowswitch of one interface: its state and its decisions.
+#[derive(Debug)]
+pub struct Switch {
+    host_addrs: Vec<IpAddr>,
+    next_hop: NextHop,
+    mac: [u8; 6],
+    mtu: usize,
+    neighbours: Neighbours,
+    kernel: KernelNeighbours,
+    pending: VecDeque<Pending>,
+    conns: Conns,
+    coalescer: Coalescer,
+    /// Frames of the nexus's own to send (ARP and NDP answers and requests).
+    own: VecDeque<Vec<u8>>,
+    touched: Vec<ChannelId>,
+    keys: Vec<FlowKey>,
+    parsed: Vec<(usize, usize, usize)>,
+    hits: Vec<Option<Hit>>,
+    scratch: BatchScratch,
+    stats: SwitchStats,
+}
+
+impl Switch {
+    /// The flowswitch of an interface whose MAC address is `mac` and MTU `mtu`, serving
+    /// `host_addrs`, finding each frame's destination MAC as `next_hop` says.
+    pub fn new(host_addrs: Vec<IpAddr>, next_hop: NextHop, mac: [u8; 6], mtu: u32) -> Self {
+        Self {
+            host_addrs,
+            next_hop,
+            mac,
+            mtu: mtu as usize,
+            neighbours: Neighbours::default(),
+            kernel: KernelNeighbours::default(),
+            pending: VecDeque::new(),
+            conns: Conns::default(),
+            coalescer: Coalescer::default(),
+            own: VecDeque::new(),
+            touched: Vec::new(),
+            keys: Vec::new(),
+            parsed: Vec::new(),
+            hits: Vec::new(),
+            scratch: BatchScratch::default(),
+            stats: SwitchStats::default(),
+        }
+    }
+
+    /// The addresses the switch serves.
+    pub fn host_addrs(&self) -> &[IpAddr] {
+        &self.host_addrs
+    }
+
+    /// How next hops are found.
+    pub fn next_hop(&self) -> NextHop {
+        self.next_hop
+    }
+
+    /// The interface's MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// The interface's MTU (the largest IP packet it carries).
+    pub fn mtu(&self) -> usize {
+        self.mtu
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &SwitchStats {
+        &self.stats
+    }
+
+    /// Counters, for the driver to add what it did (frames sent, refused).
+    pub fn stats_mut(&mut self) -> &mut SwitchStats {
+        &mut self.stats
+    }
+
+    /// The channels that received packets in the last [`Switch::rx_batch`]: their staged
+    /// batches must be published.
+    pub fn touched(&self) -> &[ChannelId] {
+        &self.touched
+    }
+
+    /// Starts a new RX pass (forgets the channels touched by the last one).
+    pub fn begin_rx(&mut self) {
+        self.touched.clear();
+    }
+
+    /// Classifies one batch of frames from the wire and delivers each into its channel's
+    /// port; every frame is counted once: delivered (`rx_switched`), handled by the nexus
+    /// (ARP, NDP) or dropped under one reason.
+    pub fn rx_batch(&mut self, frames: &[&[u8]], table: &mut FlowTable, ports: &mut impl Ports) {
+        let Self {
+            stats,
+            touched,
+            keys,
+            parsed,
+            hits,
+            scratch,
+            neighbours,
+            next_hop,
+            host_addrs,
+            conns,
+            coalescer,
+            own,
+            mac,
+            ..
+        } = self;
+        // Parse the whole batch, look it up in one go (the misses overlap), then deliver.
+        stats.rx_frames += frames.len() as u64;
+        parsed.clear();
+        keys.clear();
+        for (j, frame) in frames.iter().enumerate() {
+            if *next_hop == NextHop::Arp {
+                // Behind a TAP the nexus resolves its own neighbours: ARP, and IPv6 neighbour
+                // discovery (ICMPv6 types 135 and 136).
+                let action = match frame.get(12..14) {
+                    Some([0x08, 0x06]) => Some((
+                        DropReason::RxArp,
+                        neighbours.on_arp(frame, *mac, host_addrs),
+                    )),
+                    Some([0x86, 0xdd])
+                        if frame.get(20) == Some(&58)
+                            && matches!(frame.get(54), Some(135 | 136)) =>
+                    {
+                        Some((
+                            DropReason::RxNdp,
+                            neighbours.on_ndp(frame, *mac, host_addrs),
+                        ))
+                    }
+                    _ => None,
+                };
+                if let Some((kind, action)) = action {
+                    stats.note(kind);
+                    if let ArpAction::Reply(r) = action {
+                        own.push_back(r);
+                    }
+                    continue;
+                }
+            }
+            match parse_frame_headers(frame) {
+                Ok(p) => {
+                    keys.push(FlowKey {
+                        proto: p.proto,
+                        local: SocketAddr::from(p.dst),
+                        remote: SocketAddr::from(p.src),
+                    });
+                    parsed.push((j, p.ip_offset, p.ip_len));
+                }
+                Err(d) => stats.note(d.into()),
+            }
+        }
+        table.lookup_batch(keys, scratch, hits);
+        for ((&(j, off, len), hit), key) in parsed.iter().zip(hits.iter()).zip(keys.iter()) {
+            let Some(hit) = hit else {
+                stats.note(DropReason::RxNoFlow);
+                continue;
+            };
+            let Some(port) = ports.port(hit.channel).filter(|p| p.is_active()) else {
+                stats.note(DropReason::RxChannelGone);
+                continue;
+            };
+            let ip = &frames[j][off..off + len];
+            let p = Incoming {
+                ip,
+                proto: key.proto,
+                src: key.remote.ip(),
+                dst: key.local.ip(),
+            };
+            match coalescer.deliver(port, &p) {
+                Ok(true) => {}
+                // The channel counted why it could not take it.
+                Ok(false) => continue,
+                Err(d) => {
+                    stats.note(d.into());
+                    continue;
+                }
+            }
+            if key.proto == super::Proto::Tcp {
+                // IPv4 options are refused, so the header is 20 or 40 bytes.
+                let iphl = if key.local.is_ipv4() { 20 } else { 40 };
+                if let Some(tcp) = ip.get(iphl..) {
+                    conns.on_rx(hit.channel, key.local, key.remote, tcp);
+                }
+            }
+            table.count(hit.id, false);
+            if !touched.contains(&hit.channel) {
+                touched.push(hit.channel);
+            }
+            stats.rx_switched += 1;
+        }
+        // Growing packets get their checksums before the rings are published.
+        coalescer.finish(ports);
+        stats.rx_coalesced = coalescer.stats.merged;
+        stats.conntrack_evicted = conns.evicted();
+    }
+
+    /// The next frame of the nexus's own to send (an ARP or NDP answer or request).
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.own.pop_front()
+    }
+
+    /// The next question for the kernel (routes and neighbours, on a shared interface).
+    pub fn poll_query(&mut self) -> Option<Query> {
+        self.kernel.poll_query()
+    }
+
+    /// The kernel's answer to [`Query::Route`].
+    pub fn on_route(&mut self, dst: IpAddr, hop: Hop, now: Instant) {
+        self.kernel.on_route(dst, hop, now);
+    }
+
+    /// The kernel's neighbour entry for `ip` (an answer, or a change it announced).
+    pub fn on_neighbour(&mut self, ip: IpAddr, mac: Option<[u8; 6]>) {
+        self.kernel.on_neighbour(ip, mac);
+    }
+
+    /// The MAC address of `dst`'s next hop, if known now (an unknown one is being asked).
+    fn hop_mac(&mut self, dst: IpAddr, now: Instant) -> Result<[u8; 6], NoHop> {
+        match self.next_hop {
+            NextHop::Fixed(mac) => Ok(mac),
+            NextHop::Kernel(_) => self.kernel.lookup(dst, now),
+            NextHop::Arp => self.neighbours.get(dst).ok_or(NoHop::Unresolved),
+        }
+    }
+
+    /// Validates the IP packet an app sent, already copied to `frame[ETH..ETH + len]` (the
+    /// nexus's memory), against `channel`'s flows (anti-spoofing), and writes its Ethernet
+    /// header; or holds a copy while its next hop is resolved (if `may_hold`: a large packet
+    /// cannot wait whole, TCP sends it again). The caller counts a refusal on the channel.
+    pub fn tx_prepare(
+        &mut self,
+        table: &FlowTable,
+        channel: ChannelId,
+        frame: &mut [u8],
+        len: usize,
+        may_hold: bool,
+        now: Instant,
+    ) -> Result<TxStep, DropReason> {
+        let ip = frame.get(ETH..ETH + len).ok_or(DropReason::TxBadLen)?;
+        let (flow, key) = tx::validate(table, channel, ip, &self.host_addrs)?;
+        let dst = key.remote.ip();
+        let dst_mac = match self.hop_mac(dst, now) {
+            Ok(mac) => mac,
+            Err(NoHop::OtherInterface) => return Err(DropReason::TxOtherInterface),
+            Err(NoHop::Unresolved) if !may_hold => return Err(DropReason::TxUnresolved),
+            Err(NoHop::Unresolved) => {
+                self.hold(dst, &frame[..ETH + len], flow, channel, now)?;
+                // Behind a TAP the nexus resolves its neighbours itself: ask.
+                match (self.next_hop, key.local.ip(), dst) {
+                    (NextHop::Arp, IpAddr::V4(src), IpAddr::V4(d)) => {
+                        self.own.push_back(Neighbours::request(self.mac, src, d));
+                    }
+                    (NextHop::Arp, IpAddr::V6(src), IpAddr::V6(d)) => {
+                        self.own.push_back(Neighbours::solicit(self.mac, src, d));
+                    }
+                    _ => {}
+                }
+                return Ok(TxStep::Held);
+            }
+        };
+        frame[..6].copy_from_slice(&dst_mac);
+        frame[6..12].copy_from_slice(&self.mac);
+        let ethertype: u16 = if key.remote.is_ipv6() { 0x86dd } else { 0x0800 };
+        frame[12..14].copy_from_slice(&ethertype.to_be_bytes());
+        // What the app sends on a TCP connection tells where a reset must start.
+        if key.proto == super::Proto::Tcp && !self.conns.is_empty() {
+            let iphl = if key.local.is_ipv4() { 20 } else { 40 };
+            if let Some(tcp) = frame.get(ETH + iphl..ETH + len) {
+                self.conns.on_tx(key.local, key.remote, tcp);
+            }
+        }
+        Ok(TxStep::Send(flow, key))
+    }
+
+    /// The MSS the peer of a TCP connection announced, if known (segmentation cuts to it).
+    pub fn peer_mss(&self, key: &FlowKey) -> Option<u16> {
+        self.conns.mss(key.local, key.remote)
+    }
+
+    /// Holds a packet until its next hop is resolved.
+    fn hold(
+        &mut self,
+        dst: IpAddr,
+        frame: &[u8],
+        flow: FlowId,
+        channel: ChannelId,
+        now: Instant,
+    ) -> Result<(), DropReason> {
+        let same = self.pending.iter().filter(|p| p.dst == dst).count();
+        if self.pending.len() >= PENDING_MAX || same >= PENDING_PER_DST {
+            return Err(DropReason::TxNoNeighbour);
+        }
+        let mut f = frame.to_vec();
+        let ethertype: u16 = if f.get(ETH).is_some_and(|b| b >> 4 == 6) {
+            0x86dd
+        } else {
+            0x0800
+        };
+        f[12..14].copy_from_slice(&ethertype.to_be_bytes());
+        self.pending.push_back(Pending {
+            dst,
+            frame: f,
+            flow,
+            channel,
+            since: now,
+        });
+        Ok(())
+    }
+
+    /// Whether packets wait for their next hop (the driver must come back soon).
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Moves the held packets whose next hop is now known to `ready` (their frames complete);
+    /// drops, on their channels, those that waited too long.
+    pub fn poll_pending(&mut self, now: Instant, ports: &mut impl Ports, ready: &mut Vec<Ready>) {
+        for _ in 0..self.pending.len() {
+            let Some(mut p) = self.pending.pop_front() else {
+                break;
+            };
+            match self.hop_mac(p.dst, now) {
+                Ok(mac) => {
+                    p.frame[..6].copy_from_slice(&mac);
+                    p.frame[6..12].copy_from_slice(&self.mac);
+                    ready.push(Ready {
+                        frame: p.frame,
+                        flow: p.flow,
+                        channel: p.channel,
+                    });
+                }
+                Err(NoHop::Unresolved) if now.saturating_duration_since(p.since) < PENDING_FOR => {
+                    self.pending.push_back(p);
+                }
+                Err(_) => {
+                    let reason = DropReason::TxUnresolved;
+                    self.stats.note(reason);
+                    if let Some(port) = ports.port(p.channel) {
+                        port.count_drop(reason);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Resets for every peer of `channel`'s TCP connections (its app died or its channel was
+    /// revoked), as whole frames: they learn at once instead of waiting on a silent
+    /// connection. Peers whose next hop is unknown get none.
+    pub fn resets(&mut self, channel: ChannelId, now: Instant) -> Vec<Vec<u8>> {
+        let resets = self.conns.take_channel(channel);
+        let mut frames = Vec::with_capacity(resets.len());
+        for r in resets {
+            let Some(pkt) = r.packet() else { continue };
+            let Ok(mac) = self.hop_mac(r.remote.ip(), now) else {
+                continue;
+            };
+            let mut f = Vec::with_capacity(ETH + pkt.len());
+            f.extend_from_slice(&mac);
+            f.extend_from_slice(&self.mac);
+            let ethertype: u16 = if r.remote.is_ipv6() { 0x86dd } else { 0x0800 };
+            f.extend_from_slice(&ethertype.to_be_bytes());
+            f.extend_from_slice(&pkt);
+            frames.push(f);
+        }
+        frames
+    }
+}
