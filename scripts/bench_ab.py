@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Paired A/B of two netchannel builds on `bench tcp` (root).
+"""Paired A/B of two netchannel builds on `bench tcp`, `bench veth` or `bench nexus` (root for
+tcp and veth).
 
 A whole `bench tcp` run cannot show a 10% change on a small, noisy VM: one repetition swings
 by +-0.2 and the machine's speed drifts within minutes. This runs single netchannel-only trials
@@ -9,9 +10,12 @@ itself gave 1.035x and won 10 of 16 pairs; real changes of 10-25% won 14 to 16 o
 
     sudo scripts/bench_ab.py --pairs 16 ./netchannel-old ./netchannel-new \
         gbps_to_app gbps_from_app rtt_udp_p50
+    sudo scripts/bench_ab.py --bench veth ./netchannel-old ./netchannel-new pps_64
+    scripts/bench_ab.py --bench nexus ./netchannel-old ./netchannel-new pps_64 rtt_busy_p50
 
-For rates bigger is better; for rtt_udp_p50 (a latency) a B/A ratio under 1 is better, and
-"B>A" counts the pairs where B was slower.
+For rates bigger is better; for latencies and CPU costs (rtt_*, cpu_*) a B/A ratio under 1 is
+better, and "B>A" counts the pairs where B was bigger. `bench nexus` has no one-path mode: each
+of its trials runs both paths and only the netchannel figures are compared.
 """
 
 import argparse
@@ -21,11 +25,14 @@ import subprocess
 import sys
 
 
-def trial(binary, metrics, duration_ms):
-    args = [binary, "bench", "tcp", "--reps", "1", "--duration-ms", str(duration_ms),
-            "--json", "--only-path", "netchannel"]
-    for m in metrics:
-        args += ["--metric", m]
+def trial(binary, bench, metrics, duration_ms):
+    args = [binary, "bench", bench, "--reps", "1", "--duration-ms", str(duration_ms), "--json"]
+    if bench == "nexus":
+        args += ["--rtt-iterations", "20000"]
+    else:
+        args += ["--only-path", "netchannel"]
+        for m in metrics:
+            args += ["--metric", m]
     out = subprocess.run(args, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"{binary} failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
@@ -37,6 +44,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", type=int, default=12, help="A/B pairs (default 12)")
     p.add_argument("--duration-ms", type=int, default=1000, help="per throughput trial")
+    p.add_argument("--bench", choices=["tcp", "veth", "nexus"], default="tcp",
+                   help="which bench (default tcp)")
     p.add_argument("a", help="build A (the baseline), a netchannel binary")
     p.add_argument("b", help="build B (the change)")
     p.add_argument("metrics", nargs="*", default=["gbps_to_app", "gbps_from_app"],
@@ -45,7 +54,7 @@ def main():
     runs = {o.a: [], o.b: []}
     for i in range(o.pairs):
         for b in (o.a, o.b) if i % 2 == 0 else (o.b, o.a):
-            runs[b].append(trial(b, o.metrics, o.duration_ms))
+            runs[b].append(trial(b, o.bench, o.metrics, o.duration_ms))
         print(f"pair {i + 1}/{o.pairs} done", file=sys.stderr)
     for m in o.metrics:
         a = [r[m] for r in runs[o.a]]

@@ -85,7 +85,7 @@ impl InProcess {
     fn start(net: &Net, tag: &str) -> Self {
         let socket = format!("/tmp/netchannel-stack-{}-{tag}.sock", std::process::id());
         let _ = std::fs::remove_file(&socket);
-        let sw = netchannel_nexus::netif::open(&netchannel_nexus::config::InterfaceConfig::new(
+        let sw = netchannel_nexus::datapath::open(&netchannel_nexus::config::InterfaceConfig::new(
             net.host.clone(),
             netchannel_nexus::config::Backend::Afxdp,
         ))

@@ -12,7 +12,8 @@
 //! let buf = ch.alloc().expect("the nexus stocked the ALLOC ring");
 //! ch.buffer_mut(buf).expect("we hold it")[..4].copy_from_slice(b"ping");
 //! ch.send(&[Packet { buf, offset: 0, len: 4 }]).expect("room on a fresh ring");
-//! // Until the flowswitch exists the nexus reflects each packet back.
+//! // A nexus without an interface (a loopback nexus) reflects each packet back; with one, the
+//! // flowswitch sends it to the peer its flow names.
 //! let mut got = Vec::new();
 //! while ch.recv(&mut got, 32)? == 0 {
 //!     ch.wait(Interest::Readable, None)?;
@@ -25,8 +26,9 @@
 //! Every blocking call has a bound: control requests time out after a few seconds, and a channel
 //! wait returns [`Error::Defunct`] when the nexus revokes the channel and [`Error::PeerGone`]
 //! when the nexus exits, so an app never hangs on a nexus that is gone. To drive a channel from
-//! epoll or tokio, register [`Channel::wakeup_fd`] for readability, arm the rings with
-//! [`Endpoint::arm`] before sleeping, and call `clear_bell` after waking.
+//! epoll or tokio, register [`Channel::wakeup_fd`] for readability and, before each sleep,
+//! clear the doorbell ([`Endpoint::clear_bell`]) and then arm the rings with [`Endpoint::arm`] (cleared
+//! before arming, a ring for what arrives after the check stays and ends the sleep).
 
 use std::net::SocketAddr;
 use std::ops::{Deref, DerefMut};

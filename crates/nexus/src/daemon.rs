@@ -228,7 +228,7 @@ impl Nexus {
     pub fn from_config(config: Config) -> Result<Self, NexusError> {
         match config.interface.clone() {
             Some(i) => {
-                let dp = crate::netif::open_impaired(&i, config.faults)
+                let dp = crate::datapath::open_impaired(&i, config.faults)
                     .map_err(|e| NexusError::Interface(e.to_string()))?;
                 Self::with_datapath(config, dp)
             }

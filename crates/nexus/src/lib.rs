@@ -16,7 +16,8 @@
 //! * [`netif`]: interface backends (AF_XDP with its XDP program, TAP, an in-memory pair) and a
 //!   fault-injecting layer for tests;
 //! * [`netns`]: one port space with the host (port reservations), netlink, offloads;
-//! * [`config`]: the TOML configuration (every setting has a default).
+//! * [`config`]: the TOML configuration (every setting has a default);
+//! * [`flow`]: the flow vocabulary (protocols, 5-tuples, flow specs), shared by all of them.
 //!
 //! Without an interface, each channel's datapath is a reflector (a loopback nexus).
 
@@ -29,8 +30,10 @@
 pub mod channel;
 pub mod config;
 pub mod control;
+pub mod cred;
 pub mod daemon;
 pub mod datapath;
+pub mod flow;
 pub mod flowswitch;
 pub mod netif;
 pub mod netns;

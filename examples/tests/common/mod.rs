@@ -36,7 +36,7 @@ impl Bed {
     /// impaired by `faults` if given.
     pub(crate) fn new(tag: &str, net: u8, faults: Option<FaultConfig>) -> Self {
         let veth = VethNet::new(tag, "nc", 0, u32::from(net));
-        let sw = netchannel_nexus::netif::open_impaired(
+        let sw = netchannel_nexus::datapath::open_impaired(
             &InterfaceConfig::new(veth.host.clone(), Backend::Afxdp),
             faults,
         )

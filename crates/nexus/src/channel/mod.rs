@@ -12,7 +12,7 @@ use netchannel_shm::control::{ChannelId, ChannelStatus, Offloads};
 use netchannel_shm::{DefunctReason, Endpoint, Interest, Packet};
 
 use crate::config::ChannelConfig;
-use crate::control::policy::Cred;
+use crate::cred::Cred;
 
 /// Why a channel stopped being served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

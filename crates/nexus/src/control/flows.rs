@@ -7,8 +7,8 @@ use netchannel_shm::control::{ChannelId, ErrorCode, FlowProto, FlowStatus, Reply
 
 use super::{ControlCount, policy, refuse};
 use crate::daemon::Nexus;
-use crate::flowswitch::table::{FlowKey, FlowSpec, TableError};
-use crate::flowswitch::{FlowId, Proto};
+use crate::flow::{FlowId, FlowKey, FlowSpec, Proto};
+use crate::flowswitch::table::TableError;
 use crate::netns::ReserveError;
 
 fn proto(p: FlowProto) -> Proto {

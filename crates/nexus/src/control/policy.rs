@@ -4,18 +4,7 @@ use netchannel_shm::control::ChannelKind;
 
 use crate::config::Policy;
 
-/// The credentials of a control client, from SO_PEERCRED (plus its supplementary groups).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Cred {
-    /// Process id.
-    pub pid: i32,
-    /// User id.
-    pub uid: u32,
-    /// Primary group id.
-    pub gid: u32,
-    /// Supplementary groups, read from `/proc/<pid>/status` when the client connects.
-    pub groups: Vec<u32>,
-}
+pub use crate::cred::Cred;
 
 impl Cred {
     fn in_any(&self, groups: &[u32]) -> bool {

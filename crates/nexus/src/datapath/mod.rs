@@ -17,16 +17,28 @@ use std::time::Instant;
 use netchannel_shm::control::ChannelId;
 
 use crate::channel::{Channel, Quarantine};
+use crate::config::{Backend, InterfaceConfig};
+use crate::flowswitch::neighbour::Hop;
 use crate::flowswitch::segment::{self, TcpLayout};
 use crate::flowswitch::switch::{ETH, Ready, TxStep};
 use crate::flowswitch::{DropReason, FlowTable, NextHop, Switch};
 use crate::netif::Netif;
 use crate::netif::packet::Gso;
-use crate::netns::neighbours::Resolver;
+use crate::netns::neighbours::{Learner, Resolver};
 
 /// The most header bytes a packet the flowswitch sends can have: IPv6 (IPv4 options are
 /// refused) and a TCP header with the most options.
 const MAX_HEADERS: usize = 40 + 60;
+
+/// The kernel's answers go to the core.
+impl Learner for Switch {
+    fn on_route(&mut self, dst: std::net::IpAddr, hop: Hop, now: Instant) {
+        Self::on_route(self, dst, hop, now);
+    }
+    fn on_neighbour(&mut self, ip: std::net::IpAddr, mac: Option<[u8; 6]>) {
+        Self::on_neighbour(self, ip, mac);
+    }
+}
 
 /// A flowswitch at work on an interface.
 #[derive(Debug)]
@@ -442,4 +454,98 @@ fn send_large(
         cut.sent += 1;
     }
     cut
+}
+
+/// Why the configured interface could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// AF_XDP.
+    #[error(transparent)]
+    AfXdp(#[from] crate::netif::afxdp::AfXdpError),
+    /// TAP.
+    #[error(transparent)]
+    Tap(#[from] crate::netif::tap::TapError),
+    /// The interface's addresses could not be read.
+    #[error("reading the addresses of {ifname} over netlink: {source}")]
+    Addresses {
+        /// The interface.
+        ifname: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Nothing to serve on.
+    #[error(
+        "{0} has no IP address: add one (`ip addr add ... dev {0}`) or, for TAP, set interface.addresses"
+    )]
+    NoAddress(String),
+    /// The fault settings are out of range.
+    #[error("{0}")]
+    Faults(String),
+    /// No netlink socket to ask the kernel for next hops.
+    #[error("opening a netlink socket for the next hops of {ifname}: {source}")]
+    Netlink {
+        /// The interface.
+        ifname: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Opens the configured interface and builds its flowswitch and the driver that runs it.
+pub fn open(cfg: &InterfaceConfig) -> Result<Datapath, OpenError> {
+    open_impaired(cfg, None)
+}
+
+/// Like [`open`], with the interface impaired by `faults` (see [`faults`]).
+pub fn open_impaired(
+    cfg: &InterfaceConfig,
+    faults: Option<crate::netif::faults::FaultConfig>,
+) -> Result<Datapath, OpenError> {
+    if let Some(f) = &faults {
+        f.validate().map_err(OpenError::Faults)?;
+    }
+    let (netif, addrs, next_hop): (Box<dyn Netif>, _, _) = match cfg.backend {
+        Backend::Afxdp => {
+            let xsk = crate::netif::afxdp::AfXdp::open(
+                &cfg.name,
+                crate::netif::afxdp::AfXdpOptions {
+                    mode: cfg.xdp_mode,
+                    force_copy: false,
+                },
+            )?;
+            let ifindex = xsk.ifindex();
+            let addrs = crate::netns::netlink::Rtnl::open()
+                .and_then(|mut nl| nl.addresses(ifindex))
+                .map_err(|source| OpenError::Addresses {
+                    ifname: cfg.name.clone(),
+                    source,
+                })?;
+            if addrs.is_empty() {
+                return Err(OpenError::NoAddress(cfg.name.clone()));
+            }
+            tracing::info!(ifname = %cfg.name, ?addrs, "serving the interface's addresses");
+            (Box::new(xsk), addrs, NextHop::Kernel(ifindex))
+        }
+        Backend::Tap => {
+            if cfg.addresses.is_empty() {
+                return Err(OpenError::NoAddress(cfg.name.clone()));
+            }
+            // A locally administered MAC derived from the pid: unique enough on one host.
+            let pid = std::process::id().to_be_bytes();
+            let mac = [0x02, 0x4e, pid[0], pid[1], pid[2], pid[3]];
+            let tap = crate::netif::tap::Tap::create(&cfg.name, mac)?;
+            (Box::new(tap), cfg.addresses.clone(), NextHop::Arp)
+        }
+    };
+    let netif = match faults {
+        Some(f) => {
+            tracing::warn!(ifname = %cfg.name, faults = ?f, "impairing the interface on purpose");
+            Box::new(crate::netif::faults::Faulty::new(netif, f))
+        }
+        None => netif,
+    };
+    Datapath::on(netif, addrs, next_hop).map_err(|source| OpenError::Netlink {
+        ifname: cfg.name.clone(),
+        source,
+    })
 }

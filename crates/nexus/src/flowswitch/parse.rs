@@ -11,17 +11,8 @@
 
 use std::net::IpAddr;
 
+pub use crate::flow::Proto;
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
-
-/// The transport protocols the flowswitch switches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[repr(u8)]
-pub enum Proto {
-    /// TCP (IP protocol 6).
-    Tcp = 6,
-    /// UDP (IP protocol 17).
-    Udp = 17,
-}
 
 /// What a packet is, after parsing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,43 +7,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use netchannel_shm::control::ChannelId;
 
+pub use crate::flow::{Flow, FlowId, FlowKey, FlowSpec, Proto};
+
 use super::index::ExactIndex;
-use super::parse::Proto;
 
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-
-/// Index of a flow in the table.
-pub type FlowId = u32;
-
-/// A connected flow, from the nexus host's point of view.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct FlowKey {
-    /// UDP or TCP.
-    pub proto: Proto,
-    /// The host's address and port.
-    pub local: SocketAddr,
-    /// The peer's address and port.
-    pub remote: SocketAddr,
-}
-
-/// What a flow matches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FlowSpec {
-    /// One exact 5-tuple.
-    Exact(FlowKey),
-    /// Every packet to (proto, local), the address possibly unspecified (any local address of
-    /// that family).
-    Listener(Proto, SocketAddr),
-}
-
-/// A flow and its owner.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Flow {
-    /// What it matches.
-    pub spec: FlowSpec,
-    /// The channel that owns it.
-    pub channel: ChannelId,
-}
 
 /// Why a flow cannot be added.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -15,10 +15,6 @@ pub mod xdp;
 
 use std::os::fd::BorrowedFd;
 
-use crate::config::{Backend, InterfaceConfig};
-use crate::datapath::Datapath;
-use crate::flowswitch::NextHop;
-
 /// Why a backend failed.
 #[derive(Debug, thiserror::Error)]
 pub enum NetifError {
@@ -91,98 +87,4 @@ pub trait Netif: std::fmt::Debug + Send {
     fn steering(&self) -> Option<Box<dyn crate::netns::Steering>> {
         None
     }
-}
-
-/// Why the configured interface could not be served.
-#[derive(Debug, thiserror::Error)]
-pub enum OpenError {
-    /// AF_XDP.
-    #[error(transparent)]
-    AfXdp(#[from] afxdp::AfXdpError),
-    /// TAP.
-    #[error(transparent)]
-    Tap(#[from] tap::TapError),
-    /// The interface's addresses could not be read.
-    #[error("reading the addresses of {ifname} over netlink: {source}")]
-    Addresses {
-        /// The interface.
-        ifname: String,
-        /// The error.
-        source: std::io::Error,
-    },
-    /// Nothing to serve on.
-    #[error(
-        "{0} has no IP address: add one (`ip addr add ... dev {0}`) or, for TAP, set interface.addresses"
-    )]
-    NoAddress(String),
-    /// The fault settings are out of range.
-    #[error("{0}")]
-    Faults(String),
-    /// No netlink socket to ask the kernel for next hops.
-    #[error("opening a netlink socket for the next hops of {ifname}: {source}")]
-    Netlink {
-        /// The interface.
-        ifname: String,
-        /// The error.
-        source: std::io::Error,
-    },
-}
-
-/// Opens the configured interface and builds its flowswitch and the driver that runs it.
-pub fn open(cfg: &InterfaceConfig) -> Result<Datapath, OpenError> {
-    open_impaired(cfg, None)
-}
-
-/// Like [`open`], with the interface impaired by `faults` (see [`faults`]).
-pub fn open_impaired(
-    cfg: &InterfaceConfig,
-    faults: Option<faults::FaultConfig>,
-) -> Result<Datapath, OpenError> {
-    if let Some(f) = &faults {
-        f.validate().map_err(OpenError::Faults)?;
-    }
-    let (netif, addrs, next_hop): (Box<dyn Netif>, _, _) = match cfg.backend {
-        Backend::Afxdp => {
-            let xsk = afxdp::AfXdp::open(
-                &cfg.name,
-                afxdp::AfXdpOptions {
-                    mode: cfg.xdp_mode,
-                    force_copy: false,
-                },
-            )?;
-            let ifindex = xsk.ifindex();
-            let addrs = crate::netns::netlink::Rtnl::open()
-                .and_then(|mut nl| nl.addresses(ifindex))
-                .map_err(|source| OpenError::Addresses {
-                    ifname: cfg.name.clone(),
-                    source,
-                })?;
-            if addrs.is_empty() {
-                return Err(OpenError::NoAddress(cfg.name.clone()));
-            }
-            tracing::info!(ifname = %cfg.name, ?addrs, "serving the interface's addresses");
-            (Box::new(xsk), addrs, NextHop::Kernel(ifindex))
-        }
-        Backend::Tap => {
-            if cfg.addresses.is_empty() {
-                return Err(OpenError::NoAddress(cfg.name.clone()));
-            }
-            // A locally administered MAC derived from the pid: unique enough on one host.
-            let pid = std::process::id().to_be_bytes();
-            let mac = [0x02, 0x4e, pid[0], pid[1], pid[2], pid[3]];
-            let tap = tap::Tap::create(&cfg.name, mac)?;
-            (Box::new(tap), cfg.addresses.clone(), NextHop::Arp)
-        }
-    };
-    let netif = match faults {
-        Some(f) => {
-            tracing::warn!(ifname = %cfg.name, faults = ?f, "impairing the interface on purpose");
-            Box::new(faults::Faulty::new(netif, f))
-        }
-        None => netif,
-    };
-    Datapath::on(netif, addrs, next_hop).map_err(|source| OpenError::Netlink {
-        ifname: cfg.name.clone(),
-        source,
-    })
 }

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 
 use netchannel_shm::control::ChannelId;
 
-use crate::flowswitch::{FlowId, Proto};
+use crate::flow::{FlowId, Proto};
 
 /// The host-port reservations of every flow. Flows of one channel on one (proto, address,
 /// port), or on an address a reservation of that channel already covers (a wildcard), share

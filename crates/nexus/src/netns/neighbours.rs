@@ -37,15 +37,6 @@ pub trait Learner {
     fn on_neighbour(&mut self, ip: IpAddr, mac: Option<[u8; 6]>);
 }
 
-impl Learner for crate::flowswitch::Switch {
-    fn on_route(&mut self, dst: IpAddr, hop: Hop, now: Instant) {
-        Self::on_route(self, dst, hop, now);
-    }
-    fn on_neighbour(&mut self, ip: IpAddr, mac: Option<[u8; 6]>) {
-        Self::on_neighbour(self, ip, mac);
-    }
-}
-
 /// A question sent and not answered yet.
 #[derive(Debug, Clone, Copy)]
 enum Asked {

@@ -14,7 +14,7 @@ use std::os::fd::OwnedFd;
 
 use rustix::net::{AddressFamily, SocketFlags, SocketType, sockopt};
 
-use crate::flowswitch::Proto;
+use crate::flow::Proto;
 
 /// A claimed (protocol, address, port), held until dropped.
 #[derive(Debug)]
