@@ -9,7 +9,6 @@
 //! status costs counters (ledger audits run in housekeeping within a budget), and fds apps
 //! send are closed on another thread.
 
-use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -17,19 +16,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use netchannel_shm::control::{ChannelId, ChannelStatus, NexusStatus};
+use netchannel_shm::control::ChannelId;
 use netchannel_shm::{DefunctReason, Drained};
 use rustix::event::epoll;
+use rustix::net::{AddressFamily, SocketFlags, SocketType};
 
-use crate::channel::{Channel, Quarantine};
+use crate::channel::Quarantine;
 use crate::config::Config;
-use crate::control::closer::Closer;
-use crate::control::rate::RateLimits;
-use crate::control::{Client, ControlCount, ControlErrors};
+use crate::control::{Control, ControlCount};
 use crate::datapath::Datapath;
-use crate::flowswitch::FlowTable;
-use crate::netns::HostPorts;
 use crate::pacer::{Next, Pacer, Sent};
+use crate::registry::{Registry, token};
 
 /// Why the nexus could not start or keep running.
 #[derive(Debug, thiserror::Error)]
@@ -81,67 +78,26 @@ const BELLS_PER_WAIT: usize = 256;
 /// How often throttled control clients are looked at again.
 const RESUME_CHECK: Duration = Duration::from_millis(10);
 
-/// Most bytes of channel records in one status reply (a reply holds at most
-/// [`netchannel_shm::control::MAX_REPLY`]; the rest is the summary).
-const STATUS_PAGE_BYTES: usize = 128 * 1024;
-
-/// epoll tokens: the kind in the top byte, an id below.
-pub(crate) mod token {
-    pub(crate) const LISTENER: u64 = 0;
-    pub(crate) const SIGNAL: u64 = 1;
-    pub(crate) const NETIF: u64 = 2;
-    /// The epoll set of the channels' doorbells, nested in the loop's.
-    pub(crate) const BELLS: u64 = 3;
-    /// The netlink socket of the datapath's next hops.
-    pub(crate) const NETLINK: u64 = 4;
-    pub(crate) const CLIENT: u64 = 1 << 56;
-    pub(crate) const CHANNEL: u64 = 2 << 56;
-    pub(crate) const ID_MASK: u64 = (1 << 56) - 1;
-}
-
-/// The running nexus.
+/// The running nexus: the event loop over what it serves ([`Registry`]) and its control path
+/// ([`Control`]).
 #[derive(Debug)]
 pub struct Nexus {
-    pub(crate) config: Config,
-    pub(crate) listener: OwnedFd,
-    pub(crate) epoll: OwnedFd,
-    /// The channels' doorbells, in an epoll set of their own nested in `epoll`: while the loop
-    /// polls, a flood of rings is one ready entry there, looked at only before it sleeps (an
-    /// app cannot make a polling nexus read its doorbell).
-    bells: OwnedFd,
-    pub(crate) clients: BTreeMap<u64, Client>,
-    pub(crate) channels: BTreeMap<ChannelId, Channel>,
-    pub(crate) next_id: u64,
-    pub(crate) started: Instant,
-    pub(crate) errors: ControlErrors,
-    /// Every flow of every channel.
-    pub(crate) flows: FlowTable,
-    /// Host-port reservations, shared by the flows of one channel on one (proto, address,
-    /// port) and released with the last of them.
-    pub(crate) host_ports: HostPorts,
-    /// The flowswitch of the interface and its driver, if the nexus serves one (else
-    /// channels reflect).
-    pub(crate) datapath: Option<Datapath>,
+    /// Channels, flows, port reservations, the datapath.
+    pub(crate) reg: Registry,
+    /// The control socket's clients, their rates, the control counters.
+    pub(crate) control: Control,
     stop: Arc<AtomicBool>,
     /// Whether the interface's fd is in the epoll set's interest (not during coalescing).
     netif_watched: bool,
-    /// The interface failed for good and is no longer watched.
-    netif_failed: bool,
     signals: UnixStream,
     shutting_down: bool,
-    /// Closes the fds apps hand us that we refuse, off this thread.
-    pub(crate) closer: Closer,
-    /// The channel audited last (audits go round-robin, a budget per housekeeping pass).
-    audit_cursor: ChannelId,
-    /// Control request rates per client and per user.
-    pub(crate) rate: RateLimits,
 }
 
 impl Nexus {
     /// Binds the control socket and prepares the event loop. SIGTERM and SIGINT start an
     /// orderly shutdown once [`Nexus::run`] is running.
     pub fn new(config: Config) -> Result<Self, NexusError> {
-        let listener = crate::control::bind(&config)?;
+        let listener = bind(&config)?;
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)
             .map_err(|e| NexusError::sys("epoll_create", e))?;
         let (signals, sig_writer) =
@@ -170,32 +126,15 @@ impl Nexus {
         add(listener.as_fd(), token::LISTENER)?;
         add(signals.as_fd(), token::SIGNAL)?;
         add(bells.as_fd(), token::BELLS)?;
-        let closer =
-            Closer::start().map_err(|e| NexusError::sys("starting the closer thread", e))?;
+        let control = Control::new(listener, &config)
+            .map_err(|e| NexusError::sys("starting the closer thread", e))?;
         Ok(Self {
-            listener,
-            epoll,
-            bells,
-            clients: BTreeMap::new(),
-            channels: BTreeMap::new(),
-            next_id: 1,
-            started: Instant::now(),
-            errors: ControlErrors::default(),
-            flows: FlowTable::new(MAX_FLOWS),
-            host_ports: HostPorts::default(),
-            datapath: None,
+            reg: Registry::new(config, epoll, bells, MAX_FLOWS),
+            control,
             stop: Arc::new(AtomicBool::new(false)),
             netif_watched: true,
-            netif_failed: false,
             signals,
             shutting_down: false,
-            closer,
-            audit_cursor: 0,
-            rate: RateLimits::new(
-                config.limits.requests_per_sec,
-                config.limits.user_requests_per_sec,
-            ),
-            config,
         })
     }
 
@@ -204,7 +143,7 @@ impl Nexus {
         let mut n = Self::new(config)?;
         let watch = |fd, t, what: &str| {
             epoll::add(
-                &n.epoll,
+                &n.reg.epoll,
                 fd,
                 epoll::EventData::new_u64(t),
                 epoll::EventFlags::IN,
@@ -218,9 +157,9 @@ impl Nexus {
             watch(fd, token::NETLINK, "netlink")?;
         }
         if let Some(steering) = dp.netif().steering() {
-            n.host_ports.set_steering(steering);
+            n.reg.host_ports.set_steering(steering);
         }
-        n.datapath = Some(dp);
+        n.reg.datapath = Some(dp);
         Ok(n)
     }
 
@@ -244,7 +183,7 @@ impl Nexus {
     /// Serves until SIGTERM or SIGINT; then marks every channel DEFUNCT ("server shutting down")
     /// and returns.
     pub fn run(&mut self) -> Result<(), NexusError> {
-        let d = &self.config.datapath;
+        let d = &self.reg.config.datapath;
         let mut pacer = Pacer::new(
             Duration::from_micros(d.spin_us),
             Duration::from_micros(d.coalesce_us),
@@ -257,7 +196,7 @@ impl Nexus {
         let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
         let mut last_housekeeping = Instant::now();
         let mut last_resume = Instant::now();
-        tracing::info!(socket = %self.config.control.socket.display(), "nexus serving");
+        tracing::info!(socket = %self.reg.config.control.socket.display(), "nexus serving");
         while !self.shutting_down && !self.stop.load(Ordering::Relaxed) {
             let (moved, sent) = self.service_channels();
             self.check_netif()?;
@@ -265,23 +204,28 @@ impl Nexus {
             let now = Instant::now();
             if now.saturating_duration_since(last_housekeeping) >= HOUSEKEEPING {
                 last_housekeeping = now;
-                for c in self.channels.values_mut() {
-                    c.housekeeping(&self.config.channel, now);
+                for c in self.reg.channels.values_mut() {
+                    c.housekeeping(&self.reg.config.channel, now);
                 }
-                if let Some(dp) = self.datapath.as_mut() {
+                if let Some(dp) = self.reg.datapath.as_mut() {
                     dp.netif_mut().housekeeping();
                 }
-                self.audit_some(AUDIT_BUDGET);
+                self.reg.audit_some(AUDIT_BUDGET);
             }
             // Throttled clients are looked at often (their requests wait meanwhile), also
             // while the loop would otherwise sleep for good.
-            let throttled = !self.rate.throttled.is_empty();
+            let throttled = !self.control.rate.throttled.is_empty();
             if throttled && now.saturating_duration_since(last_resume) >= RESUME_CHECK {
                 last_resume = now;
-                self.resume_throttled(now);
+                self.control.resume_throttled(&self.reg, now);
             }
             // Packets waiting for a neighbour are retried at least every millisecond.
-            let cap = if self.datapath.as_ref().is_some_and(Datapath::has_pending) {
+            let cap = if self
+                .reg
+                .datapath
+                .as_ref()
+                .is_some_and(Datapath::has_pending)
+            {
                 Duration::from_millis(1)
             } else if throttled {
                 RESUME_CHECK
@@ -327,10 +271,10 @@ impl Nexus {
     /// which would spin the loop), once, and says so. Apps keep their channels; what they send
     /// to the wire is dropped and counted (`tx_netif_errors`).
     fn check_netif(&mut self) -> Result<(), NexusError> {
-        if self.netif_failed {
+        if self.reg.netif_failed {
             return Ok(());
         }
-        let Some(sw) = self.datapath.as_ref() else {
+        let Some(sw) = self.reg.datapath.as_ref() else {
             return Ok(());
         };
         let Some(why) = sw.netif().failed() else {
@@ -342,27 +286,32 @@ impl Nexus {
              (restart the nexus once the interface is back)"
         );
         if let Some(fd) = sw.netif().wake_fd() {
-            epoll::delete(&self.epoll, fd)
+            epoll::delete(&self.reg.epoll, fd)
                 .map_err(|e| NexusError::sys("epoll_ctl(interface)", e))?;
         }
-        self.netif_failed = true;
+        self.reg.netif_failed = true;
         self.netif_watched = false;
         Ok(())
     }
 
     /// Whether the interface's frames wake the event loop.
     fn watch_netif(&mut self, on: bool) -> Result<(), NexusError> {
-        if self.netif_watched == on || self.netif_failed {
+        if self.netif_watched == on || self.reg.netif_failed {
             return Ok(());
         }
-        if let Some(fd) = self.datapath.as_ref().and_then(|dp| dp.netif().wake_fd()) {
+        if let Some(fd) = self
+            .reg
+            .datapath
+            .as_ref()
+            .and_then(|dp| dp.netif().wake_fd())
+        {
             let flags = if on {
                 epoll::EventFlags::IN
             } else {
                 epoll::EventFlags::empty()
             };
             epoll::modify(
-                &self.epoll,
+                &self.reg.epoll,
                 fd,
                 epoll::EventData::new_u64(token::NETIF),
                 flags,
@@ -384,7 +333,7 @@ impl Nexus {
         });
         events.clear();
         match epoll::wait(
-            &self.epoll,
+            &self.reg.epoll,
             rustix::buffer::spare_capacity(events),
             ts.as_ref(),
         ) {
@@ -395,7 +344,7 @@ impl Nexus {
             events.iter().map(|e| (e.data.u64(), e.flags)).collect();
         for (t, flags) in ready {
             match t {
-                token::LISTENER => self.accept_clients(),
+                token::LISTENER => self.control.accept_clients(&mut self.reg),
                 token::SIGNAL => {
                     let mut b = [0u8; 64];
                     let _ = std::io::Read::read(&mut self.signals, &mut b);
@@ -403,10 +352,11 @@ impl Nexus {
                     self.shutting_down = true;
                 }
                 t if t & !token::ID_MASK == token::CLIENT => {
-                    self.on_client_event(t & token::ID_MASK, flags)
+                    self.control
+                        .on_client_event(&mut self.reg, t & token::ID_MASK, flags)
                 }
                 token::NETLINK => {
-                    if let Some(dp) = self.datapath.as_mut() {
+                    if let Some(dp) = self.reg.datapath.as_mut() {
                         dp.resolver_readable();
                     }
                 }
@@ -430,7 +380,7 @@ impl Nexus {
             tv_nsec: 0,
         };
         match epoll::wait(
-            &self.bells,
+            &self.reg.bells,
             rustix::buffer::spare_capacity(&mut rang),
             Some(&zero),
         ) {
@@ -439,53 +389,46 @@ impl Nexus {
         }
         for e in &rang {
             let id = e.data.u64() & token::ID_MASK;
-            if let Some(c) = self.channels.get(&id)
+            if let Some(c) = self.reg.channels.get(&id)
                 && c.endpoint().clear_bell_into(&mut stray) == Drained::PeerGone
             {
                 hung_up.push(id);
             }
         }
-        self.closer.close(stray);
+        self.control.closer.close(stray);
         // An app that shut or closed its end of a channel's doorbell can neither wake us nor be
         // woken: the channel is over, as if it had closed it (and its bell would poll as ready
         // for ever).
         for id in hung_up {
-            if self.channels.contains_key(&id) {
+            if self.reg.channels.contains_key(&id) {
                 tracing::info!(
                     channel = id,
                     "the app hung up the channel's doorbell; closing the channel"
                 );
-                self.errors.count(ControlCount::DoorbellHangups);
-                self.remove_channel(id);
+                self.control.errors.count(ControlCount::DoorbellHangups);
+                self.control.remove_channel(&mut self.reg, id);
             }
         }
         Ok(())
     }
 
-    /// Stops waking for a channel that is no longer served (defunct): its app may ring on,
-    /// and nothing it rings for is looked at.
-    pub(crate) fn unwatch_channel(&mut self, id: ChannelId) {
-        if let Some(c) = self.channels.get(&id) {
-            let _ = epoll::delete(&self.bells, c.endpoint().bell_fd());
-        }
-    }
-
     /// One pass over the interface and every channel: packets moved, and what apps sent.
     fn service_channels(&mut self) -> (usize, Sent) {
-        let (cfg, batch) = (&self.config.channel, self.config.datapath.batch);
+        let (cfg, batch) = (&self.reg.config.channel, self.reg.config.datapath.batch);
         let (mut moved, mut sent_all) = (0, Sent::default());
         let mut quarantine = Vec::new();
-        match &mut self.datapath {
+        match &mut self.reg.datapath {
             // With an interface: the flowswitch moves packets between it and the channels.
             Some(sw) => {
                 sw.exchange(Instant::now());
-                moved += sw.retry_pending(&mut self.flows, &mut self.channels);
-                let (n, broken) = sw.rx_pass(&mut self.flows, &mut self.channels, RX_BUDGET);
+                moved += sw.retry_pending(&mut self.reg.flows, &mut self.reg.channels);
+                let (n, broken) =
+                    sw.rx_pass(&mut self.reg.flows, &mut self.reg.channels, RX_BUDGET);
                 moved += n;
                 quarantine.extend(broken.into_iter().map(|id| (id, Quarantine::RingCorrupt)));
                 let frames_before = sw.switch().stats().tx_frames;
-                for c in self.channels.values_mut() {
-                    let sent = match sw.tx_pass(&mut self.flows, c, batch) {
+                for c in self.reg.channels.values_mut() {
+                    let sent = match sw.tx_pass(&mut self.reg.flows, c, batch) {
                         Ok(k) => k,
                         Err(q) => {
                             quarantine.push((c.id, q));
@@ -504,7 +447,7 @@ impl Nexus {
             }
             // Without one: each channel's packets are reflected back to it.
             None => {
-                for c in self.channels.values_mut() {
+                for c in self.reg.channels.values_mut() {
                     match c.service(cfg, batch) {
                         Ok(n) => {
                             // Everything here was sent by an app (and reflected).
@@ -518,9 +461,9 @@ impl Nexus {
             }
         }
         for (id, q) in quarantine {
-            self.release_flows(id);
-            self.unwatch_channel(id);
-            if let Some(c) = self.channels.get_mut(&id) {
+            self.reg.release_flows(id);
+            self.reg.unwatch_channel(id);
+            if let Some(c) = self.reg.channels.get_mut(&id) {
                 tracing::warn!(channel = id, pid = c.cred.pid, reason = ?q, counters = ?c.endpoint().stats().drop_counters(), "quarantining channel");
                 c.make_defunct(match q {
                     Quarantine::RingCorrupt | Quarantine::Strikes => DefunctReason::Quarantined,
@@ -533,7 +476,7 @@ impl Nexus {
     /// Arms every channel's need-wakeup flags before sleeping; true if work arrived meanwhile.
     fn arm_all(&mut self) -> bool {
         let mut work = false;
-        for c in self.channels.values_mut() {
+        for c in self.reg.channels.values_mut() {
             work |= c.arm(true);
         }
         if work {
@@ -543,170 +486,83 @@ impl Nexus {
     }
 
     fn disarm_all(&mut self) {
-        for c in self.channels.values_mut() {
+        for c in self.reg.channels.values_mut() {
             c.arm(false);
         }
     }
 
-    /// Registers a channel's doorbell in the epoll set and starts serving it.
-    pub(crate) fn add_channel(&mut self, ch: Channel) -> Result<(), NexusError> {
-        epoll::add(
-            &self.bells,
-            ch.endpoint().bell_fd(),
-            epoll::EventData::new_u64(token::CHANNEL | ch.id),
-            epoll::EventFlags::IN,
-        )
-        .map_err(|e| NexusError::sys("epoll_ctl(channel)", e))?;
-        self.channels.insert(ch.id, ch);
-        Ok(())
-    }
-
-    /// Removes a channel: every buffer comes home, then its memory is unmapped.
-    /// Gives up every flow of a channel and its host-port reservations.
-    pub(crate) fn release_flows(&mut self, channel: ChannelId) {
-        // The app's TCP peers learn of its end at once.
-        if let Some(dp) = self.datapath.as_mut() {
-            dp.reset_connections(channel);
-        }
-        for flow in self.flows.remove_channel(channel) {
-            self.host_ports.release(flow);
-        }
-    }
-
-    pub(crate) fn remove_channel(&mut self, id: ChannelId) {
-        self.release_flows(id);
-        if let Some(mut c) = self.channels.remove(&id) {
-            let _ = epoll::delete(&self.bells, c.endpoint().bell_fd());
-            if let Err(e) = c.reclaim() {
-                tracing::error!(channel = id, error = %e, "ledger not whole after reclaiming a channel");
-                self.errors.count(ControlCount::ReclaimAuditFailed);
-            } else {
-                self.errors.count_ok_reclaim();
-            }
-        }
-    }
-
     fn shutdown(&mut self) {
-        for c in self.channels.values_mut() {
+        for c in self.reg.channels.values_mut() {
             c.make_defunct(DefunctReason::ServerShutdown);
         }
-        let ids: Vec<ChannelId> = self.channels.keys().copied().collect();
+        let ids: Vec<ChannelId> = self.reg.channels.keys().copied().collect();
         for id in ids {
-            self.release_flows(id);
+            self.reg.release_flows(id);
         }
-        let _ = std::fs::remove_file(&self.config.control.socket);
+        let _ = std::fs::remove_file(&self.reg.config.control.socket);
         tracing::info!(
-            channels = self.channels.len(),
+            channels = self.reg.channels.len(),
             "nexus stopped; every channel is defunct"
         );
     }
-
-    /// Audits channels' ledgers round-robin from where the last pass stopped, until `budget`
-    /// buffers are audited or every channel was.
-    fn audit_some(&mut self, budget: u64) {
-        use std::ops::Bound::{Excluded, Unbounded};
-        let mut spent = 0u64;
-        for _ in 0..self.channels.len() {
-            if spent >= budget {
-                break;
-            }
-            let next = self
-                .channels
-                .range_mut((Excluded(self.audit_cursor), Unbounded))
-                .next()
-                .map(|(id, _)| *id)
-                .or_else(|| self.channels.keys().next().copied());
-            let Some(id) = next else { break };
-            if let Some(c) = self.channels.get_mut(&id) {
-                spent += c.audit_now();
-            }
-            self.audit_cursor = id;
-        }
-    }
-
-    /// The nexus's state, as `netchannel status` shows it: the summary and the first page of
-    /// channels when `after` is `None`, else the channels whose ids follow `after`. Costs the
-    /// page's counters, never an audit.
-    pub fn status(&mut self, only_uid: Option<u32>, after: Option<ChannelId>) -> NexusStatus {
-        use std::ops::Bound::{Excluded, Unbounded};
-        let from = after.map_or(Unbounded, Excluded);
-        let (mut channels, mut bytes, mut next_after) = (Vec::new(), 0usize, None);
-        for c in self
-            .channels
-            .range_mut((from, Unbounded))
-            .map(|(_, c)| c)
-            .filter(|c| only_uid.is_none_or(|u| c.cred.uid == u))
-        {
-            let st = c.status();
-            // An upper bound of the record's JSON (its fixed fields take under 500 bytes).
-            bytes += 600 + st.state.len() + st.audit.len() + 64 * st.drops.len();
-            if bytes > STATUS_PAGE_BYTES && !channels.is_empty() {
-                next_after = channels.last().map(|c: &ChannelStatus| c.id);
-                break;
-            }
-            channels.push(st);
-        }
-        if after.is_some() {
-            return NexusStatus {
-                pid: std::process::id(),
-                channels,
-                next_after,
-                ..NexusStatus::default()
-            };
-        }
-        NexusStatus {
-            pid: std::process::id(),
-            uptime_s: self.started.elapsed().as_secs_f64(),
-            clients: self.clients.len(),
-            fds: std::fs::read_dir("/proc/self/fd")
-                .map(|d| d.count())
-                .unwrap_or(0),
-            rss_bytes: rss_bytes(),
-            control_errors: {
-                let mut v = self.errors.list();
-                // Refused fds whose close has not finished (a lingering socket's, say).
-                let closing = self.closer.pending();
-                if closing > 0 {
-                    v.push(("fds_closing".to_owned(), closing));
-                }
-                v
-            },
-            interface: self
-                .datapath
-                .as_ref()
-                .map(|sw| {
-                    let st = sw.switch().stats();
-                    let mut v = vec![
-                        ("rx_frames".to_owned(), st.rx_frames),
-                        ("rx_switched".to_owned(), st.rx_switched),
-                        ("tx_frames".to_owned(), st.tx_frames),
-                        ("tx_netif_errors".to_owned(), st.tx_netif_errors),
-                        ("tx_unresolved".to_owned(), st.tx_unresolved),
-                        ("tx_resets".to_owned(), st.tx_resets),
-                        ("rx_coalesced".to_owned(), st.rx_coalesced),
-                        ("tx_segmented".to_owned(), st.tx_segmented),
-                        ("conntrack_evicted".to_owned(), st.conntrack_evicted),
-                        ("interface_failed".to_owned(), u64::from(self.netif_failed)),
-                    ];
-                    v.extend(st.drops.nonzero().map(|(r, n)| (r.name().to_owned(), n)));
-                    v.extend(
-                        sw.netif_counters()
-                            .into_iter()
-                            .map(|(k, n)| (k.to_owned(), n)),
-                    );
-                    v
-                })
-                .unwrap_or_default(),
-            channels,
-            next_after,
-        }
-    }
 }
 
-/// Resident set size of this process.
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * rustix::param::page_size() as u64)
+/// Binds the control socket per the config (refusing to steal it from a live nexus).
+pub(crate) fn bind(config: &Config) -> Result<OwnedFd, NexusError> {
+    let path = &config.control.socket;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| NexusError::sys(format!("creating {}", dir.display()), e))?;
+    }
+    let addr = rustix::net::SocketAddrUnix::new(path.as_path())
+        .map_err(|e| NexusError::sys("socket path", e))?;
+    if path.exists() {
+        let probe = socket(SocketFlags::CLOEXEC)?;
+        if rustix::net::connect(&probe, &addr).is_ok() {
+            return Err(NexusError::AlreadyRunning(path.clone()));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| NexusError::sys(format!("removing stale {}", path.display()), e))?;
+    }
+    let fd = socket(SocketFlags::CLOEXEC | SocketFlags::NONBLOCK)?;
+    rustix::net::bind(&fd, &addr)
+        .map_err(|e| NexusError::sys(format!("binding {}", path.display()), e))?;
+    let mode = config
+        .control_mode()
+        .map_err(|e| NexusError::sys(e.to_string(), std::io::ErrorKind::InvalidInput))?;
+    std::fs::set_permissions(
+        path,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(mode),
+    )
+    .map_err(|e| NexusError::sys("chmod control socket", e))?;
+    if let Some(g) = &config.control.group {
+        let gid = group_id(g).ok_or_else(|| {
+            NexusError::sys(
+                format!("unknown group {g:?} in control.group"),
+                std::io::ErrorKind::NotFound,
+            )
+        })?;
+        rustix::fs::chown(path.as_path(), None, Some(rustix::fs::Gid::from_raw(gid)))
+            .map_err(|e| NexusError::sys("chown control socket", e))?;
+    }
+    rustix::net::listen(&fd, 64).map_err(|e| NexusError::sys("listen", e))?;
+    Ok(fd)
+}
+
+fn socket(flags: SocketFlags) -> Result<OwnedFd, NexusError> {
+    rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, flags, None)
+        .map_err(|e| NexusError::sys("socket(AF_UNIX, SOCK_SEQPACKET)", e))
+}
+
+/// A group's id from its number or its name in /etc/group.
+fn group_id(g: &str) -> Option<u32> {
+    g.parse().ok().or_else(|| {
+        std::fs::read_to_string("/etc/group")
+            .ok()?
+            .lines()
+            .find_map(|l| {
+                let mut f = l.split(':');
+                (f.next()? == g).then(|| f.nth(1)?.parse().ok())?
+            })
+    })
 }

@@ -7,6 +7,8 @@
 //! * [`channel`]: each channel as the nexus serves it (its datapath, defunct, reclamation);
 //! * [`daemon`]: the event loop that ties them together, and [`pacer`], which decides when it
 //!   polls and when it sleeps;
+//! * [`registry`]: what the nexus serves (channels, flows, port reservations, the datapath),
+//!   which the event loop and the control path both act on;
 //! * [`flowswitch`]: the sans-IO core: parsing, the flow table, RX demux, TX validation
 //!   (anti-spoofing), next hops, TCP offloads for apps' stacks (receive coalescing,
 //!   segmentation, checksums folded into the copies), just enough TCP state to reset a dead
@@ -38,6 +40,7 @@ pub mod flowswitch;
 pub mod netif;
 pub mod netns;
 pub mod pacer;
+pub mod registry;
 
 pub use config::Config;
 pub use daemon::{Nexus, NexusError};

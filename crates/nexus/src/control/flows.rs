@@ -5,11 +5,12 @@ use std::net::SocketAddr;
 
 use netchannel_shm::control::{ChannelId, ErrorCode, FlowProto, FlowStatus, Reply};
 
+use super::Control;
 use super::{ControlCount, policy, refuse};
-use crate::daemon::Nexus;
 use crate::flow::{FlowId, FlowKey, FlowSpec, Proto};
 use crate::flowswitch::table::TableError;
 use crate::netns::ReserveError;
+use crate::registry::Registry;
 
 fn proto(p: FlowProto) -> Proto {
     match p {
@@ -36,16 +37,17 @@ fn spec(p: Proto, local: SocketAddr, remote: Option<SocketAddr>) -> FlowSpec {
     }
 }
 
-impl Nexus {
+impl Control {
     pub(super) fn add_flow(
         &mut self,
+        reg: &mut Registry,
         client: u64,
         channel: ChannelId,
         fp: FlowProto,
         local: SocketAddr,
         remote: Option<SocketAddr>,
     ) -> Reply {
-        let Some(c) = self.channels.get(&channel).filter(|c| c.client == client) else {
+        let Some(c) = reg.channels.get(&channel).filter(|c| c.client == client) else {
             return refuse(
                 ErrorCode::NoSuchChannel,
                 format!("you have no channel {channel}"),
@@ -61,7 +63,7 @@ impl Nexus {
         let p = proto(fp);
         let addr = (!local.ip().is_unspecified()).then_some(local.ip());
         if local.port() != 0
-            && !policy::may_claim_port(&self.config.policy, &cred, local.port(), addr)
+            && !policy::may_claim_port(&reg.config.policy, &cred, local.port(), addr)
         {
             self.errors.count(ControlCount::NotPermitted);
             return refuse(
@@ -73,13 +75,13 @@ impl Nexus {
                 ),
             );
         }
-        let owned: usize = self
+        let owned: usize = reg
             .channels
             .values()
             .filter(|c| c.cred.uid == cred.uid)
-            .map(|c| self.flows.flows_of(c.id))
+            .map(|c| reg.flows.flows_of(c.id))
             .sum();
-        let limit = self.config.limits.flows_per_user;
+        let limit = reg.config.limits.flows_per_user;
         if cred.uid != 0 && owned >= limit {
             self.errors.count(ControlCount::LimitFlows);
             return refuse(
@@ -92,12 +94,12 @@ impl Nexus {
         }
         // Clashes between apps are named by the flow table (the host would only name the nexus).
         if local.port() != 0
-            && let Err(e) = self.flows.check(channel, spec(p, local, remote))
+            && let Err(e) = reg.flows.check(channel, spec(p, local, remote))
         {
             self.errors.count(ControlCount::PortInUse);
             return refuse(ErrorCode::InUse, e.to_string());
         }
-        let (handle, local) = match self.host_ports.acquire(channel, p, local) {
+        let (handle, local) = match reg.host_ports.acquire(channel, p, local) {
             Ok(h) => h,
             Err(ReserveError::InUse {
                 proto,
@@ -113,10 +115,10 @@ impl Nexus {
             }
             Err(e) => return refuse(ErrorCode::Resource, e.to_string()),
         };
-        let id: FlowId = match self.flows.insert(channel, spec(p, local, remote)) {
+        let id: FlowId = match reg.flows.insert(channel, spec(p, local, remote)) {
             Ok(id) => id,
             Err(e) => {
-                self.host_ports.unacquire(handle);
+                reg.host_ports.unacquire(handle);
                 let code = match e {
                     TableError::InUse { .. } => {
                         self.errors.count(ControlCount::PortInUse);
@@ -127,47 +129,47 @@ impl Nexus {
                 return refuse(code, e.to_string());
             }
         };
-        self.host_ports.bind(id, handle);
+        reg.host_ports.bind(id, handle);
         tracing::debug!(channel, flow = id, %local, ?remote, "flow added");
         Reply::FlowAdded { flow: id, local }
     }
 
-    pub(super) fn remove_flow(&mut self, client: u64, flow: FlowId) -> Reply {
-        let mine = self
+    pub(super) fn remove_flow(&mut self, reg: &mut Registry, client: u64, flow: FlowId) -> Reply {
+        let mine = reg
             .flows
             .get(flow)
-            .and_then(|f| self.channels.get(&f.channel))
+            .and_then(|f| reg.channels.get(&f.channel))
             .is_some_and(|c| c.client == client);
         if !mine {
             return refuse(ErrorCode::NoSuchChannel, format!("you have no flow {flow}"));
         }
         // What the app sent on the flow before removing it still goes out: drain the
         // channel's TX ring first (an app closes a socket right after its last send).
-        if let (Some(sw), Some(f)) = (self.datapath.as_mut(), self.flows.get(flow)) {
+        if let (Some(sw), Some(f)) = (reg.datapath.as_mut(), reg.flows.get(flow)) {
             let id = f.channel;
-            if let Some(c) = self.channels.get_mut(&id) {
-                let ring = self.config.channel.max_ring_slots as usize;
-                if let Err(q) = sw.tx_pass(&mut self.flows, c, ring) {
+            if let Some(c) = reg.channels.get_mut(&id) {
+                let ring = reg.config.channel.max_ring_slots as usize;
+                if let Err(q) = sw.tx_pass(&mut reg.flows, c, ring) {
                     tracing::warn!(channel = id, reason = ?q, "draining TX before a flow removal");
                 }
                 sw.flush();
             }
         }
-        self.flows.remove(flow);
-        self.host_ports.release(flow);
+        reg.flows.remove(flow);
+        reg.host_ports.release(flow);
         Reply::Done
     }
 
     /// A page of the flows visible to the client: those whose ids follow `after`, at most
     /// [`FLOWS_PER_PAGE`].
-    pub(super) fn list_flows(&self, client: u64, after: Option<u32>) -> Reply {
+    pub(super) fn list_flows(&self, reg: &Registry, client: u64, after: Option<u32>) -> Reply {
         let uid = self.clients.get(&client).map_or(u32::MAX, |c| c.cred.uid);
         let first = after.map_or(0, |a| a.saturating_add(1));
-        let mut flows: Vec<FlowStatus> = self
+        let mut flows: Vec<FlowStatus> = reg
             .flows
             .iter_from(first)
             .filter_map(|(id, f)| {
-                let c = self.channels.get(&f.channel)?;
+                let c = reg.channels.get(&f.channel)?;
                 if uid != 0 && c.cred.uid != uid {
                     return None;
                 }
@@ -175,7 +177,7 @@ impl Nexus {
                     FlowSpec::Exact(k) => (k.proto, k.local, Some(k.remote)),
                     FlowSpec::Listener(p, a) => (p, a, None),
                 };
-                let (rx_packets, tx_packets) = self.flows.counters(id);
+                let (rx_packets, tx_packets) = reg.flows.counters(id);
                 Some(FlowStatus {
                     id,
                     channel: f.channel,

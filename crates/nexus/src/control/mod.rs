@@ -1,5 +1,8 @@
 //! The control socket: apps connect, are identified by SO_PEERCRED, and ask for channels.
 //!
+//! [`Control`] is a message handler: the event loop hands it each client's readiness, and it
+//! acts on what the nexus serves through the [`Registry`] (never on the loop itself).
+//!
 //! Every message is length-limited and versioned (see [`netchannel_shm::control`]). Anything
 //! malformed is answered with an error and counted under its reason; fds a client sends unasked
 //! are closed at once, on the closer thread ([`closer`]); requests are rate-limited per client
@@ -14,19 +17,21 @@ use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
 
 use netchannel_shm::control::{
-    self, ChannelId, ChannelKind, DecodeError, ErrorCode, MAX_REPLY, MAX_REQUEST, Offloads, Reply,
-    Request,
+    self, ChannelId, ChannelKind, DecodeError, ErrorCode, MAX_REPLY, MAX_REQUEST, NexusStatus,
+    Offloads, Reply, Request,
 };
 use netchannel_shm::endpoint::{Home, ServerSetup};
 use netchannel_shm::fdpass::{recv_with_fds, send_with_fds};
 use netchannel_shm::{DefunctReason, Error as ShmError, Geometry};
 use policy::Cred;
 use rustix::event::epoll;
-use rustix::net::{AddressFamily, SocketFlags, SocketType};
+use rustix::net::SocketFlags;
 
 use crate::channel::Channel;
 use crate::config::Config;
-use crate::daemon::{Nexus, NexusError, token};
+use crate::registry::{Registry, token};
+use closer::Closer;
+use rate::RateLimits;
 
 /// Most offers a client may leave unanswered at once.
 const MAX_PENDING_OFFERS: usize = 4;
@@ -157,64 +162,18 @@ pub struct Client {
     offers: BTreeMap<ChannelId, (ServerSetup, Offloads)>,
 }
 
-/// Binds the control socket per the config (refusing to steal it from a live nexus).
-pub(crate) fn bind(config: &Config) -> Result<OwnedFd, NexusError> {
-    let path = &config.control.socket;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| NexusError::sys(format!("creating {}", dir.display()), e))?;
-    }
-    let addr = rustix::net::SocketAddrUnix::new(path.as_path())
-        .map_err(|e| NexusError::sys("socket path", e))?;
-    if path.exists() {
-        let probe = socket(SocketFlags::CLOEXEC)?;
-        if rustix::net::connect(&probe, &addr).is_ok() {
-            return Err(NexusError::AlreadyRunning(path.clone()));
-        }
-        std::fs::remove_file(path)
-            .map_err(|e| NexusError::sys(format!("removing stale {}", path.display()), e))?;
-    }
-    let fd = socket(SocketFlags::CLOEXEC | SocketFlags::NONBLOCK)?;
-    rustix::net::bind(&fd, &addr)
-        .map_err(|e| NexusError::sys(format!("binding {}", path.display()), e))?;
-    let mode = config
-        .control_mode()
-        .map_err(|e| NexusError::sys(e.to_string(), std::io::ErrorKind::InvalidInput))?;
-    std::fs::set_permissions(
-        path,
-        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(mode),
-    )
-    .map_err(|e| NexusError::sys("chmod control socket", e))?;
-    if let Some(g) = &config.control.group {
-        let gid = group_id(g).ok_or_else(|| {
-            NexusError::sys(
-                format!("unknown group {g:?} in control.group"),
-                std::io::ErrorKind::NotFound,
-            )
-        })?;
-        rustix::fs::chown(path.as_path(), None, Some(rustix::fs::Gid::from_raw(gid)))
-            .map_err(|e| NexusError::sys("chown control socket", e))?;
-    }
-    rustix::net::listen(&fd, 64).map_err(|e| NexusError::sys("listen", e))?;
-    Ok(fd)
-}
-
-fn socket(flags: SocketFlags) -> Result<OwnedFd, NexusError> {
-    rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, flags, None)
-        .map_err(|e| NexusError::sys("socket(AF_UNIX, SOCK_SEQPACKET)", e))
-}
-
-/// A group's id from its number or its name in /etc/group.
-fn group_id(g: &str) -> Option<u32> {
-    g.parse().ok().or_else(|| {
-        std::fs::read_to_string("/etc/group")
-            .ok()?
-            .lines()
-            .find_map(|l| {
-                let mut f = l.split(':');
-                (f.next()? == g).then(|| f.nth(1)?.parse().ok())?
-            })
-    })
+/// The control path: a message handler over the nexus's [`Registry`]. It owns the control
+/// socket and its clients, their request rates and the control counters; the event loop
+/// hands it each client's readiness.
+#[derive(Debug)]
+pub struct Control {
+    listener: OwnedFd,
+    pub(crate) clients: BTreeMap<u64, Client>,
+    pub(crate) errors: ControlErrors,
+    /// Control request rates per client and per user.
+    pub(crate) rate: RateLimits,
+    /// Closes the fds apps hand us that we refuse, off the loop's thread.
+    pub(crate) closer: Closer,
 }
 
 /// Checks, before the nexus maps it or becomes able to close it inline, that the fd an app
@@ -232,6 +191,15 @@ fn app_region_is_usable(setup: &ServerSetup, fd: &OwnedFd) -> Result<(), String>
     Ok(())
 }
 
+/// What an `open_channel` request asks for.
+struct OpenAsk {
+    kind: ChannelKind,
+    ring_slots: Option<u32>,
+    buffers: Option<u32>,
+    buf_size: Option<u32>,
+    offloads: Offloads,
+}
+
 fn refuse(code: ErrorCode, message: impl Into<String>) -> Reply {
     Reply::Error {
         code,
@@ -239,9 +207,53 @@ fn refuse(code: ErrorCode, message: impl Into<String>) -> Reply {
     }
 }
 
-impl Nexus {
+impl Control {
+    /// The control path of the socket `listener` (bound and listening), per `config`'s
+    /// limits. Starts the closer thread.
+    pub(crate) fn new(listener: OwnedFd, config: &Config) -> std::io::Result<Self> {
+        Ok(Self {
+            listener,
+            clients: BTreeMap::new(),
+            errors: ControlErrors::default(),
+            rate: RateLimits::new(
+                config.limits.requests_per_sec,
+                config.limits.user_requests_per_sec,
+            ),
+            closer: Closer::start()?,
+        })
+    }
+
+    /// Removes a channel (its app closed it or is gone) and counts how its reclaim went.
+    pub(crate) fn remove_channel(&mut self, reg: &mut Registry, id: ChannelId) {
+        match reg.remove_channel(id) {
+            Some(Ok(())) => self.errors.count_ok_reclaim(),
+            Some(Err(_)) => self.errors.count(ControlCount::ReclaimAuditFailed),
+            None => {}
+        }
+    }
+
+    /// The nexus's state for `netchannel status`, with the control path's counters.
+    pub(crate) fn status(
+        &self,
+        reg: &mut Registry,
+        only_uid: Option<u32>,
+        after: Option<ChannelId>,
+    ) -> NexusStatus {
+        let mut st = reg.status(only_uid, after);
+        if after.is_none() {
+            st.clients = self.clients.len();
+            st.control_errors = self.errors.list();
+            // Refused fds whose close has not finished (a lingering socket's, say).
+            let closing = self.closer.pending();
+            if closing > 0 {
+                st.control_errors.push(("fds_closing".to_owned(), closing));
+            }
+        }
+        st
+    }
+
     /// Accepts every pending connection.
-    pub(crate) fn accept_clients(&mut self) {
+    pub(crate) fn accept_clients(&mut self, reg: &mut Registry) {
         loop {
             let sock = match rustix::net::accept_with(
                 &self.listener,
@@ -269,11 +281,11 @@ impl Nexus {
                 .values()
                 .filter(|c| c.cred.uid == cred.uid)
                 .count();
-            if cred.uid != 0 && same_user >= self.config.limits.connections_per_user {
+            if cred.uid != 0 && same_user >= reg.config.limits.connections_per_user {
                 self.errors.count(ControlCount::LimitConnections);
                 let msg = format!(
                     "uid {} already has {same_user} connections; the limit is limits.connections_per_user = {}",
-                    cred.uid, self.config.limits.connections_per_user
+                    cred.uid, reg.config.limits.connections_per_user
                 );
                 let _ = send_with_fds(
                     sock.as_fd(),
@@ -282,11 +294,10 @@ impl Nexus {
                 );
                 continue;
             }
-            let id = self.next_id;
-            self.next_id += 1;
+            let id = reg.next_id();
             let flags = epoll::EventFlags::IN | epoll::EventFlags::RDHUP;
             if epoll::add(
-                &self.epoll,
+                &reg.epoll,
                 &sock,
                 epoll::EventData::new_u64(token::CLIENT | id),
                 flags,
@@ -314,7 +325,12 @@ impl Nexus {
     }
 
     /// Handles readiness or hang-up of a client socket.
-    pub(crate) fn on_client_event(&mut self, id: u64, flags: epoll::EventFlags) {
+    pub(crate) fn on_client_event(
+        &mut self,
+        reg: &mut Registry,
+        id: u64,
+        flags: epoll::EventFlags,
+    ) {
         let hung_up = flags
             .intersects(epoll::EventFlags::HUP | epoll::EventFlags::RDHUP | epoll::EventFlags::ERR);
         let now = std::time::Instant::now();
@@ -325,7 +341,7 @@ impl Nexus {
             if !self.rate.admit(id, client.cred.uid, now) {
                 // Not read until its buckets refill: its requests wait in its own socket.
                 if !hung_up {
-                    self.throttle(id);
+                    self.throttle(reg, id);
                 }
                 break;
             }
@@ -333,7 +349,7 @@ impl Nexus {
             match recv_with_fds(client.sock.as_fd(), &mut buf, true) {
                 Ok(r) => {
                     buf.truncate(r.len);
-                    let reply = self.on_message(id, &buf, r.fds, r.truncated, r.fds_truncated);
+                    let reply = self.on_message(reg, id, &buf, r.fds, r.truncated, r.fds_truncated);
                     // A large reply (a page of many records) or a large pool costs the
                     // datapath thread more than one request: charged in proportion.
                     let pool = match &reply.0 {
@@ -356,18 +372,18 @@ impl Nexus {
                     ..
                 }) => break,
                 Err(_) => {
-                    self.drop_client(id);
+                    self.drop_client(reg, id);
                     return;
                 }
             }
         }
         if hung_up {
-            self.drop_client(id);
+            self.drop_client(reg, id);
         }
     }
 
     /// Stops reading a client over its request rate (a hang-up is still noticed).
-    fn throttle(&mut self, id: u64) {
+    fn throttle(&mut self, reg: &Registry, id: u64) {
         let Some(client) = self.clients.get(&id) else {
             return;
         };
@@ -381,7 +397,7 @@ impl Nexus {
             "control requests throttled"
         );
         let _ = epoll::modify(
-            &self.epoll,
+            &reg.epoll,
             &client.sock,
             epoll::EventData::new_u64(token::CLIENT | id),
             epoll::EventFlags::RDHUP,
@@ -390,7 +406,7 @@ impl Nexus {
 
     /// Reads again the throttled clients whose buckets have refilled (every few milliseconds
     /// while any is throttled).
-    pub(crate) fn resume_throttled(&mut self, now: std::time::Instant) {
+    pub(crate) fn resume_throttled(&mut self, reg: &Registry, now: std::time::Instant) {
         let ready: Vec<u64> = self
             .rate
             .throttled
@@ -403,7 +419,7 @@ impl Nexus {
             self.rate.throttled.remove(&id);
             if let Some(client) = self.clients.get(&id) {
                 let _ = epoll::modify(
-                    &self.epoll,
+                    &reg.epoll,
                     &client.sock,
                     epoll::EventData::new_u64(token::CLIENT | id),
                     epoll::EventFlags::IN | epoll::EventFlags::RDHUP,
@@ -431,20 +447,20 @@ impl Nexus {
     }
 
     /// The app is gone: every channel it held is reclaimed at once.
-    fn drop_client(&mut self, id: u64) {
+    fn drop_client(&mut self, reg: &mut Registry, id: u64) {
         let Some(client) = self.clients.remove(&id) else {
             return;
         };
-        let _ = epoll::delete(&self.epoll, &client.sock);
+        let _ = epoll::delete(&reg.epoll, &client.sock);
         self.rate.forget(id);
-        let owned: Vec<ChannelId> = self
+        let owned: Vec<ChannelId> = reg
             .channels
             .values()
             .filter(|c| c.client == id)
             .map(|c| c.id)
             .collect();
         for ch in owned {
-            self.remove_channel(ch);
+            self.remove_channel(reg, ch);
         }
         tracing::debug!(
             client = id,
@@ -456,6 +472,7 @@ impl Nexus {
     /// Decodes and carries out one request; returns the reply and the fds to attach.
     fn on_message(
         &mut self,
+        reg: &mut Registry,
         id: u64,
         bytes: &[u8],
         fds: Vec<OwnedFd>,
@@ -525,42 +542,56 @@ impl Nexus {
                 buffers,
                 buf_size,
                 offloads,
-            } => self.open_channel(id, kind, ring_slots, buffers, buf_size, offloads),
-            Request::ChannelReady { channel } => (self.channel_ready(id, channel, fds), vec![]),
-            Request::CloseChannel { channel } => (self.close_channel(id, channel), vec![]),
+            } => self.open_channel(
+                reg,
+                id,
+                OpenAsk {
+                    kind,
+                    ring_slots,
+                    buffers,
+                    buf_size,
+                    offloads,
+                },
+            ),
+            Request::ChannelReady { channel } => {
+                (self.channel_ready(reg, id, channel, fds), vec![])
+            }
+            Request::CloseChannel { channel } => (self.close_channel(reg, id, channel), vec![]),
             Request::Status { after } => {
                 let uid = self.clients.get(&id).map_or(u32::MAX, |c| c.cred.uid);
                 (
-                    Reply::Status(Box::new(self.status((uid != 0).then_some(uid), after))),
+                    Reply::Status(Box::new(self.status(reg, (uid != 0).then_some(uid), after))),
                     vec![],
                 )
             }
-            Request::Defunct { channel } => (self.defunct(id, channel), vec![]),
+            Request::Defunct { channel } => (self.defunct(reg, id, channel), vec![]),
             Request::AddFlow {
                 channel,
                 proto,
                 local,
                 remote,
-            } => (self.add_flow(id, channel, proto, local, remote), vec![]),
-            Request::RemoveFlow { flow } => (self.remove_flow(id, flow), vec![]),
-            Request::Flows { after } => (self.list_flows(id, after), vec![]),
+            } => (
+                self.add_flow(reg, id, channel, proto, local, remote),
+                vec![],
+            ),
+            Request::RemoveFlow { flow } => (self.remove_flow(reg, id, flow), vec![]),
+            Request::Flows { after } => (self.list_flows(reg, id, after), vec![]),
         }
     }
 
-    fn open_channel(
-        &mut self,
-        id: u64,
-        kind: ChannelKind,
-        ring_slots: Option<u32>,
-        buffers: Option<u32>,
-        buf_size: Option<u32>,
-        offloads: Offloads,
-    ) -> (Reply, Vec<OwnedFd>) {
+    fn open_channel(&mut self, reg: &mut Registry, id: u64, ask: OpenAsk) -> (Reply, Vec<OwnedFd>) {
+        let OpenAsk {
+            kind,
+            ring_slots,
+            buffers,
+            buf_size,
+            offloads,
+        } = ask;
         let Some(client) = self.clients.get(&id) else {
             return (refuse(ErrorCode::OutOfOrder, "unknown client"), vec![]);
         };
         let cred = client.cred.clone();
-        if let Err(why) = policy::may_open(&self.config.policy, &cred, kind) {
+        if let Err(why) = policy::may_open(&reg.config.policy, &cred, kind) {
             self.errors.count(ControlCount::NotPermitted);
             return (refuse(ErrorCode::NotPermitted, why), vec![]);
         }
@@ -573,7 +604,7 @@ impl Nexus {
                 vec![],
             );
         }
-        let held = self
+        let held = reg
             .channels
             .values()
             .filter(|c| c.cred.uid == cred.uid)
@@ -584,7 +615,7 @@ impl Nexus {
                 .filter(|c| c.cred.uid == cred.uid)
                 .map(|c| c.offers.len())
                 .sum::<usize>();
-        let limit = self.config.limits.channels_per_user;
+        let limit = reg.config.limits.channels_per_user;
         if cred.uid != 0 && held >= limit {
             self.errors.count(ControlCount::LimitChannels);
             return (
@@ -608,7 +639,7 @@ impl Nexus {
                 vec![],
             );
         }
-        let c = &self.config.channel;
+        let c = &reg.config.channel;
         let slots = ring_slots.unwrap_or(c.ring_slots);
         if !slots.is_power_of_two() || slots > c.max_ring_slots {
             return (
@@ -644,7 +675,7 @@ impl Nexus {
             .clamp(c.buffers_per_segment, max_buffers);
         // Offloads need an interface to reshape packets for, and buffers that hold several
         // segments.
-        let offloads = if self.datapath.is_some() && buf_size >= Offloads::MIN_BUF_SIZE {
+        let offloads = if reg.datapath.is_some() && buf_size >= Offloads::MIN_BUF_SIZE {
             offloads
         } else {
             Offloads::default()
@@ -684,15 +715,20 @@ impl Nexus {
                 vec![],
             );
         };
-        let channel = self.next_id;
-        self.next_id += 1;
+        let channel = reg.next_id();
         if let Some(client) = self.clients.get_mut(&id) {
             client.offers.insert(channel, (setup, offloads));
         }
         (Reply::ChannelOffer { channel }, fds)
     }
 
-    fn channel_ready(&mut self, id: u64, channel: ChannelId, fds: Vec<OwnedFd>) -> Reply {
+    fn channel_ready(
+        &mut self,
+        reg: &mut Registry,
+        id: u64,
+        channel: ChannelId,
+        fds: Vec<OwnedFd>,
+    ) -> Reply {
         let Some(client) = self.clients.get_mut(&id) else {
             return refuse(ErrorCode::OutOfOrder, "unknown client");
         };
@@ -741,12 +777,12 @@ impl Nexus {
         // From here on the mappings and the doorbell are all the nexus needs: one fd per
         // channel, so that thousands of channels fit an ordinary fd limit.
         ep.release_fds();
-        let mut ch = Channel::new(channel, id, cred, ep, &self.config.channel);
+        let mut ch = Channel::new(channel, id, cred, ep, &reg.config.channel);
         ch.offloads = offloads;
-        if let Err(q) = ch.service(&self.config.channel, 0) {
+        if let Err(q) = ch.service(&reg.config.channel, 0) {
             tracing::warn!(channel, ?q, "a new channel failed its first pass");
         }
-        if let Err(e) = self.add_channel(ch) {
+        if let Err(e) = reg.add_channel(ch) {
             self.errors.count(ControlCount::Resource);
             return refuse(ErrorCode::Resource, e.to_string());
         }
@@ -755,7 +791,7 @@ impl Nexus {
             pid = self.clients.get(&id).map_or(0, |c| c.cred.pid),
             "channel opened"
         );
-        let (addresses, mtu) = self
+        let (addresses, mtu) = reg
             .datapath
             .as_ref()
             .map(|dp| (dp.switch().host_addrs().to_vec(), dp.netif().mtu()))
@@ -768,24 +804,24 @@ impl Nexus {
         }
     }
 
-    fn close_channel(&mut self, id: u64, channel: ChannelId) -> Reply {
-        if self.channels.get(&channel).is_none_or(|c| c.client != id) {
+    fn close_channel(&mut self, reg: &mut Registry, id: u64, channel: ChannelId) -> Reply {
+        if reg.channels.get(&channel).is_none_or(|c| c.client != id) {
             return refuse(
                 ErrorCode::NoSuchChannel,
                 format!("you have no channel {channel}"),
             );
         }
-        self.remove_channel(channel);
+        self.remove_channel(reg, channel);
         Reply::Done
     }
 
-    fn defunct(&mut self, id: u64, channel: ChannelId) -> Reply {
+    fn defunct(&mut self, reg: &mut Registry, id: u64, channel: ChannelId) -> Reply {
         let uid = self.clients.get(&id).map_or(u32::MAX, |c| c.cred.uid);
-        match self.channels.get_mut(&channel) {
+        match reg.channels.get_mut(&channel) {
             Some(c) if uid == 0 || c.cred.uid == uid => {
                 c.make_defunct(DefunctReason::Administrative);
-                self.release_flows(channel);
-                self.unwatch_channel(channel);
+                reg.release_flows(channel);
+                reg.unwatch_channel(channel);
                 Reply::Done
             }
             Some(_) => {
