@@ -502,3 +502,39 @@ fn headers_rewritten_while_the_nexus_validates_never_reach_the_wire() {
         );
     }
 }
+
+#[test]
+fn frames_the_interface_refuses_are_counted_once_on_their_channel_and_the_interface() {
+    // The wire side never reads: the pair's queue takes 4,096 frames and refuses the rest.
+    let r = start("refused");
+    let mut nexus = Nexus::connect(&r.socket).unwrap();
+    let (mut ch, local) = udp_channel(&mut nexus, ChannelOptions::default());
+    const SENT: u64 = 4096 + 300;
+    for i in 0..SENT {
+        let pkt = udp_ip(HOST, local.port(), PEER, 999, &i.to_be_bytes());
+        send_ip(&mut ch, &pkt).unwrap();
+    }
+    let t0 = Instant::now();
+    loop {
+        let s = nexus.status().unwrap();
+        let c = s.channels.iter().find(|c| c.id == ch.id()).unwrap();
+        let (sent, refused) = (
+            counter(&s.interface, "tx_frames"),
+            counter(&c.drops, "tx_netif"),
+        );
+        if sent + refused == SENT {
+            assert_eq!(sent, 4096, "{:?}", s.interface);
+            assert_eq!(refused, 300, "{:?}", c.drops);
+            assert_eq!(counter(&s.interface, "tx_netif_errors"), 300);
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{sent} sent, {refused} refused: {:?} {:?}",
+            s.interface,
+            c.drops
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(r);
+}

@@ -84,8 +84,6 @@ reasons! {
     TxTruncated = "tx_truncated", Channel;
     /// An app's packet has an invalid header field.
     TxBadHeader = "tx_bad_header", Channel;
-    /// An app's packet is not IPv4 or IPv6.
-    TxNotIp = "tx_not_ip", Channel;
     /// An app's IPv4 packet has options.
     TxIpOptions = "tx_ip_options", Channel;
     /// An app's IPv6 packet has extension headers.
@@ -162,7 +160,8 @@ impl From<TxDrop> for DropReason {
             TxDrop::Malformed(r) => match r {
                 RxDrop::Truncated => Self::TxTruncated,
                 RxDrop::BadHeader => Self::TxBadHeader,
-                RxDrop::NotIp => Self::TxNotIp,
+                // An IP packet's first nibble is its version: a wrong one is a bad header.
+                RxDrop::NotIp => Self::TxBadHeader,
                 RxDrop::IpOptions => Self::TxIpOptions,
                 RxDrop::ExtHeaders => Self::TxExtHeaders,
                 RxDrop::Fragment => Self::TxFragment,
