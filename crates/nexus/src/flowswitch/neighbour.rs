@@ -249,10 +249,19 @@ pub enum Hop {
 /// so the datapath never waits for the kernel.
 #[derive(Debug, Default)]
 pub struct KernelNeighbours {
-    routes: HashMap<IpAddr, (Hop, Instant)>,
+    /// Per destination: its route, when the kernel gave it, and its next hop's MAC address
+    /// if known (kept beside the route, so that a packet costs one lookup).
+    routes: HashMap<IpAddr, Route>,
     macs: HashMap<IpAddr, [u8; 6]>,
     asked: HashMap<Query, Instant>,
     queries: std::collections::VecDeque<Query>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Route {
+    hop: Hop,
+    at: Instant,
+    mac: Option<[u8; 6]>,
 }
 
 /// Why a packet has no next hop yet.
@@ -268,22 +277,20 @@ impl KernelNeighbours {
     /// The MAC address to send a packet for `dst` to, if known: the route's gateway's, or
     /// `dst`'s own when it is on the link. What is not known is asked.
     pub fn lookup(&mut self, dst: IpAddr, now: Instant) -> Result<[u8; 6], NoHop> {
-        let Some(&(hop, at)) = self.routes.get(&dst) else {
+        let Some(&r) = self.routes.get(&dst) else {
             self.ask(Query::Route(dst), now);
             return Err(NoHop::Unresolved);
         };
-        if now.saturating_duration_since(at) >= FRESH {
+        if now.saturating_duration_since(r.at) >= FRESH {
             self.ask(Query::Route(dst), now);
         }
-        match hop {
-            Hop::OtherInterface => Err(NoHop::OtherInterface),
-            Hop::Via(h) => match self.macs.get(&h) {
-                Some(mac) => Ok(*mac),
-                None => {
-                    self.ask(Query::Neighbour(h), now);
-                    Err(NoHop::Unresolved)
-                }
-            },
+        match (r.hop, r.mac) {
+            (Hop::OtherInterface, _) => Err(NoHop::OtherInterface),
+            (Hop::Via(_), Some(mac)) => Ok(mac),
+            (Hop::Via(h), None) => {
+                self.ask(Query::Neighbour(h), now);
+                Err(NoHop::Unresolved)
+            }
         }
     }
 
@@ -308,10 +315,14 @@ impl KernelNeighbours {
     /// The kernel's route to `dst`. Its next hop's MAC address is asked afresh (the neighbour
     /// table's changes keep it current meanwhile).
     pub fn on_route(&mut self, dst: IpAddr, hop: Hop, now: Instant) {
-        if self.routes.len() >= CAPACITY {
+        if self.routes.len() >= CAPACITY && !self.routes.contains_key(&dst) {
             self.routes.clear();
         }
-        self.routes.insert(dst, (hop, now));
+        let mac = match hop {
+            Hop::Via(h) => self.macs.get(&h).copied(),
+            Hop::OtherInterface => None,
+        };
+        self.routes.insert(dst, Route { hop, at: now, mac });
         self.asked.remove(&Query::Route(dst));
         if let Hop::Via(h) = hop {
             self.asked.remove(&Query::Neighbour(h));
@@ -320,7 +331,8 @@ impl KernelNeighbours {
     }
 
     /// The kernel's neighbour entry for `ip` on the interface: its MAC address, or `None` when
-    /// it has none usable (being resolved, failed, deleted).
+    /// it has none usable (being resolved, failed, deleted). Rare (a change of the kernel's
+    /// table), so the routes through it are updated here rather than looked up per packet.
     pub fn on_neighbour(&mut self, ip: IpAddr, mac: Option<[u8; 6]>) {
         match mac {
             Some(mac) => {
@@ -331,6 +343,11 @@ impl KernelNeighbours {
             }
             None => {
                 self.macs.remove(&ip);
+            }
+        }
+        for r in self.routes.values_mut() {
+            if r.hop == Hop::Via(ip) {
+                r.mac = mac;
             }
         }
     }
