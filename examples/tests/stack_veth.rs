@@ -69,7 +69,7 @@ impl Net {
     fn new(n: u32) -> Self {
         assert!(n < 16);
         let k = 256 + 16 * (std::process::id() % 15) + n;
-        Self(VethNet::new("stack", "sv", n, k))
+        Self(VethNet::new("stack", k))
     }
 }
 
@@ -86,7 +86,7 @@ impl InProcess {
         let socket = format!("/tmp/netchannel-stack-{}-{tag}.sock", std::process::id());
         let _ = std::fs::remove_file(&socket);
         let sw = netchannel_nexus::datapath::open(&netchannel_nexus::config::InterfaceConfig::new(
-            net.host.clone(),
+            net.host().to_owned(),
             netchannel_nexus::config::Backend::Afxdp,
         ))
         .expect("AF_XDP on the veth's host end");
@@ -261,23 +261,23 @@ fn counters(control: &mut netchannel::nexus::Nexus) -> String {
 /// `the_first_datagram_an_app_sends_to_a_new_neighbour_arrives`), so tests about something
 /// else start with the neighbours known, as on a host that has talked to its peer before.
 fn warm_neighbours(net: &Net) {
-    let u4 = std::net::UdpSocket::bind((net.host4, 0)).expect("a kernel UDP socket");
-    let u6 = std::net::UdpSocket::bind((net.host6, 0)).expect("a kernel UDP socket");
+    let u4 = std::net::UdpSocket::bind((net.host4(), 0)).expect("a kernel UDP socket");
+    let u6 = std::net::UdpSocket::bind((net.host6(), 0)).expect("a kernel UDP socket");
     let t0 = Instant::now();
     loop {
-        u4.send_to(b"hello", (net.peer4, 9))
+        u4.send_to(b"hello", (net.peer4(), 9))
             .expect("sending to the peer");
-        u6.send_to(b"hello", (net.peer6, 9))
+        u6.send_to(b"hello", (net.peer6(), 9))
             .expect("sending to the peer");
         std::thread::sleep(Duration::from_millis(50));
-        let out = run("ip", &["neigh", "show", "dev", &net.host]);
+        let out = run("ip", &["neigh", "show", "dev", net.host()]);
         let table = String::from_utf8_lossy(&out.stdout);
         let known = |ip: String| {
             table
                 .lines()
                 .any(|l| l.starts_with(&format!("{ip} ")) && l.contains("lladdr"))
         };
-        if known(net.peer4.to_string()) && known(net.peer6.to_string()) {
+        if known(net.peer4().to_string()) && known(net.peer6().to_string()) {
             return;
         }
         assert!(
@@ -313,7 +313,7 @@ fn http_server_serves_0b_1kib_10mib_and_100mib_files_to_curl_intact() {
     assert!(addr.port() != 0, "a real port: {addr}");
     for (name, len) in files {
         let out = got.join(name);
-        let url = format!("http://{}:{}/{name}", net.host4, addr.port());
+        let url = format!("http://{}:{}/{name}", net.host4(), addr.port());
         let t0 = Instant::now();
         let curl = net.exec(
             "curl",
@@ -405,7 +405,7 @@ fn tcp_bulk_100mib_from_a_kernel_client_and_to_a_kernel_server_intact() {
     let nexus = InProcess::start(&net, "bulk");
     const N: usize = 100 * MIB;
 
-    let (sent, r, wall) = kernel_uploads_to_app(&net, &nexus, "0.0.0.0:0", net.host4.into(), N);
+    let (sent, r, wall) = kernel_uploads_to_app(&net, &nexus, "0.0.0.0:0", net.host4().into(), N);
     let s = words(&sent);
     eprintln!(
         "kernel -> app, 100 MiB: python's sendall {} s, {wall:.3?} wall ({}); app: {r}; the \
@@ -416,7 +416,7 @@ fn tcp_bulk_100mib_from_a_kernel_client_and_to_a_kernel_server_intact() {
     );
     assert_eq!(s[4], "eof", "the app's FIN reached python once it was done");
 
-    let (got, s, wall) = app_sends_to_kernel(&net, &nexus, "AF_INET", net.peer4.into(), N);
+    let (got, s, wall) = app_sends_to_kernel(&net, &nexus, "AF_INET", net.peer4().into(), N);
     eprintln!(
         "app -> kernel, 100 MiB: {wall:.3?} wall ({}); python's receive {} s; app: {s}",
         rate(N, wall),
@@ -543,8 +543,8 @@ fn tcp_bulk_over_ipv6_both_ways_intact() {
     let net = Net::new(14);
     let nexus = InProcess::start(&net, "bulk6");
     const N: usize = 16 * MIB;
-    kernel_uploads_to_app(&net, &nexus, "[::]:0", net.host6.into(), N);
-    app_sends_to_kernel(&net, &nexus, "AF_INET6", net.peer6.into(), N);
+    kernel_uploads_to_app(&net, &nexus, "[::]:0", net.host6().into(), N);
+    app_sends_to_kernel(&net, &nexus, "AF_INET6", net.peer6().into(), N);
     let segmented = interface_counter(&nexus.socket, "tx_segmented");
     let coalesced = interface_counter(&nexus.socket, "rx_coalesced");
     assert!(
@@ -629,7 +629,7 @@ fn http_server_serves_50_concurrent_connections() {
             &[
                 ("N", N.to_string()),
                 ("ROOT", root.str().to_owned()),
-                ("HOST", net.host4.to_string()),
+                ("HOST", net.host4().to_string()),
                 ("PORT", addr.port().to_string()),
             ],
         )
@@ -675,8 +675,8 @@ fn connect_to_a_closed_port_is_refused_on_both_families() {
     warm_neighbours(&net);
     // Nothing listens on port 9 in the fresh namespace: the peer's kernel answers RST.
     for to in [
-        SocketAddr::new(net.peer4.into(), 9),
-        SocketAddr::new(net.peer6.into(), 9),
+        SocketAddr::new(net.peer4().into(), 9),
+        SocketAddr::new(net.peer6().into(), 9),
     ] {
         let t0 = Instant::now();
         let e = TcpStream::connect_timeout(&stack, to, SHORT)
@@ -727,15 +727,15 @@ fn a_reset_from_the_kernel_peer_fails_the_apps_read_with_connection_reset() {
     let mut server = net.python(
         "the resetting python server",
         RESET_SERVER,
-        &[("HOST", net.peer4.to_string())],
+        &[("HOST", net.peer4().to_string())],
     );
     let port: u16 = words(&server.expect_line("port ", SHORT))[1]
         .parse()
         .unwrap();
-    let to = SocketAddr::new(net.peer4.into(), port);
+    let to = SocketAddr::new(net.peer4().into(), port);
     let mut conn = TcpStream::connect_timeout(&stack, to, SHORT).expect("connected");
     assert_eq!(conn.peer_addr().unwrap(), to);
-    assert_eq!(conn.local_addr().unwrap().ip(), IpAddr::V4(net.host4));
+    assert_eq!(conn.local_addr().unwrap().ip(), IpAddr::V4(net.host4()));
     conn.set_read_timeout(Some(SHORT)).unwrap();
     conn.write_all(b"hello").unwrap();
     assert_eq!(
@@ -794,8 +794,8 @@ fn half_close_the_peer_sees_eof_and_still_replies_on_both_families() {
     let mut control = nexus.control();
     let stack = nexus.stack();
     for (fam, peer) in [
-        ("AF_INET", IpAddr::V4(net.peer4)),
-        ("AF_INET6", IpAddr::V6(net.peer6)),
+        ("AF_INET", IpAddr::V4(net.peer4())),
+        ("AF_INET6", IpAddr::V6(net.peer6())),
     ] {
         let mut server = net.python(
             "the half-closing python server",
@@ -912,13 +912,13 @@ fn read_timeouts_fail_idle_reads_with_would_block_after_200ms_tcp_and_udp() {
     let mut server = net.python(
         "the idle python server",
         IDLE_ECHO_SERVER,
-        &[("HOST", net.peer4.to_string())],
+        &[("HOST", net.peer4().to_string())],
     );
     let port: u16 = words(&server.expect_line("port ", SHORT))[1]
         .parse()
         .unwrap();
     let mut conn =
-        TcpStream::connect_timeout(&stack, SocketAddr::new(net.peer4.into(), port), SHORT)
+        TcpStream::connect_timeout(&stack, SocketAddr::new(net.peer4().into(), port), SHORT)
             .expect("connected");
     conn.set_read_timeout(Some(t)).unwrap();
     let mut buf = [0u8; 64];
@@ -943,8 +943,8 @@ fn read_timeouts_fail_idle_reads_with_would_block_after_200ms_tcp_and_udp() {
 
     // UDP: nothing comes, on either family, connected or not.
     for local in [
-        SocketAddr::new(net.host4.into(), 0),
-        SocketAddr::new(net.host6.into(), 0),
+        SocketAddr::new(net.host4().into(), 0),
+        SocketAddr::new(net.host6().into(), 0),
     ] {
         let mut u = UdpSocket::bind(&stack, local).expect("a UDP socket");
         u.set_read_timeout(Some(t)).unwrap();
@@ -952,9 +952,9 @@ fn read_timeouts_fail_idle_reads_with_would_block_after_200ms_tcp_and_udp() {
         let r = u.recv_from(&mut buf);
         assert_timed_out(&format!("idle UDP recv_from on {local}"), r, t0.elapsed());
         let peer = if local.is_ipv4() {
-            SocketAddr::new(net.peer4.into(), 9)
+            SocketAddr::new(net.peer4().into(), 9)
         } else {
-            SocketAddr::new(net.peer6.into(), 9)
+            SocketAddr::new(net.peer6().into(), 9)
         };
         u.connect(peer).unwrap();
         let t0 = Instant::now();
@@ -1032,9 +1032,9 @@ fn udp_echo_echoes_a_kernel_clients_datagrams_intact_v4_and_v6() {
             "the python UDP client",
             UDP_CLIENT,
             &[
-                ("H4", net.host4.to_string()),
+                ("H4", net.host4().to_string()),
                 ("P4", a4.port().to_string()),
-                ("H6", net.host6.to_string()),
+                ("H6", net.host6().to_string()),
                 ("P6", a6.port().to_string()),
             ],
         )
@@ -1085,7 +1085,10 @@ fn an_app_udp_socket_talks_to_a_kernel_echo_server_intact_v4_and_v6() {
     let mut server = net.python(
         "the python UDP echo server",
         UDP_ECHO_SERVER,
-        &[("H4", net.peer4.to_string()), ("H6", net.peer6.to_string())],
+        &[
+            ("H4", net.peer4().to_string()),
+            ("H6", net.peer6().to_string()),
+        ],
     );
     let ports = server.expect_line("ports ", SHORT);
     let w = words(&ports);
@@ -1094,13 +1097,13 @@ fn an_app_udp_socket_talks_to_a_kernel_echo_server_intact_v4_and_v6() {
     let mut sockets = Vec::new();
     for (local, peer, max) in [
         (
-            SocketAddr::new(net.host4.into(), 0),
-            SocketAddr::new(net.peer4.into(), p4),
+            SocketAddr::new(net.host4().into(), 0),
+            SocketAddr::new(net.peer4().into(), p4),
             1472,
         ),
         (
-            SocketAddr::new(net.host6.into(), 0),
-            SocketAddr::new(net.peer6.into(), p6),
+            SocketAddr::new(net.host6().into(), 0),
+            SocketAddr::new(net.peer6().into(), p6),
             1452,
         ),
     ] {
@@ -1225,20 +1228,23 @@ fn the_first_datagram_an_app_sends_to_a_new_neighbour_arrives() {
     let mut peer = net.python(
         "the python peer",
         FIRST_PACKETS,
-        &[("H4", net.peer4.to_string()), ("H6", net.peer6.to_string())],
+        &[
+            ("H4", net.peer4().to_string()),
+            ("H6", net.peer6().to_string()),
+        ],
     );
     let ports = peer.expect_line("ports ", SHORT);
     let w = words(&ports);
     let (udp, tcp): (u16, u16) = (w[1].parse().unwrap(), w[2].parse().unwrap());
 
     // UDP, IPv4: one datagram, cold.
-    let u = UdpSocket::bind(&stack, SocketAddr::new(net.host4.into(), 0)).unwrap();
-    u.send_to(b"first", SocketAddr::new(net.peer4.into(), udp))
+    let u = UdpSocket::bind(&stack, SocketAddr::new(net.host4().into(), 0)).unwrap();
+    u.send_to(b"first", SocketAddr::new(net.peer4().into(), udp))
         .unwrap();
     let datagram = peer.try_line("datagram ", Duration::from_secs(2));
     // TCP, IPv6: a connect, cold.
     let t0 = Instant::now();
-    let conn = TcpStream::connect_timeout(&stack, SocketAddr::new(net.peer6.into(), tcp), SHORT);
+    let conn = TcpStream::connect_timeout(&stack, SocketAddr::new(net.peer6().into(), tcp), SHORT);
     let took = t0.elapsed();
     let why = counters(&mut control);
     assert!(
@@ -1296,20 +1302,20 @@ fn datagrams_sent_just_before_their_socket_is_dropped_arrive() {
         "the counting python sink",
         COUNTING_SINK,
         &[
-            ("H4", net.peer4.to_string()),
+            ("H4", net.peer4().to_string()),
             ("IDLE", "3".into()),
             ("N", N.to_string()),
         ],
     );
     let port: u16 = words(&sink.expect_line("port ", SHORT))[1].parse().unwrap();
-    let to = SocketAddr::new(net.peer4.into(), port);
+    let to = SocketAddr::new(net.peer4().into(), port);
     for i in 0..N {
         if i % 50 == 0 {
             // Now and then an idle moment: the loss is likeliest on a sleeping nexus, which
             // then finds the channel's doorbell and the control request in one wakeup.
             std::thread::sleep(Duration::from_millis(300));
         }
-        let u = UdpSocket::bind(&stack, SocketAddr::new(net.host4.into(), 0)).unwrap();
+        let u = UdpSocket::bind(&stack, SocketAddr::new(net.host4().into(), 0)).unwrap();
         u.send_to(i.to_string().as_bytes(), to).unwrap();
         drop(u);
     }
@@ -1373,10 +1379,10 @@ fn an_app_killed_mid_transfer_releases_its_flow_and_port() {
     let mut server = net.python(
         "the python sink",
         PATIENT_SINK,
-        &[("HOST", net.peer4.to_string()), ("TIMEOUT", "10".into())],
+        &[("HOST", net.peer4().to_string()), ("TIMEOUT", "10".into())],
     );
     let port = words(&server.expect_line("port ", SHORT))[1].to_owned();
-    let to = format!("{}:{port}", net.peer4);
+    let to = format!("{}:{port}", net.peer4());
     let mut sender = Kid::spawn(
         Command::new(TCP_BULK).args([
             "send",
@@ -1392,7 +1398,7 @@ fn an_app_killed_mid_transfer_releases_its_flow_and_port() {
     let accepted = server.expect_line("accepted ", SHORT);
     let a = words(&accepted);
     let app_addr = SocketAddr::new(a[1].parse().unwrap(), a[2].parse().unwrap());
-    assert_eq!(app_addr.ip(), IpAddr::V4(net.host4));
+    assert_eq!(app_addr.ip(), IpAddr::V4(net.host4()));
     // The app's flow is there while it sends.
     let flows = control.flows().unwrap();
     assert!(
@@ -1490,7 +1496,7 @@ fn a_half_closed_peer_is_reset_when_the_app_answering_it_dies() {
         "the half-closed client",
         HALF_CLOSED_CLIENT,
         &[
-            ("HOST", net.host4.to_string()),
+            ("HOST", net.host4().to_string()),
             ("PORT", addr.port().to_string()),
         ],
     );
@@ -1573,7 +1579,7 @@ fn half_open_handshakes_time_out_and_the_listener_serves_again() {
     warm_neighbours(&net);
     let mut listener = netchannel::stack::TcpListener::bind_with_backlog(
         &stack,
-        SocketAddr::new(net.host4.into(), 0),
+        SocketAddr::new(net.host4().into(), 0),
         BACKLOG,
     )
     .expect("listening");
@@ -1586,13 +1592,13 @@ fn half_open_handshakes_time_out_and_the_listener_serves_again() {
         conn.write_all(b"hello").expect("a greeting");
         peer
     });
-    let spoof = Ipv4Addr::from(u32::from(net.peer4) + 1);
+    let spoof = Ipv4Addr::from(u32::from(net.peer4()) + 1);
     let mut flood = net.python(
         "the spoofed SYNs",
         SPOOFED_SYNS,
         &[
             ("SPOOF", spoof.to_string()),
-            ("HOST", net.host4.to_string()),
+            ("HOST", net.host4().to_string()),
             ("PORT", port.to_string()),
             ("N", BACKLOG.to_string()),
         ],
@@ -1604,7 +1610,7 @@ fn half_open_handshakes_time_out_and_the_listener_serves_again() {
         "the python client",
         TWO_ATTEMPTS,
         &[
-            ("HOST", net.host4.to_string()),
+            ("HOST", net.host4().to_string()),
             ("PORT", port.to_string()),
             ("WAIT", "3".into()),
         ],
@@ -1620,7 +1626,7 @@ fn half_open_handshakes_time_out_and_the_listener_serves_again() {
         "the handshakes timed out and the listener serves again"
     );
     let peer = server.join().expect("the server thread");
-    assert_eq!(peer.ip(), IpAddr::V4(net.peer4));
+    assert_eq!(peer.ip(), IpAddr::V4(net.peer4()));
     let _ = client.succeed(SHORT);
 }
 
@@ -1651,7 +1657,7 @@ fn an_established_connection_waits_for_accept_past_the_handshake_timeout() {
     let stack = nexus.stack();
     warm_neighbours(&net);
     let mut listener =
-        netchannel::stack::TcpListener::bind(&stack, SocketAddr::new(net.host4.into(), 0))
+        netchannel::stack::TcpListener::bind(&stack, SocketAddr::new(net.host4().into(), 0))
             .expect("listening");
     let timeout = Duration::from_secs(1);
     listener.set_handshake_timeout(timeout).unwrap();
@@ -1659,7 +1665,10 @@ fn an_established_connection_waits_for_accept_past_the_handshake_timeout() {
     let mut client = net.python(
         "the silent python client",
         SILENT_CLIENT,
-        &[("HOST", net.host4.to_string()), ("PORT", port.to_string())],
+        &[
+            ("HOST", net.host4().to_string()),
+            ("PORT", port.to_string()),
+        ],
     );
     client.expect_line("connected", SHORT);
     // Three handshake timeouts without a packet from the client before the app accepts.
@@ -1675,7 +1684,7 @@ fn an_established_connection_waits_for_accept_past_the_handshake_timeout() {
             Err(e) => panic!("the connection that waited for accept is gone: {e}"),
         }
     };
-    assert_eq!(peer.ip(), IpAddr::V4(net.peer4));
+    assert_eq!(peer.ip(), IpAddr::V4(net.peer4()));
     conn.write_all(b"hello").expect("a greeting");
     let got = client.expect_line("got ", SHORT);
     assert_eq!(got, "got hello", "the client got the greeting");
@@ -1696,9 +1705,9 @@ fn blocked_calls_fail_with_not_connected_when_the_nexus_stops() {
     let mut nexus = InProcess::start(&net, "stops");
     let stack = nexus.stack();
     let listener =
-        netchannel::stack::TcpListener::bind(&stack, SocketAddr::new(net.host4.into(), 0))
+        netchannel::stack::TcpListener::bind(&stack, SocketAddr::new(net.host4().into(), 0))
             .expect("a listener");
-    let udp = UdpSocket::bind(&stack, SocketAddr::new(net.host4.into(), 0)).expect("a socket");
+    let udp = UdpSocket::bind(&stack, SocketAddr::new(net.host4().into(), 0)).expect("a socket");
     let accepting = std::thread::spawn(move || listener.accept().map(|_| ()));
     let receiving = std::thread::spawn(move || udp.recv_from(&mut [0u8; 64]).map(|_| ()));
     // Both are asleep by now.
@@ -1722,7 +1731,7 @@ fn blocked_calls_fail_with_not_connected_when_the_nexus_stops() {
         "the blocked calls took {:?} to fail",
         t0.elapsed()
     );
-    let e = TcpStream::connect_timeout(&stack, SocketAddr::new(net.peer4.into(), 9), SHORT)
+    let e = TcpStream::connect_timeout(&stack, SocketAddr::new(net.peer4().into(), 9), SHORT)
         .expect_err("connected through a stopped nexus");
     assert_eq!(e.kind(), io::ErrorKind::NotConnected, "{e}");
 }

@@ -1,19 +1,23 @@
-//! The bed of the integration tests that need hosts: a network namespace holding the peer end
-//! of a veth pair whose host end stays in this namespace, and child processes whose output is
-//! read line by line. Shared by `netchannel-tests` and `netchannel-examples`.
+//! The bed of the integration tests that need hosts: `netchannel_testbed`'s network namespace
+//! holding the peer end of a veth pair whose host end stays in this namespace, and child
+//! processes whose output is read line by line. Shared by `netchannel-tests` and
+//! `netchannel-examples`.
 //!
-//! Addresses come from 198.18.0.0/15 and fd00:198:18::/64 only: slot `k` of a bed is the /24
-//! `198.18.0.0 + k` and the /112 `fd00:198:18::k:0`, the host end `.1` / `::1` in them and the
-//! peer `.2` / `::2`. Each test binary picks its slots from its process id, so concurrent runs
-//! do not collide. Everything is removed in `Drop`, however a test ends.
+//! Addresses come from 198.18.0.0/15 and fd00:198:18::/64 only (see [`netchannel_testbed::Slot`]).
+//! Each test binary picks its slots from its process id, so concurrent runs do not collide.
+//! Everything is removed in `Drop`, however a test ends.
 
 use std::io::{BufRead, BufReader};
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::Ipv6Addr;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use netchannel_testbed::{Bed, Offloads};
+
+pub use netchannel_testbed::is_root;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -21,11 +25,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// the machine has two cores and every nexus polls.
 pub fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Whether this process runs as root.
-pub fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
 }
 
 /// True (after saying so on stderr) when the test cannot run here because it needs root.
@@ -57,130 +56,45 @@ pub fn ip(args: &[&str]) {
     );
 }
 
-/// A namespace `ns` holding the peer end `peer` of a veth pair whose host end `host` stays in
-/// this namespace, both ends up and addressed (see the module docs), the peer's offloads off
-/// (so its frames carry real checksums). Deleted on drop.
+/// A test's bed: `netchannel_testbed`'s namespace and veth pair in slot `k`, with IPv6 and the
+/// peer's offloads off (so its frames carry real checksums); deleted on drop. Derefs to the
+/// [`Bed`] for its names and addresses.
 #[derive(Debug)]
-pub struct VethNet {
-    /// The namespace.
-    pub ns: String,
-    /// The host end.
-    pub host: String,
-    /// The peer end (in `ns`).
-    pub peer: String,
-    /// Addresses of the host end.
-    pub host4: Ipv4Addr,
-    /// Addresses of the peer end.
-    pub peer4: Ipv4Addr,
-    /// IPv6 address of the host end.
-    pub host6: Ipv6Addr,
-    /// IPv6 address of the peer end.
-    pub peer6: Ipv6Addr,
-    /// MAC address of the host end (the kernel's choice).
-    pub host_mac: [u8; 6],
-    /// MAC address of the peer end (fixed, from the slot).
-    pub peer_mac: [u8; 6],
-}
+pub struct VethNet(Bed);
 
-impl Drop for VethNet {
-    fn drop(&mut self) {
-        // Deleting the namespace destroys the peer end and with it the pair; deleting the host
-        // end is for a pair whose peer never made it into the namespace.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.ns])
-            .stderr(Stdio::null())
-            .status();
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host])
-            .stderr(Stdio::null())
-            .status();
+impl std::ops::Deref for VethNet {
+    type Target = Bed;
+    fn deref(&self) -> &Bed {
+        &self.0
     }
-}
-
-fn parse_mac(text: &str) -> [u8; 6] {
-    let mut mac = [0u8; 6];
-    let parts: Vec<&str> = text.trim().split(':').collect();
-    assert_eq!(parts.len(), 6, "a MAC address: {text:?}");
-    for (m, p) in mac.iter_mut().zip(parts) {
-        *m = u8::from_str_radix(p, 16).expect("hex MAC");
-    }
-    mac
 }
 
 impl VethNet {
-    /// Test `n`'s bed in slot `k` (< 512) of 198.18.0.0/15; its names are `nc-<tag>-<pid>-<n>`
-    /// for the namespace and `<short><pid>n` + `h`/`p` for the ends (`short` keeps them under
-    /// the 15 bytes of an interface name).
-    pub fn new(tag: &str, short: &str, n: u32, k: u32) -> Self {
-        assert!(k < 512, "slot {k} is outside 198.18.0.0/15");
-        let pid = std::process::id();
-        let (b, c) = (18 + (k / 256) as u8, (k % 256) as u8);
-        let mut net = Self {
-            ns: format!("nc-{tag}-{pid}-{n}"),
-            host: format!("{short}{}{n}h", pid % 10_000),
-            peer: format!("{short}{}{n}p", pid % 10_000),
-            host4: Ipv4Addr::new(198, b, c, 1),
-            peer4: Ipv4Addr::new(198, b, c, 2),
-            host6: Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, k as u16, 1),
-            peer6: Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, k as u16, 2),
-            host_mac: [0; 6],
-            peer_mac: [0x02, 0x4e, 0x43, (k >> 8) as u8, k as u8, 2],
-        };
-        ip(&["netns", "add", &net.ns]);
-        ip(&[
-            "link", "add", &net.host, "type", "veth", "peer", "name", &net.peer, "netns", &net.ns,
-        ]);
-        let peer_mac = net
-            .peer_mac
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":");
-        let in_ns = |args: &[&str]| {
-            let mut full = vec!["netns", "exec", net.ns.as_str(), "ip"];
-            full.extend_from_slice(args);
-            ip(&full);
-        };
-        let peer = net.peer.as_str();
-        in_ns(&["link", "set", "lo", "up"]);
-        in_ns(&["link", "set", peer, "address", &peer_mac]);
-        in_ns(&["addr", "add", &format!("{}/24", net.peer4), "dev", peer]);
-        let peer6 = format!("{}/112", net.peer6);
-        in_ns(&["addr", "add", &peer6, "dev", peer, "nodad"]);
-        in_ns(&["link", "set", peer, "up"]);
-        ip(&[
-            "addr",
-            "add",
-            &format!("{}/24", net.host4),
-            "dev",
-            &net.host,
-        ]);
-        let host6 = format!("{}/112", net.host6);
-        ip(&["addr", "add", &host6, "dev", &net.host, "nodad"]);
-        // No duplicate address detection on the link-local address either: until it ends
-        // (1-2 s), the kernel cannot send a neighbour solicitation from it, for its own
-        // sockets or the nexus's packets alike, and cold-start tests would measure DAD.
-        let _ = std::fs::write(
-            format!("/proc/sys/net/ipv6/conf/{}/accept_dad", net.host),
-            "0",
-        );
-        ip(&["link", "set", &net.host, "up"]);
-        netchannel_nexus::netns::offload::disable_offloads_in(&net.ns, &net.peer)
-            .expect("turning the peer's offloads off");
-        let mac = std::fs::read_to_string(format!("/sys/class/net/{}/address", net.host))
-            .expect("the host end's MAC address");
-        net.host_mac = parse_mac(&mac);
-        net
+    /// The bed of slot `k` (< 512) of 198.18.0.0/15, its names carrying `tag`; panics, saying
+    /// why, if it cannot be made.
+    pub fn new(tag: &str, k: u32) -> Self {
+        let bed = Bed::builder(tag)
+            .slot(k)
+            .v6(true)
+            .offloads(Offloads::PeerOff)
+            .build()
+            .unwrap_or_else(|e| panic!("the {tag} test bed in slot {k}: {e}"));
+        Self(bed)
+    }
+
+    /// The host end's IPv6 address.
+    pub fn host6(&self) -> Ipv6Addr {
+        self.0.host6().expect("a bed with IPv6")
+    }
+
+    /// The peer's IPv6 address.
+    pub fn peer6(&self) -> Ipv6Addr {
+        self.0.peer6().expect("a bed with IPv6")
     }
 
     /// `ip netns exec NS PROGRAM ARGS...`, started; its output read line by line.
     pub fn exec(&self, what: &str, program: &str, args: &[&str]) -> Kid {
-        Kid::spawn(
-            Command::new("ip")
-                .args(["netns", "exec", &self.ns, program])
-                .args(args),
-            what,
-        )
+        Kid::spawn(self.0.command(program).args(args), what)
     }
 
     /// `ip netns exec NS python3 -c SCRIPT`, with every `@KEY@` of the script replaced.

@@ -59,7 +59,7 @@ impl std::ops::Deref for Net {
 impl Net {
     fn new(n: u32) -> Self {
         let k = 8 + 8 * (std::process::id() % 62) + n;
-        Self(VethNet::new("veth", "nx", n, k))
+        Self(VethNet::new("veth", k))
     }
 
     /// `ip netns exec NS python3 -c SCRIPT`, its output read line by line.
@@ -69,11 +69,11 @@ impl Net {
 
     /// Opens the host end over AF_XDP (XDP program attached) and builds its flowswitch.
     fn switch(&self) -> Datapath {
-        let xsk = AfXdp::open(&self.host, AfXdpOptions::default()).expect("AF_XDP on the veth");
+        let xsk = AfXdp::open(self.host(), AfXdpOptions::default()).expect("AF_XDP on the veth");
         let ifindex = xsk.ifindex();
         Datapath::on(
             Box::new(xsk),
-            vec![IpAddr::V4(self.host4), IpAddr::V6(self.host6)],
+            vec![IpAddr::V4(self.host4()), IpAddr::V6(self.host6())],
             NextHop::Kernel(ifindex),
         )
         .expect("a netlink socket")
@@ -304,7 +304,7 @@ fn udp_v4_and_v6_kernel_peers_reach_apps_over_afxdp() {
         .add_flow(
             &ch,
             FlowProto::Udp,
-            SocketAddr::new(net.host4.into(), 0),
+            SocketAddr::new(net.host4().into(), 0),
             None,
         )
         .unwrap();
@@ -312,12 +312,12 @@ fn udp_v4_and_v6_kernel_peers_reach_apps_over_afxdp() {
         .add_flow(
             &ch,
             FlowProto::Udp,
-            SocketAddr::new(net.host6.into(), 0),
+            SocketAddr::new(net.host6().into(), 0),
             None,
         )
         .unwrap();
-    assert_eq!(l4.ip(), IpAddr::V4(net.host4));
-    assert_eq!(l6.ip(), IpAddr::V6(net.host6));
+    assert_eq!(l4.ip(), IpAddr::V4(net.host4()));
+    assert_eq!(l6.ip(), IpAddr::V6(net.host6()));
 
     // The kernel peer: N datagrams to each flow, one at a time, each waiting for its echo.
     let script = format!(
@@ -338,9 +338,9 @@ fn udp_v4_and_v6_kernel_peers_reach_apps_over_afxdp() {
          \x20           ok += 1\n\
          \x20   res.append(str(ok))\n\
          print(' '.join(res))\n",
-        h4 = net.host4,
+        h4 = net.host4(),
         p4 = l4.port(),
-        h6 = net.host6,
+        h6 = net.host6(),
         p6 = l6.port(),
     );
     let mut peer = net.python(&script);
@@ -357,9 +357,9 @@ fn udp_v4_and_v6_kernel_peers_reach_apps_over_afxdp() {
                 "delivered to {dst}, not one of our flows"
             );
             let want_src = if dst.is_ipv4() {
-                IpAddr::V4(net.peer4)
+                IpAddr::V4(net.peer4())
             } else {
-                IpAddr::V6(net.peer6)
+                IpAddr::V6(net.peer6())
             };
             assert_eq!(src.ip(), want_src, "from the peer");
             send_ip(&mut ch, &udp_packet(dst, src, &payload));
@@ -421,7 +421,7 @@ fn many_flows_across_many_channels_get_only_their_own_traffic() {
             .add_flow(
                 &chans[c],
                 FlowProto::Udp,
-                SocketAddr::new(net.host4.into(), 0),
+                SocketAddr::new(net.host4().into(), 0),
                 None,
             )
             .unwrap();
@@ -444,7 +444,7 @@ fn many_flows_across_many_channels_get_only_their_own_traffic() {
          \x20       sent += 1\n\
          \x20   time.sleep(0.005)\n\
          print(sent)\n",
-        h = net.host4,
+        h = net.host4(),
     );
     let peer = net.python(&script);
     let sent = peer.succeed(SHORT);
@@ -462,8 +462,8 @@ fn many_flows_across_many_channels_get_only_their_own_traffic() {
                 any = true;
                 received += 1;
                 let (src, dst, payload) = udp_of(&pkt).expect("a UDP datagram");
-                assert_eq!(src.ip(), IpAddr::V4(net.peer4));
-                assert_eq!(dst.ip(), IpAddr::V4(net.host4));
+                assert_eq!(src.ip(), IpAddr::V4(net.peer4()));
+                assert_eq!(dst.ip(), IpAddr::V4(net.host4()));
                 let text = String::from_utf8(payload).expect("text");
                 let words: Vec<&str> = text.split(' ').collect();
                 assert_eq!(
@@ -551,7 +551,7 @@ fn spoofs_never_reach_the_wire() {
         .add_flow(
             &a,
             FlowProto::Udp,
-            SocketAddr::new(net.host4.into(), 0),
+            SocketAddr::new(net.host4().into(), 0),
             None,
         )
         .unwrap();
@@ -559,7 +559,7 @@ fn spoofs_never_reach_the_wire() {
         .add_flow(
             &b,
             FlowProto::Udp,
-            SocketAddr::new(net.host4.into(), 0),
+            SocketAddr::new(net.host4().into(), 0),
             None,
         )
         .unwrap();
@@ -590,9 +590,9 @@ fn spoofs_never_reach_the_wire() {
          \x20       if data == b'VALID-FROM-A':\n\
          \x20           valid_at = time.time()\n\
          print('DONE', flush=True)\n",
-        dev = net.peer,
-        p4 = net.peer4,
-        h4 = net.host4,
+        dev = net.peer(),
+        p4 = net.peer4(),
+        h4 = net.host4(),
         pa = la.port(),
     );
     let peer = net.python(&script);
@@ -601,12 +601,12 @@ fn spoofs_never_reach_the_wire() {
         .strip_prefix("PORT ")
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("unexpected {port_line:?}"));
-    let peer_addr = SocketAddr::new(net.peer4.into(), peer_port);
+    let peer_addr = SocketAddr::new(net.peer4().into(), peer_port);
     let hello = recv_within(&mut a, Duration::from_secs(5));
     assert_eq!(hello.len(), 1, "the peer's first datagram");
     assert_eq!(udp_of(&hello[0]).expect("UDP").2, b"hello A");
 
-    let [o1, o2, o3, _] = net.host4.octets();
+    let [o1, o2, o3, _] = net.host4().octets();
     let other_addr = SocketAddr::new(Ipv4Addr::new(o1, o2, o3, 77).into(), la.port());
     let mut other_port = la;
     other_port.set_port(if la.port() == 65_535 {
@@ -620,7 +620,7 @@ fn spoofs_never_reach_the_wire() {
         "pick another free-looking port"
     );
     let mut tcp = Vec::new();
-    etherparse::PacketBuilder::ipv4(net.host4.octets(), net.peer4.octets(), 64)
+    etherparse::PacketBuilder::ipv4(net.host4().octets(), net.peer4().octets(), 64)
         .tcp(la.port(), peer_port, 1, 4096)
         .write(&mut tcp, b"SPOOF-TCP")
         .unwrap();
@@ -629,10 +629,10 @@ fn spoofs_never_reach_the_wire() {
     let fake_mac = [0x02, 0xde, 0xad, 0xbe, 0xef, 0x01];
     let mut arp_body = vec![0, 1, 8, 0, 6, 4, 0, 2];
     arp_body.extend_from_slice(&fake_mac);
-    arp_body.extend_from_slice(&net.peer4.octets());
-    arp_body.extend_from_slice(&net.peer_mac);
-    arp_body.extend_from_slice(&net.peer4.octets());
-    let mut arp_frame = net.peer_mac.to_vec();
+    arp_body.extend_from_slice(&net.peer4().octets());
+    arp_body.extend_from_slice(&net.peer_mac());
+    arp_body.extend_from_slice(&net.peer4().octets());
+    let mut arp_frame = net.peer_mac().to_vec();
     arp_frame.extend_from_slice(&fake_mac);
     arp_frame.extend_from_slice(&[0x08, 0x06]);
     arp_frame.extend_from_slice(&arp_body);
@@ -660,7 +660,7 @@ fn spoofs_never_reach_the_wire() {
     let udp: Vec<&String> = lines.iter().filter(|l| l.starts_with("UDP ")).collect();
     assert_eq!(
         udp,
-        vec![&format!("UDP {} {} VALID-FROM-A", net.host4, la.port())],
+        vec![&format!("UDP {} {} VALID-FROM-A", net.host4(), la.port())],
         "the peer's socket got the valid packet only"
     );
     let frames: Vec<Vec<u8>> = lines
@@ -678,8 +678,8 @@ fn spoofs_never_reach_the_wire() {
         .filter(|f| contains(f, b"VALID-FROM-A"))
         .collect();
     assert_eq!(valid.len(), 1, "the capture saw the valid packet once");
-    assert_eq!(&valid[0][..6], &net.peer_mac, "to the peer's MAC");
-    assert_eq!(&valid[0][6..12], &net.host_mac, "from the host end's MAC");
+    assert_eq!(&valid[0][..6], &net.peer_mac(), "to the peer's MAC");
+    assert_eq!(&valid[0][6..12], &net.host_mac(), "from the host end's MAC");
     for f in &frames {
         for marker in [
             &b"SPOOF-SPORT"[..],
@@ -790,7 +790,7 @@ fn send_frames(net: &Net, frames: &[Vec<u8>]) -> Vec<bool> {
          \x20       res.append('E%d' % e.errno)\n\
          \x20   time.sleep(0.002)\n\
          print(' '.join(res))\n",
-        dev = net.peer,
+        dev = net.peer(),
     );
     let lines = net.python(&script).succeed(SHORT);
     let res: Vec<bool> = lines
@@ -817,7 +817,7 @@ fn malformed_frames_from_the_peer_are_counted_and_never_delivered() {
         .add_flow(
             &ch,
             FlowProto::Udp,
-            SocketAddr::new(net.host4.into(), 0),
+            SocketAddr::new(net.host4().into(), 0),
             None,
         )
         .unwrap();
@@ -825,15 +825,15 @@ fn malformed_frames_from_the_peer_are_counted_and_never_delivered() {
         .add_flow(
             &ch,
             FlowProto::Tcp,
-            SocketAddr::new(net.host4.into(), 0),
+            SocketAddr::new(net.host4().into(), 0),
             None,
         )
         .unwrap();
-    let eth = || etherparse::PacketBuilder::ethernet2(net.peer_mac, net.host_mac);
+    let eth = || etherparse::PacketBuilder::ethernet2(net.peer_mac(), net.host_mac());
     let udp_frame = |payload: &[u8]| {
         let mut f = Vec::new();
         eth()
-            .ipv4(net.peer4.octets(), net.host4.octets(), 64)
+            .ipv4(net.peer4().octets(), net.host4().octets(), 64)
             .udp(40_000, lu.port())
             .write(&mut f, payload)
             .unwrap();
@@ -842,7 +842,7 @@ fn malformed_frames_from_the_peer_are_counted_and_never_delivered() {
     let good = udp_frame(b"a well-formed datagram");
     let mut tcp_good = Vec::new();
     eth()
-        .ipv4(net.peer4.octets(), net.host4.octets(), 64)
+        .ipv4(net.peer4().octets(), net.host4().octets(), 64)
         .tcp(40_001, lt.port(), 7, 4096)
         .write(&mut tcp_good, b"a TCP segment")
         .unwrap();
@@ -917,13 +917,13 @@ fn malformed_frames_from_the_peer_are_counted_and_never_delivered() {
     let steered: Vec<&str> = bad
         .iter()
         .zip(&sent)
-        .filter(|((_, f), ok)| **ok && xdp_steers(f, net.host4, lu.port(), lt.port()))
+        .filter(|((_, f), ok)| **ok && xdp_steers(f, net.host4(), lu.port(), lt.port()))
         .map(|((w, _), _)| w.as_str())
         .collect();
     let passed: Vec<&str> = bad
         .iter()
         .zip(&sent)
-        .filter(|((_, f), ok)| **ok && !xdp_steers(f, net.host4, lu.port(), lt.port()))
+        .filter(|((_, f), ok)| **ok && !xdp_steers(f, net.host4(), lu.port(), lt.port()))
         .map(|((w, _), _)| w.as_str())
         .collect();
     assert!(passed.contains(&"non-first fragment"));
@@ -1005,7 +1005,7 @@ fn ping_from(net: &Net, to: Ipv4Addr) -> bool {
             &[
                 "netns",
                 "exec",
-                &net.ns,
+                net.ns().name(),
                 "ping",
                 "-c",
                 "3",
@@ -1072,11 +1072,11 @@ fn the_kernel_keeps_serving_icmp_and_other_ports_and_xdp_goes_with_a_killed_nexu
         &config,
         format!(
             "[interface]\nname = \"{}\"\nbackend = \"afxdp\"\n",
-            net.host
+            net.host()
         ),
     )
     .unwrap();
-    assert!(!xdp_attached(&net.host), "no XDP program before the nexus");
+    assert!(!xdp_attached(net.host()), "no XDP program before the nexus");
     let mut daemon = Kid::spawn(
         Command::new(DAEMON).args([&socket, &config]),
         "nexus_daemon",
@@ -1097,12 +1097,12 @@ fn the_kernel_keeps_serving_icmp_and_other_ports_and_xdp_goes_with_a_killed_nexu
         .add_flow(
             &ch,
             FlowProto::Udp,
-            SocketAddr::new(net.host4.into(), 0),
+            SocketAddr::new(net.host4().into(), 0),
             None,
         )
         .unwrap();
     assert!(
-        xdp_attached(&net.host),
+        xdp_attached(net.host()),
         "the nexus's XDP program is attached"
     );
     assert_ne!(
@@ -1112,10 +1112,10 @@ fn the_kernel_keeps_serving_icmp_and_other_ports_and_xdp_goes_with_a_killed_nexu
     );
 
     // ICMP stays with the kernel.
-    assert!(ping_from(&net, net.host4), "the host answers pings");
+    assert!(ping_from(&net, net.host4()), "the host answers pings");
 
     // So does every port no flow claims: a kernel socket of this process answers the peer.
-    let host_sock = UdpSocket::bind((net.host4, 0)).unwrap();
+    let host_sock = UdpSocket::bind((net.host4(), 0)).unwrap();
     host_sock
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
@@ -1126,20 +1126,20 @@ fn the_kernel_keeps_serving_icmp_and_other_ports_and_xdp_goes_with_a_killed_nexu
          s.sendto(b'to the kernel', ('{h}', {p}))\n\
          data, addr = s.recvfrom(2048)\n\
          print(data.decode(), addr[0], addr[1])\n",
-        h = net.host4,
+        h = net.host4(),
         p = host_sock.local_addr().unwrap().port(),
     );
     let peer = net.python(&script);
     let mut buf = [0u8; 2048];
     let (n, from) = host_sock.recv_from(&mut buf).expect("the peer's datagram");
     assert_eq!(&buf[..n], b"to the kernel");
-    assert_eq!(from.ip(), IpAddr::V4(net.peer4));
+    assert_eq!(from.ip(), IpAddr::V4(net.peer4()));
     host_sock.send_to(b"from the kernel", from).unwrap();
     assert_eq!(
         peer.succeed(SHORT),
         vec![format!(
             "from the kernel {} {}",
-            net.host4,
+            net.host4(),
             host_sock.local_addr().unwrap().port()
         )]
     );
@@ -1154,7 +1154,7 @@ fn the_kernel_keeps_serving_icmp_and_other_ports_and_xdp_goes_with_a_killed_nexu
     // kill -9: the BPF link dies with the process, and so do its port reservations.
     daemon.kill();
     let t0 = Instant::now();
-    while xdp_attached(&net.host) {
+    while xdp_attached(net.host()) {
         assert!(
             t0.elapsed() < Duration::from_secs(2),
             "the XDP program outlived the nexus by 2 s"
@@ -1171,7 +1171,7 @@ fn the_kernel_keeps_serving_icmp_and_other_ports_and_xdp_goes_with_a_killed_nexu
         "import socket\n\
          s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
          s.sendto(b'after the nexus', ('{h}', {p}))\n",
-        h = net.host4,
+        h = net.host4(),
         p = claimed.port(),
     );
     net.python(&script).succeed(SHORT);
@@ -1207,8 +1207,8 @@ fn ports_collide_both_ways_with_the_host_stack() {
     let mut control = nexus.connect();
     let ch = control.open_channel(ChannelOptions::default()).unwrap();
     let me = std::process::id();
-    let v4 = |port| SocketAddr::new(net.host4.into(), port);
-    let v6 = |port| SocketAddr::new(net.host6.into(), port);
+    let v4 = |port| SocketAddr::new(net.host4().into(), port);
+    let v6 = |port| SocketAddr::new(net.host6().into(), port);
 
     // The host first: the app is refused, told the port and who holds it.
     let host = UdpSocket::bind(v4(0)).unwrap();
@@ -1327,13 +1327,13 @@ fn regression_a_udp_length_shorter_than_its_ip_payload_is_refused() {
         .add_flow(
             &ch,
             FlowProto::Udp,
-            SocketAddr::new(net.host4.into(), 0),
+            SocketAddr::new(net.host4().into(), 0),
             None,
         )
         .unwrap();
     let mut good = Vec::new();
-    etherparse::PacketBuilder::ethernet2(net.peer_mac, net.host_mac)
-        .ipv4(net.peer4.octets(), net.host4.octets(), 64)
+    etherparse::PacketBuilder::ethernet2(net.peer_mac(), net.host_mac())
+        .ipv4(net.peer4().octets(), net.host4().octets(), 64)
         .udp(40_000, lu.port())
         .write(&mut good, b"datagram+TRLR")
         .unwrap();
@@ -1379,18 +1379,18 @@ fn an_interface_deleted_under_the_nexus_is_reported() {
         .add_flow(
             &ch,
             FlowProto::Udp,
-            SocketAddr::new(IpAddr::V4(net.host4), 0),
+            SocketAddr::new(IpAddr::V4(net.host4()), 0),
             None,
         )
         .unwrap();
-    let peer = SocketAddr::new(IpAddr::V4(net.peer4), 9);
+    let peer = SocketAddr::new(IpAddr::V4(net.peer4()), 9);
     // One packet while the interface is there (the peer's address gets resolved).
     send_ip(&mut ch, &udp_packet(local, peer, b"before"));
     let st = status_when(&mut control, SHORT, |st| {
         counter(&st.interface, "tx_frames") >= 1
     });
     assert_eq!(counter(&st.interface, "interface_failed"), 0);
-    let out = run("ip", &["link", "del", &net.host]);
+    let out = run("ip", &["link", "del", net.host()]);
     assert!(out.status.success(), "ip link del: {out:?}");
     // Nothing is sent from now on: the nexus must notice by itself.
     let st = status_when(&mut control, SHORT, |st| {

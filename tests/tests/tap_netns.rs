@@ -10,6 +10,7 @@ use netchannel::{Interest, Packet};
 use netchannel_nexus::datapath::Datapath;
 use netchannel_nexus::flowswitch::NextHop;
 use netchannel_nexus::netif::tap::Tap;
+use netchannel_testbed::{Netns, is_root};
 
 const NEXUS_MAC: [u8; 6] = [2, 0x4e, 0x43, 0, 0, 1];
 
@@ -19,19 +20,6 @@ fn ip(args: &[&str]) {
         .status()
         .expect("the ip command (iproute2)");
     assert!(st.success(), "ip {args:?} failed");
-}
-
-/// Deletes the namespace (and the TAP in it) however the test ends.
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
 }
 
 #[test]
@@ -53,15 +41,13 @@ fn exchange_through_tap(v6: bool) {
     }
     let pid = std::process::id();
     let fam = u8::from(v6);
-    let ns = Netns(format!("nc-tap{fam}-{pid}"));
+    // Deleted (with the TAP in it) however the test ends.
+    let ns = Netns::new(&format!("tap{fam}")).expect("a network namespace");
     let tap = Tap::create(&format!("nct{fam}{}", pid % 100_000), NEXUS_MAC).expect("a TAP device");
     let dev = tap.name().to_owned();
-    ip(&["netns", "add", &ns.0]);
-    ip(&["link", "set", &dev, "netns", &ns.0]);
+    ip(&["link", "set", &dev, "netns", ns.name()]);
     let nsx = |args: &[&str]| {
-        let mut full = vec!["netns", "exec", ns.0.as_str(), "ip"];
-        full.extend_from_slice(args);
-        ip(&full);
+        ns.ip(args).expect("ip in the namespace");
     };
     let (us, peer_ip) = if v6 {
         nsx(&["addr", "add", "fd00:198:18::2/64", "dev", &dev, "nodad"]);
@@ -114,8 +100,9 @@ fn exchange_through_tap(v6: bool) {
         if v6 { "AF_INET6" } else { "AF_INET" },
         local.port()
     );
-    let peer = Command::new("ip")
-        .args(["netns", "exec", &ns.0, "python3", "-c", &script])
+    let peer = ns
+        .command("python3")
+        .args(["-c", &script])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -7,7 +7,7 @@
 //! happened, and removes everything it made, also on Ctrl-C or failure.
 
 use std::io::BufRead;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -18,43 +18,38 @@ use netchannel_nexus::datapath::Datapath;
 use netchannel_nexus::flowswitch::NextHop;
 use netchannel_nexus::netif::afxdp::{AfXdp, AfXdpOptions};
 use netchannel_nexus::netif::tap::Tap;
+use netchannel_testbed::{Bed, Netns, Offloads, Slot};
 
-const NEXUS_IP: &str = "198.18.0.1";
-const PEER_IP: &str = "198.18.0.2";
 const NEXUS_MAC: [u8; 6] = [0x02, 0x4e, 0x43, 0x00, 0x00, 0x01];
 
-/// Deletes what the demo made, however it ends.
-struct Cleanup {
-    netns: String,
-    socket: String,
-    /// The host end of the veth pair (gone with the namespace anyway; deleted to be sure).
-    link: Option<String>,
+/// The demo's addresses, from the test bed's slot 0: 198.18.0.1 for the nexus (this host's end
+/// of the veth, or the host behind the TAP), 198.18.0.2 for the kernel peer.
+const SLOT: u32 = 0;
+
+/// The network namespace holding the kernel peer, and the interface between it and the nexus;
+/// deleted on drop.
+enum Network {
+    /// A veth pair, the host end served by the nexus.
+    Veth(Bed),
+    /// The namespace holding the TAP device's kernel end.
+    Tap(Netns),
 }
 
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .status();
-        if let Some(link) = &self.link {
-            let _ = Command::new("ip")
-                .args(["link", "del", link])
-                .stderr(Stdio::null())
-                .status();
+impl Network {
+    fn ns(&self) -> &Netns {
+        match self {
+            Self::Veth(bed) => bed.ns(),
+            Self::Tap(ns) => ns,
         }
-        let _ = std::fs::remove_file(&self.socket);
     }
 }
 
-fn ip(args: &[&str]) -> Result<(), String> {
-    let st = Command::new("ip")
-        .args(args)
-        .status()
-        .map_err(|e| format!("running ip (install iproute2): {e}"))?;
-    if st.success() {
-        Ok(())
-    } else {
-        Err(format!("`ip {}` failed", args.join(" ")))
+/// Removes the control socket, however the demo ends.
+struct SocketFile(String);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -68,36 +63,23 @@ pub(crate) enum DemoBackend {
 }
 
 /// Builds the test network and the flowswitch of its nexus.
-fn network(backend: DemoBackend, cleanup: &mut Cleanup) -> Result<Datapath, String> {
-    let ns = cleanup.netns.clone();
-    let in_ns = |args: &[&str]| {
-        let mut full = vec!["netns", "exec", ns.as_str(), "ip"];
-        full.extend_from_slice(args);
-        ip(&full)
-    };
-    let host: std::net::IpAddr = NEXUS_IP.parse().map_err(|_| "bad address")?;
-    let pid = std::process::id() % 100_000;
-    ip(&["netns", "add", &ns])?;
-    in_ns(&["link", "set", "lo", "up"])?;
+fn network(backend: DemoBackend, slot: Slot) -> Result<(Network, Datapath), String> {
+    let (nexus_ip, peer_ip) = (slot.host4(), slot.peer4());
+    let host = std::net::IpAddr::V4(nexus_ip);
     match backend {
         DemoBackend::Afxdp => {
-            let (dev, peer_dev) = (format!("ncd{pid}h"), format!("ncd{pid}p"));
-            ip(&[
-                "link", "add", &dev, "type", "veth", "peer", "name", &peer_dev, "netns", &ns,
-            ])?;
-            cleanup.link = Some(dev.clone());
-            ip(&["addr", "add", &format!("{NEXUS_IP}/24"), "dev", &dev])?;
-            ip(&["link", "set", &dev, "up"])?;
-            in_ns(&["addr", "add", &format!("{PEER_IP}/24"), "dev", &peer_dev])?;
-            in_ns(&["link", "set", &peer_dev, "up"])?;
             // Software checksums on the wire: a veth would otherwise hand the nexus packets
             // whose checksum the (absent) hardware was meant to fill in.
-            netchannel_nexus::netns::offload::disable_offloads_in(&ns, &peer_dev)
+            let bed = Bed::builder("demo")
+                .slot(slot.index())
+                .offloads(Offloads::PeerOff)
+                .build()
                 .map_err(|e| e.to_string())?;
+            let (ns, dev, peer_dev) = (bed.ns().name(), bed.host(), bed.peer());
             println!(
-                "1. test network: namespace {ns}, veth {dev} ({NEXUS_IP}, this host) <-> {peer_dev} ({PEER_IP}, kernel peer); peer offloads off"
+                "1. test network: namespace {ns}, veth {dev} ({nexus_ip}, this host) <-> {peer_dev} ({peer_ip}, kernel peer); peer offloads off"
             );
-            let xsk = AfXdp::open(&dev, AfXdpOptions::default()).map_err(|e| e.to_string())?;
+            let xsk = AfXdp::open(dev, AfXdpOptions::default()).map_err(|e| e.to_string())?;
             let ifindex = xsk.ifindex();
             println!(
                 "2. nexus on {dev}: XDP program attached ({:?}), AF_XDP socket in {} mode; \
@@ -105,22 +87,28 @@ fn network(backend: DemoBackend, cleanup: &mut Cleanup) -> Result<Datapath, Stri
                 xsk.mode(),
                 if xsk.zerocopy() { "zero-copy" } else { "copy" }
             );
-            Ok(
-                Datapath::on(Box::new(xsk), vec![host], NextHop::Kernel(ifindex))
-                    .map_err(|e| e.to_string())?,
-            )
+            let sw = Datapath::on(Box::new(xsk), vec![host], NextHop::Kernel(ifindex))
+                .map_err(|e| e.to_string())?;
+            Ok((Network::Veth(bed), sw))
         }
         DemoBackend::Tap => {
+            let ns = Netns::new("demo").map_err(|e| e.to_string())?;
+            let pid = std::process::id() % 100_000;
             let tap = Tap::create(&format!("ncdemo{pid}"), NEXUS_MAC).map_err(|e| e.to_string())?;
             let dev = tap.name().to_owned();
-            ip(&["link", "set", &dev, "netns", &ns])?;
-            in_ns(&["addr", "add", &format!("{PEER_IP}/24"), "dev", &dev])?;
+            let name = ns.name();
+            let ip = |args: &[&str]| netchannel_testbed::ip(args).map_err(|e| e.to_string());
+            ip(&["link", "set", &dev, "netns", name])?;
+            let in_ns = |args: &[&str]| ns.ip(args).map_err(|e| e.to_string());
+            in_ns(&["addr", "add", &format!("{peer_ip}/24"), "dev", &dev])?;
             in_ns(&["link", "set", &dev, "up"])?;
             println!(
-                "1. test network: namespace {ns} with {dev} at {PEER_IP}/24 (kernel peer); the nexus behind it at {NEXUS_IP}"
+                "1. test network: namespace {name} with {dev} at {peer_ip}/24 (kernel peer); the nexus behind it at {nexus_ip}"
             );
             println!("2. nexus on the TAP device {dev}, answering ARP itself");
-            Ok(Datapath::on(Box::new(tap), vec![host], NextHop::Arp).map_err(|e| e.to_string())?)
+            let sw =
+                Datapath::on(Box::new(tap), vec![host], NextHop::Arp).map_err(|e| e.to_string())?;
+            Ok((Network::Tap(ns), sw))
         }
     }
 }
@@ -134,23 +122,20 @@ pub(crate) fn run(count: u32, backend: DemoBackend) -> Result<(), String> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).map_err(|e| e.to_string())?;
     }
-    let pid = std::process::id();
-    let mut cleanup = Cleanup {
-        netns: format!("netchannel-demo-{pid}"),
-        socket: format!("/tmp/netchannel-demo-{pid}.sock"),
-        link: None,
-    };
-    let switch = network(backend, &mut cleanup)?;
-    let ns = cleanup.netns.clone();
+    let slot = Slot::new(SLOT).map_err(|e| e.to_string())?;
+    let nexus_ip = slot.host4();
+    let socket = SocketFile(format!("/tmp/netchannel-demo-{}.sock", std::process::id()));
+    let (net, switch) = network(backend, slot)?;
+    let ns = net.ns().name().to_owned();
 
     let mut cfg = netchannel_nexus::Config::default();
-    cfg.control.socket = cleanup.socket.clone().into();
+    cfg.control.socket = socket.0.clone().into();
     let mut nexus =
         netchannel_nexus::Nexus::with_datapath(cfg, switch).map_err(|e| e.to_string())?;
     let nexus_stop = nexus.stop_flag();
     let daemon = std::thread::spawn(move || nexus.run().map_err(|e| e.to_string()));
 
-    let mut control = connect(&cleanup.socket)?;
+    let mut control = connect(&socket.0)?;
     let mut ch = control
         .open_channel(ChannelOptions::default())
         .map_err(|e| e.to_string())?;
@@ -177,10 +162,10 @@ pub(crate) fn run(count: u32, backend: DemoBackend) -> Result<(), String> {
     );
 
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let target = format!("{NEXUS_IP}:{}", local.port());
-    let mut peer = Command::new("ip")
-        .args(["netns", "exec", &ns])
-        .arg(&exe)
+    let target = format!("{nexus_ip}:{}", local.port());
+    let mut peer = net
+        .ns()
+        .command(&exe)
         .args([
             "demo-peer",
             "--target",
@@ -204,7 +189,7 @@ pub(crate) fn run(count: u32, backend: DemoBackend) -> Result<(), String> {
     let ok = peer.wait().map_err(|e| e.to_string())?.success();
     println!("5. the app echoed {echoed} datagrams; the kernel peer says: {summary}");
 
-    let http = serve_http_once(&cleanup.socket, &ns, &exe);
+    let http = serve_http_once(&socket.0, net.ns(), &exe, nexus_ip);
     match &http {
         Ok(line) => println!(
             "6. HTTP from a user-space TCP/IP stack: an app running smoltcp on its own channel served a page on port 80; the kernel's TCP client in {ns} says: {line}"
@@ -244,7 +229,8 @@ pub(crate) fn run(count: u32, backend: DemoBackend) -> Result<(), String> {
     drop(control);
     nexus_stop.store(true, Ordering::Relaxed);
     let _ = daemon.join();
-    drop(cleanup);
+    drop(net);
+    drop(socket);
     println!("8. removed the namespace, its interfaces and the socket");
     if stop.load(Ordering::Relaxed) {
         return Err("interrupted".into());
@@ -261,7 +247,12 @@ const PAGE: &str = "<!doctype html><title>netchannel</title><p>Hello from a TCP/
 
 /// Serves one HTTP request from a user-space stack on a channel of the demo's nexus, fetched by
 /// a kernel TCP client in the namespace; returns what the client printed.
-fn serve_http_once(socket: &str, ns: &str, exe: &std::path::Path) -> Result<String, String> {
+fn serve_http_once(
+    socket: &str,
+    ns: &Netns,
+    exe: &std::path::Path,
+    nexus_ip: std::net::Ipv4Addr,
+) -> Result<String, String> {
     use std::io::{Read, Write};
     let stack = netchannel::stack::Stack::connect(socket).map_err(|e| e.to_string())?;
     let mut listener = netchannel::stack::TcpListener::bind(
@@ -269,10 +260,9 @@ fn serve_http_once(socket: &str, ns: &str, exe: &std::path::Path) -> Result<Stri
         "0.0.0.0:80".parse().map_err(|_| "bad address")?,
     )
     .map_err(|e| format!("listening on port 80: {e}"))?;
-    let target = format!("{NEXUS_IP}:80");
-    let mut client = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .arg(exe)
+    let target = format!("{nexus_ip}:80");
+    let mut client = ns
+        .command(exe)
         .args(["demo-peer", "--target", &target, "--count", "0"])
         .stdout(Stdio::piped())
         .spawn()

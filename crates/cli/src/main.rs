@@ -1,7 +1,6 @@
 //! `netchannel`: the command-line front end of the netchannel user-space networking stack.
 
 mod admin;
-mod bench;
 mod demo;
 
 use std::process::ExitCode;
@@ -102,26 +101,12 @@ enum Command {
     /// Benchmarks against the kernel path, measured side by side in the same run.
     Bench {
         #[command(subcommand)]
-        what: BenchCommand,
+        what: netchannel_bench::BenchCommand,
     },
-    /// The AF_PACKET generator of `bench veth` (run by it inside its namespace).
-    #[command(hide = true)]
-    BenchGen {
-        #[arg(long)]
-        ifname: String,
-        #[arg(long)]
-        dst_mac: String,
-        #[arg(long)]
-        src: std::net::SocketAddrV4,
-        #[arg(long)]
-        dst: std::net::SocketAddrV4,
-        #[arg(long)]
-        size: usize,
-        #[arg(long)]
-        duration_ms: u64,
-        #[arg(long)]
-        rate: Option<u64>,
-    },
+    /// The hidden helpers the benchmarks start from this binary: `bench-worker`, `bench-gen`,
+    /// `bench-peer`, `bench-sink`.
+    #[command(flatten)]
+    BenchHelper(netchannel_bench::HelperCommand),
     /// Turns an interface's offloads off (checksum, segmentation, GRO), as the tests and
     /// benchmarks need on a veth; without an ethtool binary.
     #[command(hide = true)]
@@ -131,40 +116,6 @@ enum Command {
         /// The network namespace it is in (default: this one).
         #[arg(long)]
         netns: Option<String>,
-    },
-    /// The kernel peer of `bench tcp` (run by it inside its namespace).
-    #[command(hide = true)]
-    BenchPeer {
-        /// tcp-send, tcp-recv or udp-echo.
-        mode: String,
-        #[arg(long)]
-        addr: std::net::SocketAddr,
-        #[arg(long, default_value_t = 1000)]
-        duration_ms: u64,
-    },
-    /// The UDP sink of `bench veth` (run by it inside its namespace).
-    #[command(hide = true)]
-    BenchSink {
-        #[arg(long)]
-        port: u16,
-        #[arg(long)]
-        duration_ms: u64,
-    },
-    /// One side of a benchmark trial (started by `bench`; not for direct use).
-    #[command(hide = true)]
-    BenchWorker {
-        /// The trial, as JSON.
-        #[arg(long)]
-        spec: String,
-        /// Run the listening (receiving / echoing) side.
-        #[arg(long)]
-        server: bool,
-        /// Address of the server side (for the client side).
-        #[arg(long)]
-        addr: Option<String>,
-        /// CPU to pin to.
-        #[arg(long)]
-        cpu: Option<usize>,
     },
 }
 
@@ -193,80 +144,6 @@ struct InterfaceArgs {
     backend: Option<BackendArg>,
     xdp_mode: Option<XdpModeArg>,
     addresses: Vec<std::net::IpAddr>,
-}
-
-/// How much effort a benchmark spends.
-#[derive(Debug, clap::Args)]
-struct BenchArgs {
-    /// Interleaved repetitions (each runs every metric on both paths).
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100))]
-    reps: u64,
-    /// Measured window of each throughput trial, in milliseconds (CPU trials last at least 1 s).
-    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
-    duration_ms: u64,
-    /// Round trips timed per busy-poll latency trial (blocking trials time a quarter as many).
-    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(100..=10_000_000))]
-    rtt_iterations: u64,
-    /// Print one JSON object instead of a table.
-    #[arg(long)]
-    json: bool,
-}
-
-impl BenchArgs {
-    fn options(&self) -> bench::Options {
-        bench::Options {
-            reps: self.reps as usize,
-            duration_ms: self.duration_ms,
-            rtt_iterations: self.rtt_iterations as usize,
-            json: self.json,
-        }
-    }
-}
-
-#[derive(Debug, Subcommand)]
-enum BenchCommand {
-    /// User pipe between two processes vs kernel UDP over loopback: packets/s, Gbit/s, round trips.
-    Pipe(BenchArgs),
-    /// App → nexus → app (the nexus validates, copies and reflects) vs kernel UDP over loopback:
-    /// packets/s, round trips, and CPU per packet at a fixed offered load.
-    Nexus(BenchArgs),
-    /// TCP bulk both ways and UDP round trips with a kernel peer across a veth (root): an app on
-    /// the user-space stack through the nexus on AF_XDP vs this host's kernel stack.
-    Tcp {
-        #[command(flatten)]
-        args: BenchArgs,
-        /// Run only this metric (repeatable): gbps_to_app, gbps_from_app, cpu_to_app,
-        /// cpu_from_app, rtt_udp_p50.
-        #[arg(long = "metric")]
-        only: Vec<String>,
-        /// Run one path only (kernel or netchannel), to profile it; no ratios then.
-        #[arg(long, hide = true)]
-        only_path: Option<String>,
-        /// Print the nexus's status (counters) after each of its trials.
-        #[arg(long, hide = true)]
-        nexus_status: bool,
-        /// Attach the nexus's XDP program (claiming nothing) during the kernel path's trials,
-        /// so that both paths pay what XDP costs on a veth.
-        #[arg(long)]
-        kernel_xdp: bool,
-    },
-    /// UDP across a veth pair (root): an app on a channel of a nexus on AF_XDP vs a kernel UDP
-    /// socket, fed by an AF_PACKET generator in a namespace; receive and transmit packets/s and
-    /// the machine's CPU per packet.
-    Veth {
-        #[command(flatten)]
-        args: BenchArgs,
-        /// Offered packets/s of the CPU-per-packet trials.
-        #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1_000..=10_000_000))]
-        cpu_rate: u64,
-        /// Run only this metric (repeatable): pps_64, gbps_1400, cpu_per_packet, tx_pps_64,
-        /// tx_cpu_per_packet.
-        #[arg(long = "metric")]
-        only: Vec<String>,
-        /// Run one path only (kernel or netchannel), to profile it; no ratios then.
-        #[arg(long, hide = true)]
-        only_path: Option<String>,
-    },
 }
 
 fn run_nexus(
@@ -347,68 +224,13 @@ fn main() -> ExitCode {
         Command::Channels { socket, json } => admin::channels(&socket, json),
         Command::Flows { socket, json } => admin::flows(&socket, json),
         Command::Defunct { channel, socket } => admin::defunct(&socket, channel),
-        Command::Bench {
-            what: BenchCommand::Pipe(a),
-        } => bench::pipe(&a.options()),
-        Command::Bench {
-            what: BenchCommand::Nexus(a),
-        } => bench::nexus(&a.options()),
-        Command::Bench {
-            what:
-                BenchCommand::Veth {
-                    args,
-                    cpu_rate,
-                    only,
-                    only_path,
-                },
-        } => bench::veth::veth(&bench::veth::VethOptions {
-            common: args.options(),
-            cpu_rate,
-            only,
-            only_path,
-        }),
-        Command::BenchGen {
-            ifname,
-            dst_mac,
-            src,
-            dst,
-            size,
-            duration_ms,
-            rate,
-        } => bench::veth::generator(&ifname, &dst_mac, src, dst, size, duration_ms, rate),
+        Command::Bench { what } => netchannel_bench::run(what),
+        Command::BenchHelper(helper) => netchannel_bench::run_helper(helper),
         Command::OffloadsOff { ifname, netns } => match netns {
             Some(ns) => netchannel_nexus::netns::offload::disable_offloads_in(&ns, &ifname),
             None => netchannel_nexus::netns::offload::disable_offloads(&ifname),
         }
         .map_err(|e| e.to_string()),
-        Command::Bench {
-            what:
-                BenchCommand::Tcp {
-                    args,
-                    only,
-                    only_path,
-                    nexus_status,
-                    kernel_xdp,
-                },
-        } => bench::tcp::tcp(&bench::tcp::TcpOptions {
-            common: args.options(),
-            only,
-            only_path,
-            show_status: nexus_status,
-            kernel_xdp,
-        }),
-        Command::BenchPeer {
-            mode,
-            addr,
-            duration_ms,
-        } => bench::tcp::peer(&mode, addr, duration_ms),
-        Command::BenchSink { port, duration_ms } => bench::veth::sink_main(port, duration_ms),
-        Command::BenchWorker {
-            spec,
-            server,
-            addr,
-            cpu,
-        } => bench::worker::run(&spec, server, addr.as_deref(), cpu),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

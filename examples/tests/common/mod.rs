@@ -35,9 +35,9 @@ impl Bed {
     /// Builds the network `198.18.{net}.0/24` (peer offloads off) and starts a nexus on it,
     /// impaired by `faults` if given.
     pub(crate) fn new(tag: &str, net: u8, faults: Option<FaultConfig>) -> Self {
-        let veth = VethNet::new(tag, "nc", 0, u32::from(net));
+        let veth = VethNet::new(tag, u32::from(net));
         let sw = netchannel_nexus::datapath::open_impaired(
-            &InterfaceConfig::new(veth.host.clone(), Backend::Afxdp),
+            &InterfaceConfig::new(veth.host().to_owned(), Backend::Afxdp),
             faults,
         )
         .expect("AF_XDP on the veth");
@@ -46,10 +46,10 @@ impl Bed {
         cfg.control.socket = socket.clone().into();
         let mut nexus = netchannel_nexus::Nexus::with_datapath(cfg, sw).expect("a nexus");
         Self {
-            ns: veth.ns.clone(),
+            ns: veth.ns().name().to_owned(),
             socket,
-            host_ip: veth.host4.to_string(),
-            peer_ip: veth.peer4.to_string(),
+            host_ip: veth.host4().to_string(),
+            peer_ip: veth.peer4().to_string(),
             children: Vec::new(),
             stop: Some(nexus.stop_flag()),
             daemon: Some(std::thread::spawn(move || nexus.run())),

@@ -1,18 +1,28 @@
 //! `netchannel bench`: netchannel against the kernel path, side by side in one run.
 //!
-//! Every trial runs two fresh processes (this binary's hidden `bench-worker` command), pinned one
-//! per core. Each repetition runs every metric on both paths, alternating which path goes first,
-//! and the report gives per-repetition ratios and their median: only ratios measured side by
-//! side mean anything on a noisy two-core machine.
+//! Every trial runs two fresh processes (the running binary's hidden `bench-worker` command,
+//! started through `std::env::current_exe()`), pinned one per core. Each repetition runs every
+//! metric on both paths, alternating which path goes first, and the report gives
+//! per-repetition ratios and their median: only ratios measured side by side mean anything on a
+//! noisy two-core machine.
+//!
+//! The `netchannel` binary is the entry point: it embeds [`BenchCommand`] as its `bench`
+//! subcommand and flattens [`HelperCommand`] (the workers, the AF_PACKET generator, the kernel
+//! peers) into its own subcommands, since the benchmarks start those from the same binary; it
+//! runs them with [`run`] and [`run_helper`]. The veth benchmarks build their bed with
+//! `netchannel-testbed`.
 
-pub(crate) mod afpacket;
-pub(crate) mod nexus_path;
-pub(crate) mod pipe_path;
-pub(crate) mod sys;
-pub(crate) mod tcp;
-pub(crate) mod udp_path;
-pub(crate) mod veth;
-pub(crate) mod worker;
+mod afpacket;
+mod command;
+mod nexus_path;
+mod pipe_path;
+mod sys;
+mod tcp;
+mod udp_path;
+mod veth;
+mod worker;
+
+pub use command::{BenchArgs, BenchCommand, HelperCommand, run, run_helper};
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};

@@ -224,10 +224,10 @@ mod tests {
     use super::*;
 
     use std::net::{Ipv4Addr, UdpSocket};
-    use std::process::Command;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::mpsc;
 
+    use netchannel_testbed::Bed;
     use rustix::fs::{Mode, OFlags};
     use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
 
@@ -286,29 +286,6 @@ mod tests {
         assert!(too_big.build().is_err());
     }
 
-    /// Runs `ip ARGS`, panicking with its output on failure; returns its stdout.
-    fn ip(args: &[&str]) -> String {
-        let out = Command::new("ip").args(args).output().expect("running ip");
-        assert!(
-            out.status.success(),
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Deletes the test namespaces (and with them the veth pair) however the test ends.
-    struct Namespaces(Vec<String>);
-
-    impl Drop for Namespaces {
-        fn drop(&mut self) {
-            for ns in &self.0 {
-                let _ = Command::new("ip").args(["netns", "delete", ns]).status();
-            }
-        }
-    }
-
     /// Moves the calling thread into network namespace `ns` (a test thread of its own).
     fn enter(ns: &str) {
         let fd = rustix::fs::open(
@@ -320,69 +297,30 @@ mod tests {
         move_into_link_name_space(fd.as_fd(), Some(LinkNameSpaceType::Network)).unwrap();
     }
 
-    fn parse_mac(s: &str) -> [u8; 6] {
-        let mut mac = [0u8; 6];
-        let parts: Vec<&str> = s.trim().split(':').collect();
-        assert_eq!(parts.len(), 6, "bad MAC {s:?}");
-        for (m, p) in mac.iter_mut().zip(parts) {
-            *m = u8::from_str_radix(p, 16).unwrap();
-        }
-        mac
-    }
-
     #[test]
     fn frames_reach_a_kernel_udp_socket_through_a_veth() {
         if !rustix::process::geteuid().is_root() {
             println!("skipped: frames_reach_a_kernel_udp_socket_through_a_veth needs root");
             return;
         }
-        let pid = std::process::id();
-        let near = format!("nc-afp-near-{pid}");
-        let far = format!("nc-afp-far-{pid}");
-        let mut guard = Namespaces(Vec::new());
-        for ns in [&near, &far] {
-            ip(&["netns", "add", ns]);
-            guard.0.push(ns.clone());
-        }
-        // Both ends live in namespaces of their own: the host's is not touched.
-        ip(&[
-            "-n", &near, "link", "add", "ncafp0", "type", "veth", "peer", "name", "ncafp1",
-            "netns", &far,
-        ]);
-        ip(&[
-            "-n",
-            &near,
-            "addr",
-            "add",
-            "198.18.99.1/30",
-            "dev",
-            "ncafp0",
-        ]);
-        ip(&["-n", &far, "addr", "add", "198.18.99.2/30", "dev", "ncafp1"]);
-        ip(&["-n", &near, "link", "set", "ncafp0", "up"]);
-        ip(&["-n", &far, "link", "set", "ncafp1", "up"]);
-        let far_mac = parse_mac(&ip(&[
-            "netns",
-            "exec",
-            &far,
-            "cat",
-            "/sys/class/net/ncafp1/address",
-        ]));
-        let near_mac = parse_mac(&ip(&[
-            "netns",
-            "exec",
-            &near,
-            "cat",
-            "/sys/class/net/ncafp0/address",
-        ]));
+        // Both ends live in namespaces of their own: the host's is not touched. Deleted
+        // however the test ends.
+        let bed = Bed::builder("afp")
+            .slot(99)
+            .host_in_netns(true)
+            .build()
+            .unwrap();
+        let near = bed.host_ns().unwrap().name();
+        let far = bed.ns().name();
+        let (near_dev, near_mac, far_mac) = (bed.host(), bed.host_mac(), bed.peer_mac());
+        let (near_ip, far_ip) = (bed.host4(), bed.peer4());
 
-        let (near, far) = (near.as_str(), far.as_str());
         let stop = AtomicBool::new(false);
         let (port_tx, port_rx) = mpsc::channel();
         let (sent, (good, bad)) = std::thread::scope(|s| {
             let receiver = s.spawn(|| {
                 enter(far);
-                let sock = UdpSocket::bind("198.18.99.2:0").unwrap();
+                let sock = UdpSocket::bind((far_ip, 0)).unwrap();
                 sock.set_read_timeout(Some(Duration::from_millis(50)))
                     .unwrap();
                 port_tx.send(sock.local_addr().unwrap().port()).unwrap();
@@ -411,9 +349,11 @@ mod tests {
                     .spawn(move || {
                         enter(near);
                         let mut g = Generator::open(
-                            "ncafp0",
+                            near_dev,
                             FrameSpec {
                                 src_mac: near_mac,
+                                src: SocketAddrV4::new(near_ip, 40000),
+                                dst: SocketAddrV4::new(far_ip, port),
                                 ..spec(far_mac, port)
                             },
                         )?;

@@ -19,7 +19,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsFd;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use netchannel::nexus::{ChannelOptions, FlowProto, Nexus};
@@ -27,13 +27,14 @@ use netchannel::{Interest, Packet};
 use netchannel_nexus::datapath::Datapath;
 use netchannel_nexus::flowswitch::NextHop;
 use netchannel_nexus::netif::afxdp::{AfXdp, AfXdpOptions};
+use netchannel_testbed::{Offloads, format_mac, parse_mac};
 use serde::{Deserialize, Serialize};
 
 use super::sys::MsgBatch;
 use super::{Better, Options};
 
-pub(super) const HOST_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
-pub(super) const PEER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+/// The bed's addresses: 198.18.1.1 on this host's end, 198.18.1.2 on the peer's.
+const SLOT: u32 = 1;
 const KERNEL_PORT: u16 = 9101;
 const NEXUS_PORT: u16 = 9102;
 const SINK_PORT: u16 = 9103;
@@ -60,135 +61,51 @@ pub(crate) struct Count {
     pub(crate) secs: f64,
 }
 
-/// Removes the test bed however the run ends.
+/// The test bed (offloads off on both ends, the peer resolved before anything is measured)
+/// and the control socket of the trials' nexus; removed however the run ends.
 pub(super) struct Bed {
-    ns: String,
-    host_dev: String,
-    peer_dev: String,
+    net: netchannel_testbed::Bed,
     pub(super) socket: String,
 }
 
 impl Bed {
+    pub(super) fn new() -> Result<Self, String> {
+        let net = netchannel_testbed::Bed::builder("bench")
+            .slot(SLOT)
+            .offloads(Offloads::BothOff)
+            .resolve_peer(true)
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            net,
+            socket: format!("/tmp/netchannel-bench-veth-{}.sock", std::process::id()),
+        })
+    }
+
+    /// This host's address.
+    pub(super) fn host4(&self) -> Ipv4Addr {
+        self.net.host4()
+    }
+
+    /// The peer's address.
+    pub(super) fn peer4(&self) -> Ipv4Addr {
+        self.net.peer4()
+    }
+
     /// The nexus's XDP steering program on the host's end, with no claims: every packet
     /// passes to the kernel stack. Detached when dropped.
     pub(super) fn steering_without_claims(
         &self,
     ) -> Result<netchannel_nexus::netif::xdp::XdpProgram, String> {
-        let path = format!("/sys/class/net/{}/ifindex", self.host_dev);
-        let ifindex = std::fs::read_to_string(&path)
-            .map_err(|e| format!("{path}: {e}"))?
-            .trim()
-            .parse()
-            .map_err(|e| format!("{path}: {e}"))?;
-        netchannel_nexus::netif::xdp::XdpProgram::attach(ifindex, 1, None)
+        netchannel_nexus::netif::xdp::XdpProgram::attach(self.net.host_ifindex(), 1, None)
             .map_err(|e| e.to_string())
-    }
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_dev])
-            .stderr(Stdio::null())
-            .status();
-        let _ = std::fs::remove_file(&self.socket);
-    }
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let st = Command::new("ip")
-        .args(args)
-        .stdout(Stdio::null())
-        .status()
-        .map_err(|e| format!("running ip (install iproute2): {e}"))?;
-    if st.success() {
-        Ok(())
-    } else {
-        Err(format!("`ip {}` failed", args.join(" ")))
-    }
-}
-
-impl Bed {
-    pub(super) fn new() -> Result<Self, String> {
-        let pid = std::process::id() % 100_000;
-        let bed = Self {
-            ns: format!("netchannel-bench-{pid}"),
-            host_dev: format!("ncb{pid}h"),
-            peer_dev: format!("ncb{pid}p"),
-            socket: format!("/tmp/netchannel-bench-veth-{pid}.sock"),
-        };
-        let ns = bed.ns.as_str();
-        ip(&["netns", "add", ns])?;
-        ip(&[
-            "link",
-            "add",
-            &bed.host_dev,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &bed.peer_dev,
-            "netns",
-            ns,
-        ])?;
-        ip(&[
-            "addr",
-            "add",
-            &format!("{HOST_IP}/24"),
-            "dev",
-            &bed.host_dev,
-        ])?;
-        ip(&["link", "set", &bed.host_dev, "up"])?;
-        let in_ns = |args: &[&str]| {
-            let mut full = vec!["netns", "exec", ns, "ip"];
-            full.extend_from_slice(args);
-            ip(&full)
-        };
-        in_ns(&["link", "set", "lo", "up"])?;
-        in_ns(&[
-            "addr",
-            "add",
-            &format!("{PEER_IP}/24"),
-            "dev",
-            &bed.peer_dev,
-        ])?;
-        in_ns(&["link", "set", &bed.peer_dev, "up"])?;
-        use netchannel_nexus::netns::offload;
-        offload::disable_offloads(&bed.host_dev).map_err(|e| e.to_string())?;
-        offload::disable_offloads_in(ns, &bed.peer_dev).map_err(|e| e.to_string())?;
-        // This host's kernel resolves the peer before anything is measured (a datagram to a
-        // closed port of the peer makes it ARP).
-        let ifindex: u32 =
-            std::fs::read_to_string(format!("/sys/class/net/{}/ifindex", bed.host_dev))
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .ok_or("the veth has no ifindex")?;
-        let mut nl = netchannel_nexus::netns::netlink::Rtnl::open().map_err(|e| e.to_string())?;
-        let poke = UdpSocket::bind(SocketAddrV4::new(HOST_IP, 0)).map_err(|e| e.to_string())?;
-        let t0 = Instant::now();
-        while !matches!(nl.neighbour(ifindex, PEER_IP.into()), Ok(Some(_))) {
-            if t0.elapsed() > Duration::from_secs(3) {
-                return Err("the veth peer did not answer ARP".into());
-            }
-            let _ = poke.send_to(b"hello", SocketAddrV4::new(PEER_IP, 9));
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(bed)
-    }
-
-    fn host_mac(&self) -> Result<String, String> {
-        std::fs::read_to_string(format!("/sys/class/net/{}/address", self.host_dev))
-            .map(|s| s.trim().to_owned())
-            .map_err(|e| format!("reading the veth's MAC: {e}"))
     }
 
     /// Starts a hidden helper command of this binary inside the namespace.
     pub(super) fn spawn_in_ns(&self, args: &[String]) -> Result<Child, String> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        Command::new("ip")
-            .args(["netns", "exec", &self.ns])
-            .arg(exe)
+        self.net
+            .command(exe)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -208,13 +125,13 @@ impl Bed {
         let mut args = vec![
             "bench-gen".to_owned(),
             "--ifname".into(),
-            self.peer_dev.clone(),
+            self.net.peer().to_owned(),
             "--dst-mac".into(),
-            self.host_mac()?,
+            format_mac(self.net.host_mac()),
             "--src".into(),
-            SocketAddrV4::new(PEER_IP, GEN_PORT).to_string(),
+            SocketAddrV4::new(self.peer4(), GEN_PORT).to_string(),
             "--dst".into(),
-            SocketAddrV4::new(HOST_IP, port).to_string(),
+            SocketAddrV4::new(self.host4(), port).to_string(),
             "--size".into(),
             size.to_string(),
             "--duration-ms".into(),
@@ -224,6 +141,12 @@ impl Bed {
             args.extend(["--rate".into(), r.to_string()]);
         }
         self.spawn_in_ns(&args)
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
     }
 }
 
@@ -292,7 +215,7 @@ enum Trial {
 /// Kernel path, receive: a UDP socket on this end.
 fn kernel_rx(bed: &Bed, size: usize, ms: u64, rate: Option<u64>) -> Result<Measured, String> {
     let sock =
-        UdpSocket::bind(SocketAddrV4::new(HOST_IP, KERNEL_PORT)).map_err(|e| e.to_string())?;
+        UdpSocket::bind(SocketAddrV4::new(bed.host4(), KERNEL_PORT)).map_err(|e| e.to_string())?;
     sock.set_read_timeout(Some(Duration::from_millis(20)))
         .map_err(|e| e.to_string())?;
     let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&sock, 4 << 20);
@@ -342,11 +265,12 @@ pub(super) struct NexusRun {
 
 impl NexusRun {
     pub(super) fn start(bed: &Bed) -> Result<Self, String> {
-        let xsk = AfXdp::open(&bed.host_dev, AfXdpOptions::default()).map_err(|e| e.to_string())?;
+        let xsk =
+            AfXdp::open(bed.net.host(), AfXdpOptions::default()).map_err(|e| e.to_string())?;
         let ifindex = xsk.ifindex();
         let sw = Datapath::on(
             Box::new(xsk),
-            vec![HOST_IP.into()],
+            vec![bed.host4().into()],
             NextHop::Kernel(ifindex),
         )
         .map_err(|e| e.to_string())?;
@@ -399,7 +323,7 @@ fn nexus_rx(bed: &Bed, size: usize, ms: u64, rate: Option<u64>) -> Result<Measur
         .add_flow(
             &ch,
             FlowProto::Udp,
-            SocketAddr::V4(SocketAddrV4::new(HOST_IP, NEXUS_PORT)),
+            SocketAddr::V4(SocketAddrV4::new(bed.host4(), NEXUS_PORT)),
             None,
         )
         .map_err(|e| e.to_string())?;
@@ -481,8 +405,8 @@ fn sink_result(
 /// Kernel path, transmit: `sendmmsg` on a UDP socket.
 fn kernel_tx(bed: &Bed, size: usize, ms: u64) -> Result<Measured, String> {
     let (child, out) = sink(bed, ms)?;
-    let sock = UdpSocket::bind(SocketAddrV4::new(HOST_IP, 0)).map_err(|e| e.to_string())?;
-    sock.connect(SocketAddrV4::new(PEER_IP, SINK_PORT))
+    let sock = UdpSocket::bind(SocketAddrV4::new(bed.host4(), 0)).map_err(|e| e.to_string())?;
+    sock.connect(SocketAddrV4::new(bed.peer4(), SINK_PORT))
         .map_err(|e| e.to_string())?;
     let mut batch = MsgBatch::new(32, size);
     let t0 = machine_ticks();
@@ -512,12 +436,12 @@ fn nexus_tx(bed: &Bed, size: usize, ms: u64) -> Result<Measured, String> {
         .add_flow(
             &ch,
             FlowProto::Udp,
-            SocketAddr::V4(SocketAddrV4::new(HOST_IP, 0)),
+            SocketAddr::V4(SocketAddrV4::new(bed.host4(), 0)),
             None,
         )
         .map_err(|e| e.to_string())?;
     let mut pkt = Vec::with_capacity(size + 28);
-    etherparse::PacketBuilder::ipv4(HOST_IP.octets(), PEER_IP.octets(), 64)
+    etherparse::PacketBuilder::ipv4(bed.host4().octets(), bed.peer4().octets(), 64)
         .udp(local.port(), SINK_PORT)
         .write(&mut pkt, &vec![0x5a; size])
         .map_err(|e| e.to_string())?;
@@ -658,17 +582,7 @@ pub(crate) fn generator(
     duration_ms: u64,
     rate: Option<u64>,
 ) -> Result<(), String> {
-    let parse_mac = |s: &str| -> Result<[u8; 6], String> {
-        let mut m = [0u8; 6];
-        let parts: Vec<&str> = s.trim().split(':').collect();
-        if parts.len() != 6 {
-            return Err(format!("{s:?} is not a MAC address"));
-        }
-        for (b, p) in m.iter_mut().zip(parts) {
-            *b = u8::from_str_radix(p, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
-        }
-        Ok(m)
-    };
+    let parse_mac = |s: &str| parse_mac(s).ok_or_else(|| format!("{s:?} is not a MAC address"));
     let src_mac = parse_mac(
         &std::fs::read_to_string(format!("/sys/class/net/{ifname}/address"))
             .map_err(|e| format!("no interface {ifname}: {e}"))?,

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::veth::{Bed, HOST_IP, NexusRun, PEER_IP, busy_seconds_since, finish, machine_ticks};
+use super::veth::{Bed, NexusRun, busy_seconds_since, finish, machine_ticks};
 use super::{Better, Options, Row, median};
 
 const HOST_PORT: u16 = 9201;
@@ -132,10 +132,10 @@ fn kernel_trial(
     let t0 = machine_ticks();
     match t {
         Trial::ToHost => {
-            let l = TcpListener::bind(SocketAddrV4::new(HOST_IP, HOST_PORT))
+            let l = TcpListener::bind(SocketAddrV4::new(bed.host4(), HOST_PORT))
                 .map_err(|e| e.to_string())?;
             let ms = d.as_millis().to_string();
-            let to = SocketAddrV4::new(HOST_IP, HOST_PORT).to_string();
+            let to = SocketAddrV4::new(bed.host4(), HOST_PORT).to_string();
             let mut child = bed.spawn_in_ns(&[
                 "bench-peer".into(),
                 "tcp-send".into(),
@@ -159,9 +159,9 @@ fn kernel_trial(
             })
         }
         Trial::FromHost => {
-            let addr = SocketAddrV4::new(PEER_IP, PEER_PORT).to_string();
+            let addr = SocketAddrV4::new(bed.peer4(), PEER_PORT).to_string();
             let (mut child, _) = spawn_peer(bed, &["tcp-recv", "--addr", &addr])?;
-            let mut conn = TcpStream::connect(SocketAddrV4::new(PEER_IP, PEER_PORT))
+            let mut conn = TcpStream::connect(SocketAddrV4::new(bed.peer4(), PEER_PORT))
                 .map_err(|e| e.to_string())?;
             conn.set_write_timeout(Some(STALL))
                 .map_err(|e| e.to_string())?;
@@ -179,10 +179,11 @@ fn kernel_trial(
             })
         }
         Trial::Rtt => {
-            let addr = SocketAddrV4::new(PEER_IP, ECHO_PORT).to_string();
+            let addr = SocketAddrV4::new(bed.peer4(), ECHO_PORT).to_string();
             let (child, _) = spawn_peer(bed, &["udp-echo", "--addr", &addr])?;
-            let s = UdpSocket::bind(SocketAddrV4::new(HOST_IP, 0)).map_err(|e| e.to_string())?;
-            s.connect(SocketAddrV4::new(PEER_IP, ECHO_PORT))
+            let s =
+                UdpSocket::bind(SocketAddrV4::new(bed.host4(), 0)).map_err(|e| e.to_string())?;
+            s.connect(SocketAddrV4::new(bed.peer4(), ECHO_PORT))
                 .map_err(|e| e.to_string())?;
             s.set_read_timeout(Some(Duration::from_secs(1)))
                 .map_err(|e| e.to_string())?;
@@ -243,10 +244,10 @@ fn nexus_trial(
         Trial::ToHost => {
             let l = NcListener::bind(
                 &stack,
-                SocketAddr::V4(SocketAddrV4::new(HOST_IP, HOST_PORT)),
+                SocketAddr::V4(SocketAddrV4::new(bed.host4(), HOST_PORT)),
             )
             .map_err(|e| e.to_string())?;
-            let to = SocketAddrV4::new(HOST_IP, HOST_PORT).to_string();
+            let to = SocketAddrV4::new(bed.host4(), HOST_PORT).to_string();
             let mut child = bed.spawn_in_ns(&[
                 "bench-peer".into(),
                 "tcp-send".into(),
@@ -270,7 +271,7 @@ fn nexus_trial(
             }
         }
         Trial::FromHost => {
-            let addr = SocketAddrV4::new(PEER_IP, PEER_PORT);
+            let addr = SocketAddrV4::new(bed.peer4(), PEER_PORT);
             let (mut child, _) = spawn_peer(bed, &["tcp-recv", "--addr", &addr.to_string()])?;
             let mut conn =
                 NcStream::connect(&stack, SocketAddr::V4(addr)).map_err(|e| e.to_string())?;
@@ -290,9 +291,9 @@ fn nexus_trial(
             }
         }
         Trial::Rtt => {
-            let addr = SocketAddrV4::new(PEER_IP, ECHO_PORT);
+            let addr = SocketAddrV4::new(bed.peer4(), ECHO_PORT);
             let (child, _) = spawn_peer(bed, &["udp-echo", "--addr", &addr.to_string()])?;
-            let mut s = NcUdp::bind(&stack, SocketAddr::V4(SocketAddrV4::new(HOST_IP, 0)))
+            let mut s = NcUdp::bind(&stack, SocketAddr::V4(SocketAddrV4::new(bed.host4(), 0)))
                 .map_err(|e| e.to_string())?;
             s.connect(SocketAddr::V4(addr)).map_err(|e| e.to_string())?;
             s.set_read_timeout(Some(Duration::from_secs(1)))

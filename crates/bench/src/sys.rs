@@ -1,5 +1,5 @@
 //! The few raw system calls the kernel baseline needs and rustix does not wrap: `sendmmsg` /
-//! `recvmmsg` with plain buffers, and `getrusage`. This is the CLI's only unsafe module.
+//! `recvmmsg` with plain buffers, and `getrusage`.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
