@@ -15,7 +15,7 @@
 //! * [`switch`]: the core that ties them together, frames and packets in, decisions out.
 //!
 //! Everything here is a plain function of (state, bytes, now): no I/O, no clock, no waiting.
-//! The driver that owns the interface, netlink and the clock is [`crate::datapath`]. So the
+//! The driver that owns the interface, the kernel socket and the clock is [`crate::datapath`]. So the
 //! whole classification path is tested in-process and benchmarked with criterion
 //! (`benches/flow_lookup.rs`).
 //!

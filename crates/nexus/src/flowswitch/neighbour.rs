@@ -4,7 +4,7 @@
 //!   ARP for its addresses and learns its peers' MAC addresses from their ARP traffic.
 //! * [`KernelNeighbours`]: on an interface shared with the kernel (AF_XDP) the kernel keeps
 //!   answering ARP and NDP; the flowswitch keeps the routes and neighbours the kernel reported
-//!   and queues a [`Query`] for what it lacks, which the driver asks over netlink without
+//!   and queues a [`Query`] for what it lacks, which the driver asks the kernel without
 //!   waiting (and keeps current from the kernel's neighbour-table notifications).
 
 use std::collections::HashMap;
@@ -224,7 +224,7 @@ const FRESH: Duration = Duration::from_secs(5);
 /// How soon the same question is asked again when the kernel has not answered it.
 const RETRY: Duration = Duration::from_millis(10);
 
-/// A question for the kernel: the driver asks it over netlink without waiting, and brings the
+/// A question for the kernel: the driver asks it without waiting, and brings the
 /// answer back with [`KernelNeighbours::on_route`] or [`KernelNeighbours::on_neighbour`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Query {

@@ -1,6 +1,6 @@
 //! The flowswitch's core: what becomes of each frame from the wire and each packet from an app,
 //! as plain functions of (state, bytes, now). No I/O, no clock, no waiting: the driver
-//! (`crate::datapath`) owns the interface, the netlink socket and the clock, and carries out
+//! (`crate::datapath`) owns the interface, the socket to the kernel and the clock, and carries out
 //! what the core decides.
 //!
 //! * **RX** ([`Switch::rx_batch`]): each frame is parsed once, looked up (exact flow, then
