@@ -904,6 +904,11 @@ fn malformed_frames_from_the_peer_are_counted_and_never_delivered() {
         bad.push((what.to_owned(), f));
     }
 
+    // Well formed, for the app's flow, but to another host's MAC (PACKET_OTHERHOST).
+    let mut f = good.clone();
+    f[..6].copy_from_slice(&[0x02, 0x77, 0x77, 0x77, 0x77, 0x77]);
+    bad.push(("another host's MAC".into(), f));
+
     let before = status(&mut control);
     let mut frames: Vec<Vec<u8>> = bad.iter().map(|(_, f)| f.clone()).collect();
     frames.push(good.clone());
@@ -971,6 +976,7 @@ fn malformed_frames_from_the_peer_are_counted_and_never_delivered() {
         "rx_ip_options",
         "rx_fragment",
         "rx_bad_l3_checksum",
+        "rx_other_host",
         "rx_no_flow",
     ] {
         let want = u64::from(reason != "rx_no_flow");

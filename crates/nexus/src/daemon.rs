@@ -208,7 +208,7 @@ impl Nexus {
                     c.housekeeping(&self.reg.config.channel, now);
                 }
                 if let Some(dp) = self.reg.datapath.as_mut() {
-                    dp.netif_mut().housekeeping();
+                    dp.housekeeping(now);
                 }
                 self.reg.audit_some(AUDIT_BUDGET);
             }

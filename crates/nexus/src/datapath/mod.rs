@@ -54,7 +54,12 @@ pub struct Datapath {
     ready: Vec<Ready>,
     /// The netlink socket was reported readable (a change of the neighbour table).
     resolver_readable: bool,
+    /// When the host's multicast groups were last read (on a shared interface).
+    groups_read: Option<Instant>,
 }
+
+/// How often the host's multicast groups on a shared interface are read again.
+const GROUPS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Datapath {
     /// Drives `switch` on `netif`, asking the kernel over `resolver` (on a shared interface).
@@ -67,6 +72,7 @@ impl Datapath {
             seg_frame: vec![0; ETH + 65_535],
             ready: Vec::new(),
             resolver_readable: false,
+            groups_read: None,
         }
     }
 
@@ -82,7 +88,9 @@ impl Datapath {
             _ => None,
         };
         let switch = Switch::new(host_addrs, next_hop, netif.mac(), netif.mtu());
-        Ok(Self::new(switch, netif, resolver))
+        let mut dp = Self::new(switch, netif, resolver);
+        dp.housekeeping(Instant::now());
+        Ok(dp)
     }
 
     /// The core.
@@ -147,6 +155,27 @@ impl Datapath {
         // (a change of the neighbour table): no system call on a pass with nothing to read.
         if r.awaiting() || std::mem::take(&mut self.resolver_readable) {
             r.poll(&mut self.switch, now);
+        }
+    }
+
+    /// Called about every 100 ms: the backend's checks, and (every second, on an interface
+    /// shared with the kernel) the multicast groups the host has joined, which frames to the
+    /// host may be addressed to.
+    pub fn housekeeping(&mut self, now: Instant) {
+        self.netif.housekeeping();
+        let NextHop::Kernel(ifindex) = self.switch.next_hop() else {
+            return;
+        };
+        if self
+            .groups_read
+            .is_some_and(|t| now.saturating_duration_since(t) < GROUPS_EVERY)
+        {
+            return;
+        }
+        self.groups_read = Some(now);
+        match crate::netns::multicast_groups(ifindex) {
+            Ok(g) => self.switch.set_groups(g),
+            Err(e) => tracing::debug!(error = %e, "reading the host's multicast groups"),
         }
     }
 

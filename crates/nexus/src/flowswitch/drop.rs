@@ -52,6 +52,9 @@ reasons! {
     RxArp = "rx_arp", Interface;
     /// IPv6 neighbour discovery handled by the nexus itself (behind a TAP).
     RxNdp = "rx_ndp", Interface;
+    /// Addressed to another host's MAC (neither the interface's, broadcast, nor a multicast
+    /// group the host has joined): the kernel's PACKET_OTHERHOST, never an app's.
+    RxOtherHost = "rx_other_host", Interface;
     /// Shorter than its headers say (at any layer).
     RxTruncated = "rx_truncated", Interface;
     /// A header field is invalid (bad IHL, bad version, inconsistent lengths).

@@ -107,6 +107,21 @@ const PENDING_FOR: Duration = Duration::from_secs(3);
 /// Length of an Ethernet header.
 pub const ETH: usize = 14;
 
+const BROADCAST: [u8; 6] = [0xff; 6];
+
+/// The multicast groups a host of its own joins (behind a TAP): IPv4 all-hosts, IPv6
+/// all-nodes, and the solicited-node group of each IPv6 address.
+fn own_groups(host_addrs: &[IpAddr]) -> Vec<[u8; 6]> {
+    let mut g = vec![[0x01, 0x00, 0x5e, 0, 0, 1], [0x33, 0x33, 0, 0, 0, 1]];
+    for a in host_addrs {
+        if let IpAddr::V6(v6) = a {
+            let o = v6.octets();
+            g.push([0x33, 0x33, 0xff, o[13], o[14], o[15]]);
+        }
+    }
+    g
+}
+
 /// How the switch finds the destination MAC of what it sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NextHop {
@@ -140,6 +155,9 @@ pub struct Switch {
     mtu: usize,
     neighbours: Neighbours,
     kernel: KernelNeighbours,
+    /// The multicast MAC addresses the host has joined on the interface (with broadcast and
+    /// the interface's own, what a frame may be addressed to).
+    groups: Vec<[u8; 6]>,
     pending: VecDeque<Pending>,
     conns: Conns,
     coalescer: Coalescer,
@@ -157,6 +175,11 @@ impl Switch {
     /// The flowswitch of an interface whose MAC address is `mac` and MTU `mtu`, serving
     /// `host_addrs`, finding each frame's destination MAC as `next_hop` says.
     pub fn new(host_addrs: Vec<IpAddr>, next_hop: NextHop, mac: [u8; 6], mtu: u32) -> Self {
+        let groups = if next_hop == NextHop::Arp {
+            own_groups(&host_addrs)
+        } else {
+            Vec::new()
+        };
         Self {
             host_addrs,
             next_hop,
@@ -164,6 +187,7 @@ impl Switch {
             mtu: mtu as usize,
             neighbours: Neighbours::default(),
             kernel: KernelNeighbours::default(),
+            groups,
             pending: VecDeque::new(),
             conns: Conns::default(),
             coalescer: Coalescer::default(),
@@ -195,6 +219,12 @@ impl Switch {
     /// The interface's MTU (the largest IP packet it carries).
     pub fn mtu(&self) -> usize {
         self.mtu
+    }
+
+    /// The multicast MAC addresses the host has joined on the interface (the driver reads
+    /// them from the kernel; behind a TAP the switch's own groups are set at creation).
+    pub fn set_groups(&mut self, groups: Vec<[u8; 6]>) {
+        self.groups = groups;
     }
 
     /// Counters.
@@ -236,6 +266,7 @@ impl Switch {
             coalescer,
             own,
             mac,
+            groups,
             ..
         } = self;
         // Parse the whole batch, look it up in one go (the misses overlap), then deliver.
@@ -243,6 +274,16 @@ impl Switch {
         parsed.clear();
         keys.clear();
         for (j, frame) in frames.iter().enumerate() {
+            // What the kernel would not take (PACKET_OTHERHOST) never reaches an app, whatever
+            // mode the interface is in.
+            // (A frame too short to have a destination is left to the parser: truncated.)
+            if let Some(dst) = frame.get(..6)
+                && dst != mac
+                && !(dst[0] & 1 == 1 && (dst == BROADCAST || groups.iter().any(|g| g == dst)))
+            {
+                stats.note(DropReason::RxOtherHost);
+                continue;
+            }
             if *next_hop == NextHop::Arp {
                 // Behind a TAP the nexus resolves its own neighbours: ARP, and IPv6 neighbour
                 // discovery (ICMPv6 types 135 and 136).

@@ -53,9 +53,15 @@ fn fix_ipv4(f: &mut [u8]) {
     f[ETH + 10..ETH + 12].copy_from_slice(&c.to_be_bytes());
 }
 
+/// `frame` addressed to the switch's MAC (the builders address frames to the peer's).
+fn for_us(mut frame: Vec<u8>) -> Vec<u8> {
+    frame[..6].copy_from_slice(&US);
+    frame
+}
+
 /// A UDP frame from the peer B to A:5000 (channel 1's flow).
 fn to_us() -> Vec<u8> {
-    udp4(B, 9, A, 5000, b"hello")
+    for_us(udp4(B, 9, A, 5000, b"hello"))
 }
 
 /// The frames, one per RX reason, and which reason each must be counted under.
@@ -95,7 +101,7 @@ fn rx_cases() -> Vec<(DropReason, NextHop, Vec<u8>, MemPort)> {
     add(
         DropReason::RxExtHeaders,
         fixed,
-        with_hop_by_hop(&tcp6(B6, 9, A6, 5000, b"x")),
+        for_us(with_hop_by_hop(&tcp6(B6, 9, A6, 5000, b"x"))),
         &port,
     );
     let mut frag = to_us();
@@ -115,15 +121,21 @@ fn rx_cases() -> Vec<(DropReason, NextHop, Vec<u8>, MemPort)> {
     add(
         DropReason::RxNoFlow,
         fixed,
-        udp4(B, 9, A, 5001, b"x"),
+        for_us(udp4(B, 9, A, 5001, b"x")),
         &port,
     );
     add(
         DropReason::RxChannelGone,
         fixed,
-        udp4(B, 9, A, 6000, b"x"),
+        for_us(udp4(B, 9, A, 6000, b"x")),
         &port,
     );
+    let mut other = to_us();
+    other[..6].copy_from_slice(&[2, 0, 0, 0, 0, 0x77]);
+    add(DropReason::RxOtherHost, fixed, other, &port);
+    let mut group = to_us();
+    group[..6].copy_from_slice(&[0x01, 0x00, 0x5e, 0x7f, 0, 1]); // a group nobody joined
+    add(DropReason::RxOtherHost, fixed, group, &port);
     let full = MemPort {
         capacity: 0,
         ..MemPort::new(1)
@@ -307,6 +319,20 @@ fn a_frame_for_a_flow_is_delivered_to_its_channel_stripped_of_ethernet() {
     assert_eq!(sw.touched(), [1]);
     let got: Vec<&[u8]> = ports[&1].packets().collect();
     assert_eq!(got, [&frame[ETH..]]);
+    // Broadcast, and a group the host joined, are the host's too; a group it left is not.
+    let group = [0x01, 0x00, 0x5e, 0x7f, 0, 1];
+    for dst in [[0xff; 6], group] {
+        let mut f = frame.clone();
+        f[..6].copy_from_slice(&dst);
+        sw.set_groups(vec![group]);
+        rx_one(&mut sw, &mut t, &mut ports, &f);
+    }
+    assert_eq!(sw.stats().rx_switched, 3);
+    sw.set_groups(Vec::new());
+    let mut left = frame.clone();
+    left[..6].copy_from_slice(&group);
+    rx_one(&mut sw, &mut t, &mut ports, &left);
+    assert_eq!(sw.stats().drops.get(DropReason::RxOtherHost), 1);
     // An inactive channel's flow is gone.
     ports.get_mut(&1).expect("port").active = false;
     rx_one(&mut sw, &mut t, &mut ports, &frame);
@@ -451,7 +477,7 @@ proptest! {
             match i {
                 Input::Wire { port, damage } => {
                     frames += 1;
-                    rx_one(&mut sw, &mut t, &mut ports, &damaged(udp4(B, 9, A, port, b"payload"), damage));
+                    rx_one(&mut sw, &mut t, &mut ports, &damaged(for_us(udp4(B, 9, A, port, b"payload")), damage));
                 }
                 Input::App { sport, src_last, damage } => {
                     let ip = damaged(udp4([198, 18, 0, src_last], sport, B, 9, b"payload")[ETH..].to_vec(), damage);

@@ -137,3 +137,46 @@ impl HostPorts {
         self.held.is_empty()
     }
 }
+
+/// The link-layer multicast groups the host has joined on interface `ifindex`
+/// (`/proc/net/dev_mcast`): what, besides its own MAC and broadcast, a frame to the host may be
+/// addressed to.
+pub fn multicast_groups(ifindex: u32) -> std::io::Result<Vec<[u8; 6]>> {
+    let text = std::fs::read_to_string("/proc/net/dev_mcast")?;
+    Ok(parse_dev_mcast(&text, ifindex))
+}
+
+fn parse_dev_mcast(text: &str, ifindex: u32) -> Vec<[u8; 6]> {
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < 5 || f[0].parse::<u32>().ok()? != ifindex || f[4].len() != 12 {
+                return None;
+            }
+            let mut mac = [0u8; 6];
+            for (i, b) in mac.iter_mut().enumerate() {
+                *b = u8::from_str_radix(f[4].get(2 * i..2 * i + 2)?, 16).ok()?;
+            }
+            Some(mac)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod groups_tests {
+    use super::*;
+
+    #[test]
+    fn joined_groups_are_read_per_interface_and_bad_lines_skipped() {
+        let text = "2    ifb0            1     0     333300000001\n\
+                    4    eth0            1     0     01005e000001\n\
+                    4    eth0            1     0     3333ff00zz01\n\
+                    4    eth0            1     0     3333ff000001\n\
+                    4    eth0\n";
+        assert_eq!(
+            parse_dev_mcast(text, 4),
+            [[0x01, 0, 0x5e, 0, 0, 1], [0x33, 0x33, 0xff, 0, 0, 1]]
+        );
+        assert!(multicast_groups(1).is_ok(), "the file is readable");
+    }
+}
