@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use netchannel_nexus::channel::Channel;
 use netchannel_nexus::config::ChannelConfig;
 use netchannel_nexus::control::policy::Cred;
-use netchannel_nexus::flowswitch::tx::TxDrop;
+use netchannel_nexus::flowswitch::DropReason;
 use netchannel_shm::endpoint::in_process_pair;
 use netchannel_shm::{DefunctReason, Desc, Endpoint, Geometry, Home, Packet, RingKind};
 
@@ -869,9 +869,9 @@ fn step(
             let mut k = 0u32;
             let mut payloads = Vec::new();
             let name = if forged {
-                TxDrop::NotOwner.name()
+                DropReason::TxNotOwner
             } else {
-                TxDrop::NoFlow.name()
+                DropReason::TxNoFlow
             };
             let r = ch.drain_tx(usize::from(budget % 17), |p| {
                 payloads.push(p.to_vec());
