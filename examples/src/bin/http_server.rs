@@ -1,112 +1,617 @@
-//! An HTTP/1.1 static file server on netchannel's user-space stack.
+//! An HTTP/1.1 file server on netchannel's user-space stack, or on kernel sockets: the request
+//! handling is the same code over either (generic over [`Listener`]), so the two can be
+//! compared on equal terms.
 //!
-//! `http_server --root DIR [--socket NEXUS_SOCKET] [--listen 0.0.0.0:8080]`: prints
-//! `listening on ADDR`, then serves `GET` and `HEAD` for the files under DIR (no directory
-//! listings, nothing outside DIR), one thread per connection, with keep-alive.
+//! ```text
+//! http_server --root DIR [--upload DIR] [--listen ADDR]... [--socket NEXUS_SOCKET] [--kernel]
+//! ```
+//!
+//! * Prints `listening on ADDR` for each socket it listens on, then serves `GET` and `HEAD` for
+//!   the files under `--root` (no directory listings, nothing outside it), one thread per
+//!   connection, with keep-alive.
+//! * `--upload DIR`: `PUT /NAME` stores the request's body as `DIR/NAME`, atomically (written
+//!   to a temporary file in DIR, synced, then renamed over NAME) and answers `201 Created`.
+//!   The body is streamed to the file, never held whole in memory; it needs a
+//!   `Content-Length` (`411 Length Required` without one, and for chunked bodies), and
+//!   `Expect: 100-continue` is answered. NAME is one file name: not empty, no `/` or `\`, no
+//!   `..`, no control characters, not starting with `.` (the temporary files' names do), at
+//!   most 255 bytes; any other is `400 Bad Request`. Without `--upload`, PUT is
+//!   `405 Method Not Allowed`.
+//! * `--listen ADDR` (default `0.0.0.0:8080`) may be given more than once. `[::]:PORT` serves
+//!   both families: the stack's flows keep IPv4 and IPv6 apart, so the server listens on
+//!   `0.0.0.0:PORT` as well (the same port, picked once for port 0); with `--kernel`, the
+//!   kernel's `[::]` socket takes IPv4 too (unless `net.ipv6.bindv6only` is set).
+//! * `--kernel`: kernel sockets (`std::net`) instead of the user-space stack; no nexus is
+//!   needed and `--socket` is ignored. Nagle's algorithm is off on them, as on the stack's.
+//!
+//! A connection that fails (a reset, a client that goes mid-request, a file that cannot be
+//! read or stored) is reported on stderr and closed; the others are served on. A failed
+//! `accept` is reported and retried after a backoff. Only a stack that lost its nexus ends
+//! the server.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 
-use netchannel::stack::{Stack, TcpListener, TcpStream};
+use netchannel::stack::{self, Stack};
+use netchannel_examples::{Backoff, Reporter};
 
 /// Longest request head accepted.
 const MAX_HEAD: usize = 16 * 1024;
+/// Longest body of a refused request that is read and dropped so that its connection can
+/// serve the next request; a refused request with a longer body has its connection closed.
+const MAX_DISCARD: u64 = 1024 * 1024;
+/// Longest name of an upload (a file name's limit on Linux).
+const MAX_NAME: usize = 255;
+/// How many ports `[::]:0` tries for one that both families have free.
+const PORT_TRIES: usize = 8;
 
-fn run(args: &[String]) -> Result<(), String> {
-    let root =
-        PathBuf::from(netchannel_examples::arg(args, "--root").ok_or("--root DIR is required")?);
-    if !root.is_dir() {
-        return Err(format!("{} is not a directory", root.display()));
-    }
-    let stack = Stack::connect(&netchannel_examples::socket(args)).map_err(|e| e.to_string())?;
-    let listen = netchannel_examples::addr(args, "--listen", "0.0.0.0:8080")?;
-    let listener =
-        TcpListener::bind(&stack, listen).map_err(|e| format!("listen on {listen}: {e}"))?;
-    println!(
-        "listening on {}",
-        listener.local_addr().map_err(|e| e.to_string())?
-    );
-    loop {
-        let (conn, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
-        let root = root.clone();
-        std::thread::spawn(move || {
-            if let Err(e) = serve(conn, &root) {
-                eprintln!("http_server: connection: {e}");
-            }
-        });
+/// What the connections share.
+#[derive(Debug)]
+struct Server {
+    root: PathBuf,
+    upload: Option<PathBuf>,
+    report: Reporter,
+}
+
+/// A listening socket the server takes connections from. The user-space stack's and the
+/// kernel's are both one, so the request handling below is the same code over either.
+trait Listener: Send + 'static {
+    /// A connection.
+    type Conn: Read + Write + Send + 'static;
+    /// Waits for a connection.
+    fn accept(&self) -> io::Result<(Self::Conn, SocketAddr)>;
+    /// The address it listens on (with the port picked for port 0).
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+    /// Whether `e`, from `accept`, means it can serve no more (rather than a failure of one
+    /// connection, or a shortage that passes).
+    fn fatal(&self, e: &io::Error) -> bool;
+}
+
+/// A listener on the user-space stack.
+#[derive(Debug)]
+struct StackListener {
+    listener: stack::TcpListener,
+    stack: Stack,
+}
+
+impl StackListener {
+    fn bind(stack: &Stack, addr: SocketAddr) -> io::Result<Self> {
+        Ok(Self {
+            listener: stack::TcpListener::bind(stack, addr)?,
+            stack: stack.clone(),
+        })
     }
 }
 
-/// Serves requests on one connection until the client closes it or asks to.
-fn serve(conn: TcpStream, root: &Path) -> std::io::Result<()> {
-    let mut reader = BufReader::with_capacity(64 * 1024, &conn);
-    loop {
-        let mut head = Vec::new();
-        // Read the head, line by line, up to the blank line.
+impl Listener for StackListener {
+    type Conn = stack::TcpStream;
+    fn accept(&self) -> io::Result<(Self::Conn, SocketAddr)> {
+        self.listener.accept()
+    }
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+    fn fatal(&self, _: &io::Error) -> bool {
+        netchannel_examples::stack_broken(&self.stack)
+    }
+}
+
+/// The kernel twin.
+impl Listener for std::net::TcpListener {
+    type Conn = std::net::TcpStream;
+    fn accept(&self) -> io::Result<(Self::Conn, SocketAddr)> {
+        // std's own accept (an inherent method comes before the trait's).
+        let (conn, peer) = Self::accept(self)?;
+        // As the stack's streams: a response's head and body go out at once.
+        conn.set_nodelay(true)?;
+        Ok((conn, peer))
+    }
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Self::local_addr(self)
+    }
+    fn fatal(&self, _: &io::Error) -> bool {
+        // Its failures (out of file descriptors or memory, a connection aborted before it
+        // was taken) pass.
+        false
+    }
+}
+
+/// The stack's listeners for `addrs`. `[::]:PORT` is two, `[::]:PORT` and `0.0.0.0:PORT` (the
+/// stack's flows keep the families apart), unless `0.0.0.0:PORT` is asked for as well.
+fn bind_stack(stack: &Stack, addrs: &[SocketAddr]) -> Result<Vec<StackListener>, String> {
+    let mut out = Vec::new();
+    for &a in addrs {
+        let v4_asked = addrs
+            .iter()
+            .any(|b| b.ip() == IpAddr::V4(Ipv4Addr::UNSPECIFIED) && b.port() == a.port());
+        if a.ip() != IpAddr::V6(Ipv6Addr::UNSPECIFIED) || (a.port() != 0 && v4_asked) {
+            out.push(StackListener::bind(stack, a).map_err(|e| format!("listen on {a}: {e}"))?);
+            continue;
+        }
+        let mut tries = 0;
         loop {
-            let mut line = Vec::new();
-            if reader.read_until(b'\n', &mut line)? == 0 {
-                return Ok(());
-            }
-            let blank = line == b"\r\n" || line == b"\n";
-            head.extend_from_slice(&line);
-            if head.len() > MAX_HEAD {
-                return respond(&conn, "431 Request Header Fields Too Large", b"", true);
-            }
-            if blank {
-                break;
-            }
-        }
-        let head = String::from_utf8_lossy(&head);
-        let mut words = head.lines().next().unwrap_or_default().split_whitespace();
-        let (method, target) = (
-            words.next().unwrap_or_default(),
-            words.next().unwrap_or("/"),
-        );
-        let close = head.lines().any(|l| {
-            l.to_ascii_lowercase().starts_with("connection:")
-                && l.to_ascii_lowercase().contains("close")
-        });
-        if method != "GET" && method != "HEAD" {
-            respond(&conn, "405 Method Not Allowed", b"", true)?;
-            return Ok(());
-        }
-        let Some(path) = resolve(root, target) else {
-            respond(&conn, "404 Not Found", b"not found\n", close)?;
-            if close {
-                return Ok(());
-            }
-            continue;
-        };
-        let Ok(mut file) = std::fs::File::open(&path) else {
-            respond(&conn, "404 Not Found", b"not found\n", close)?;
-            if close {
-                return Ok(());
-            }
-            continue;
-        };
-        let len = file.metadata()?.len();
-        let mut w = &conn;
-        write!(
-            w,
-            "HTTP/1.1 200 OK\r\ncontent-length: {len}\r\ncontent-type: application/octet-stream\r\n{}\r\n",
-            if close { "connection: close\r\n" } else { "" }
-        )?;
-        if method == "GET" {
-            let mut buf = vec![0u8; 256 * 1024];
-            loop {
-                let n = file.read(&mut buf)?;
-                if n == 0 {
+            let v6 = StackListener::bind(stack, a).map_err(|e| format!("listen on {a}: {e}"))?;
+            let port = v6.local_addr().map_err(|e| e.to_string())?.port();
+            let v4 = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port);
+            match StackListener::bind(stack, v4) {
+                Ok(l) => {
+                    out.extend([v6, l]);
                     break;
                 }
-                w.write_all(&buf[..n])?;
+                // The port picked for [::]:0 is taken for IPv4: pick another.
+                Err(e)
+                    if a.port() == 0
+                        && e.kind() == io::ErrorKind::AddrInUse
+                        && tries < PORT_TRIES =>
+                {
+                    tries += 1;
+                }
+                Err(e) => return Err(format!("listen on {v4} (the IPv4 side of {a}): {e}")),
             }
         }
-        if close {
+    }
+    Ok(out)
+}
+
+fn run(args: &[String]) -> Result<(), String> {
+    let dir = |name: &str| -> Result<Option<PathBuf>, String> {
+        let Some(d) = netchannel_examples::arg(args, name) else {
+            return Ok(None);
+        };
+        let d = PathBuf::from(d);
+        if !d.is_dir() {
+            return Err(format!("{name}: {} is not a directory", d.display()));
+        }
+        Ok(Some(d))
+    };
+    let server = Arc::new(Server {
+        root: dir("--root")?.ok_or("--root DIR is required")?,
+        upload: dir("--upload")?,
+        report: Reporter::new("http_server"),
+    });
+    let listen = netchannel_examples::addrs(args, "--listen", "0.0.0.0:8080")?;
+    if netchannel_examples::flag(args, "--kernel") {
+        let listeners = listen
+            .iter()
+            .map(|&a| std::net::TcpListener::bind(a).map_err(|e| format!("listen on {a}: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        serve_all(listeners, &server)
+    } else {
+        let stack =
+            Stack::connect(&netchannel_examples::socket(args)).map_err(|e| e.to_string())?;
+        serve_all(bind_stack(&stack, &listen)?, &server)
+    }
+}
+
+/// Serves every listener, each from a thread of its own; returns when one can serve no more.
+fn serve_all<L: Listener>(listeners: Vec<L>, server: &Arc<Server>) -> Result<(), String> {
+    for l in &listeners {
+        println!(
+            "listening on {}",
+            l.local_addr().map_err(|e| e.to_string())?
+        );
+    }
+    let (ended, end) = mpsc::channel();
+    for l in listeners {
+        let (ended, server) = (ended.clone(), server.clone());
+        std::thread::Builder::new()
+            .name("http accept".into())
+            .spawn(move || {
+                let _ = ended.send(accept_loop(&l, &server));
+            })
+            .map_err(|e| format!("starting a thread: {e}"))?;
+    }
+    drop(ended);
+    Err(end
+        .recv()
+        .unwrap_or_else(|_| "every listener is gone".into()))
+}
+
+/// Takes connections and serves each from a thread of its own, until the listener can serve
+/// no more; returns why.
+fn accept_loop<L: Listener>(listener: &L, server: &Arc<Server>) -> String {
+    let at = listener
+        .local_addr()
+        .map_or_else(|e| e.to_string(), |a| a.to_string());
+    let mut backoff = Backoff::default();
+    loop {
+        let (conn, peer) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) if listener.fatal(&e) => return format!("accept on {at}: {e}"),
+            Err(e) => {
+                server
+                    .report
+                    .report(format_args!("accept on {at}: {e}; retrying"));
+                backoff.wait();
+                continue;
+            }
+        };
+        let s = server.clone();
+        let spawned = std::thread::Builder::new()
+            .name("http conn".into())
+            .spawn(move || {
+                if let Err(e) = serve(conn, &s) {
+                    s.report.report(format_args!("connection from {peer}: {e}"));
+                }
+            });
+        match spawned {
+            Ok(_) => backoff.reset(),
+            Err(e) => {
+                // The connection went with the closure: it is closed.
+                server.report.report(format_args!(
+                    "no thread for the connection from {peer} ({e}): closed"
+                ));
+                backoff.wait();
+            }
+        }
+    }
+}
+
+/// A request's head, as far as this server cares.
+#[derive(Debug, PartialEq, Eq)]
+struct Request {
+    method: String,
+    target: String,
+    /// The connection ends after this request (`Connection: close`, or HTTP/1.0 without
+    /// `Connection: keep-alive`).
+    close: bool,
+    /// `Content-Length`.
+    length: Option<u64>,
+    /// Any `Transfer-Encoding` (chunked): a body of a length not known beforehand.
+    chunked: bool,
+    /// `Expect: 100-continue`: the client waits for a go-ahead before it sends the body.
+    expect_continue: bool,
+}
+
+impl Request {
+    /// Parses a head (request line and header lines); `Err` with the status to answer.
+    fn parse(head: &str) -> Result<Self, &'static str> {
+        const BAD: &str = "400 Bad Request";
+        let mut lines = head.lines();
+        let mut words = lines.next().unwrap_or_default().split_whitespace();
+        let (Some(method), Some(target), version) = (words.next(), words.next(), words.next())
+        else {
+            return Err(BAD);
+        };
+        let mut r = Self {
+            method: method.to_owned(),
+            target: target.to_owned(),
+            close: false,
+            length: None,
+            chunked: false,
+            expect_continue: false,
+        };
+        let (mut close, mut keep_alive) = (false, false);
+        for line in lines {
+            let Some((name, value)) = line.split_once(':') else {
+                continue;
+            };
+            let value = value.trim();
+            match name.trim().to_ascii_lowercase().as_str() {
+                "connection" => {
+                    for token in value.split(',').map(str::trim) {
+                        close |= token.eq_ignore_ascii_case("close");
+                        keep_alive |= token.eq_ignore_ascii_case("keep-alive");
+                    }
+                }
+                "content-length" => {
+                    let n: u64 = value.parse().map_err(|_| BAD)?;
+                    if r.length.is_some_and(|m| m != n) {
+                        return Err(BAD);
+                    }
+                    r.length = Some(n);
+                }
+                "transfer-encoding" => r.chunked = true,
+                "expect" => r.expect_continue = value.eq_ignore_ascii_case("100-continue"),
+                _ => {}
+            }
+        }
+        r.close = close || (version == Some("HTTP/1.0") && !keep_alive);
+        Ok(r)
+    }
+}
+
+/// What reading a request's head found.
+enum Head {
+    /// The client closed the connection between requests.
+    Closed,
+    /// A head longer than [`MAX_HEAD`].
+    TooBig,
+    /// The head, up to and with its blank line.
+    Complete(Vec<u8>),
+}
+
+/// Reads a request's head, never more than [`MAX_HEAD`] (and one) bytes of it.
+fn read_head(r: &mut impl BufRead) -> io::Result<Head> {
+    let mut head = Vec::new();
+    loop {
+        let start = head.len();
+        let room = (MAX_HEAD + 1 - start) as u64;
+        if r.take(room).read_until(b'\n', &mut head)? == 0 {
+            if start == 0 {
+                return Ok(Head::Closed);
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the client closed the connection in the middle of a request's head",
+            ));
+        }
+        if head.len() > MAX_HEAD {
+            return Ok(Head::TooBig);
+        }
+        let line = &head[start..];
+        if line == b"\r\n" || line == b"\n" {
+            return Ok(Head::Complete(head));
+        }
+    }
+}
+
+/// Serves requests on one connection until the client closes it or asks to, or a request
+/// cannot be answered on it.
+fn serve<C: Read + Write>(conn: C, server: &Server) -> io::Result<()> {
+    let mut conn = BufReader::with_capacity(64 * 1024, conn);
+    loop {
+        let head = match read_head(&mut conn)? {
+            Head::Closed => return Ok(()),
+            Head::TooBig => {
+                return respond(
+                    conn.get_mut(),
+                    "431 Request Header Fields Too Large",
+                    "",
+                    b"",
+                    true,
+                );
+            }
+            Head::Complete(h) => h,
+        };
+        let req = match Request::parse(&String::from_utf8_lossy(&head)) {
+            Ok(r) => r,
+            Err(status) => return respond(conn.get_mut(), status, "", b"bad request\n", true),
+        };
+        let keep = match req.method.as_str() {
+            "GET" | "HEAD" => get(&mut conn, &req, server)?,
+            "PUT" => put(&mut conn, &req, server)?,
+            _ => {
+                let allow = if server.upload.is_some() {
+                    "allow: GET, HEAD, PUT\r\n"
+                } else {
+                    "allow: GET, HEAD\r\n"
+                };
+                refuse(&mut conn, &req, "405 Method Not Allowed", allow, b"")?
+            }
+        };
+        if !keep {
             return Ok(());
         }
     }
+}
+
+/// Answers `GET` and `HEAD`; returns whether the connection goes on.
+fn get<C: Read + Write>(
+    conn: &mut BufReader<C>,
+    req: &Request,
+    server: &Server,
+) -> io::Result<bool> {
+    let keep = !req.close && skip_body(conn, req)?;
+    let found = resolve(&server.root, &req.target).and_then(|path| {
+        let file = File::open(path).ok()?;
+        let len = file.metadata().ok()?.len();
+        Some((file, len))
+    });
+    let Some((mut file, len)) = found else {
+        respond(conn.get_mut(), "404 Not Found", "", b"not found\n", !keep)?;
+        return Ok(keep);
+    };
+    let w = conn.get_mut();
+    let head = format!(
+        "HTTP/1.1 200 OK\r\ncontent-length: {len}\r\ncontent-type: application/octet-stream\r\n{}\r\n",
+        if keep { "" } else { "connection: close\r\n" }
+    );
+    w.write_all(head.as_bytes())?;
+    if req.method == "GET" {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut sent = 0u64;
+        while sent < len {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                // The file shrank while being sent: the promised length cannot be kept.
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("{}: shorter than its {len} bytes", req.target),
+                ));
+            }
+            let n = n.min(usize::try_from(len - sent).unwrap_or(usize::MAX));
+            w.write_all(&buf[..n])?;
+            sent += n as u64;
+        }
+    }
+    Ok(keep)
+}
+
+/// Answers `PUT`; returns whether the connection goes on.
+fn put<C: Read + Write>(
+    conn: &mut BufReader<C>,
+    req: &Request,
+    server: &Server,
+) -> io::Result<bool> {
+    let Some(dir) = &server.upload else {
+        let why = b"uploads are off (the server was started without --upload DIR)\n";
+        return refuse(
+            conn,
+            req,
+            "405 Method Not Allowed",
+            "allow: GET, HEAD\r\n",
+            why,
+        );
+    };
+    let Some(name) = upload_name(&req.target) else {
+        let why = b"PUT /NAME: NAME is one file name, without '/', '..' or a leading '.'\n";
+        return refuse(conn, req, "400 Bad Request", "", why);
+    };
+    let Some(len) = req.length.filter(|_| !req.chunked) else {
+        let why = b"a PUT needs a content-length (chunked bodies are not taken)\n";
+        return refuse(conn, req, "411 Length Required", "", why);
+    };
+    let mut part = match Part::create(dir) {
+        Ok(p) => p,
+        Err(e) => {
+            server.report.report(format_args!(
+                "PUT /{name}: a temporary file in {}: {e}",
+                dir.display()
+            ));
+            let why = b"the upload could not be stored\n";
+            return refuse(conn, req, "500 Internal Server Error", "", why);
+        }
+    };
+    if req.expect_continue && len > 0 {
+        conn.get_mut().write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+    }
+    // Straight from the reader's buffer to the file: never more than the buffer in memory.
+    let mut left = len;
+    while left > 0 {
+        let chunk = conn.fill_buf()?;
+        if chunk.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "PUT /{name}: the client sent {} of its {len} bytes",
+                    len - left
+                ),
+            ));
+        }
+        let n = chunk.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        if let Err(e) = part.file.write_all(&chunk[..n]) {
+            server
+                .report
+                .report(format_args!("PUT /{name}: writing: {e}"));
+            // The rest of the body was not read: the connection cannot go on.
+            let why = b"the upload could not be stored\n";
+            respond(conn.get_mut(), "500 Internal Server Error", "", why, true)?;
+            return Ok(false);
+        }
+        conn.consume(n);
+        left -= n as u64;
+    }
+    let keep = !req.close;
+    match part.commit(dir, name) {
+        Ok(()) => {
+            let location = format!("location: /{name}\r\n");
+            respond(
+                conn.get_mut(),
+                "201 Created",
+                &location,
+                b"created\n",
+                !keep,
+            )?;
+        }
+        Err(e) => {
+            server
+                .report
+                .report(format_args!("PUT /{name}: storing: {e}"));
+            let why = b"the upload could not be stored\n";
+            respond(conn.get_mut(), "500 Internal Server Error", "", why, !keep)?;
+        }
+    }
+    Ok(keep)
+}
+
+/// The name a `PUT` target asks to store under, if it is one plain file name.
+fn upload_name(target: &str) -> Option<&str> {
+    let name = target.split(['?', '#']).next()?.strip_prefix('/')?;
+    let plain = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && !name.starts_with('.')
+        && !name.contains("..")
+        && !name.contains(['/', '\\'])
+        && !name.chars().any(char::is_control);
+    plain.then_some(name)
+}
+
+/// An upload being written: a temporary file in the upload directory, removed unless
+/// committed. So a name holds its old file or the whole new one, never part of one.
+#[derive(Debug)]
+struct Part {
+    path: PathBuf,
+    file: File,
+    committed: bool,
+}
+
+impl Part {
+    fn create(dir: &Path) -> io::Result<Self> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        // A leading '.': no upload can be named so (see `upload_name`).
+        let path = dir.join(format!(
+            ".upload-{}-{}.part",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        Ok(Self {
+            path,
+            file,
+            committed: false,
+        })
+    }
+
+    /// Makes it `dir/name`: its bytes are on the disk first, then the name points at them.
+    fn commit(mut self, dir: &Path, name: &str) -> io::Result<()> {
+        self.file.sync_all()?;
+        std::fs::rename(&self.path, dir.join(name))?;
+        self.committed = true;
+        // And the rename itself, so the name survives a crash too (best effort: the upload is
+        // in place either way).
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Part {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Reads and drops the body of a request that is refused, if that is cheap, so that the
+/// connection can serve the next request; returns whether it can. It cannot when the body's
+/// length is not known, when it is longer than [`MAX_DISCARD`], or when the client waits for
+/// a go-ahead before sending it (which a refusal is not).
+fn skip_body<C: Read>(conn: &mut BufReader<C>, req: &Request) -> io::Result<bool> {
+    if req.chunked {
+        return Ok(false);
+    }
+    match req.length {
+        None | Some(0) => Ok(true),
+        Some(_) if req.expect_continue => Ok(false),
+        Some(n) if n <= MAX_DISCARD => Ok(io::copy(&mut conn.take(n), &mut io::sink())? == n),
+        Some(_) => Ok(false),
+    }
+}
+
+/// Answers with an error `status` (and `extra` header lines), after dropping the request's
+/// body if that is cheap; returns whether the connection goes on.
+fn refuse<C: Read + Write>(
+    conn: &mut BufReader<C>,
+    req: &Request,
+    status: &str,
+    extra: &str,
+    body: &[u8],
+) -> io::Result<bool> {
+    let keep = !req.close && skip_body(conn, req)?;
+    respond(conn.get_mut(), status, extra, body, !keep)?;
+    Ok(keep)
 }
 
 /// The file under `root` that `target` names, if it is a plain relative path to a file.
@@ -120,15 +625,23 @@ fn resolve(root: &Path, target: &str) -> Option<PathBuf> {
     full.is_file().then_some(full)
 }
 
-fn respond(conn: &TcpStream, status: &str, body: &[u8], close: bool) -> std::io::Result<()> {
-    let mut w = conn;
-    write!(
-        w,
-        "HTTP/1.1 {status}\r\ncontent-length: {}\r\n{}\r\n",
+/// Writes a whole response: status line, `extra` header lines (each ending in CRLF), and a
+/// short body, in one write.
+fn respond(
+    w: &mut impl Write,
+    status: &str,
+    extra: &str,
+    body: &[u8],
+    close: bool,
+) -> io::Result<()> {
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\ncontent-length: {}\r\n{extra}{}\r\n",
         body.len(),
         if close { "connection: close\r\n" } else { "" }
-    )?;
-    w.write_all(body)
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    w.write_all(&out)
 }
 
 fn main() -> ExitCode {
@@ -139,5 +652,238 @@ fn main() -> ExitCode {
             eprintln!("http_server: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection whose client sent `input` and then closed its side.
+    struct Mock {
+        input: io::Cursor<Vec<u8>>,
+        output: Vec<u8>,
+    }
+
+    impl Read for Mock {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.input.read(buf)
+        }
+    }
+
+    impl Write for Mock {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.output.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A scratch directory with `root/` (holding `hello`) and `up/`, removed on drop.
+    struct Dirs(PathBuf);
+
+    impl Dirs {
+        fn new(tag: &str) -> Self {
+            let d = std::env::temp_dir()
+                .join(format!("netchannel-http-unit-{}-{tag}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(d.join("root")).expect("root");
+            std::fs::create_dir_all(d.join("up")).expect("up");
+            std::fs::write(d.join("root/hello"), b"hello\n").expect("a file");
+            Self(d)
+        }
+
+        fn server(&self, upload: bool) -> Server {
+            Server {
+                root: self.0.join("root"),
+                upload: upload.then(|| self.0.join("up")),
+                report: Reporter::new("http_server test"),
+            }
+        }
+
+        /// What the upload directory holds, by name.
+        fn uploads(&self) -> Vec<String> {
+            let mut names: Vec<String> = std::fs::read_dir(self.0.join("up"))
+                .expect("the upload directory")
+                .map(|e| {
+                    e.expect("an entry")
+                        .file_name()
+                        .to_string_lossy()
+                        .into_owned()
+                })
+                .collect();
+            names.sort();
+            names
+        }
+    }
+
+    impl Drop for Dirs {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Serves `input` as one connection; returns what the server said and how it ended.
+    fn exchange(server: &Server, input: &[u8]) -> (String, io::Result<()>) {
+        let mut m = Mock {
+            input: io::Cursor::new(input.to_vec()),
+            output: Vec::new(),
+        };
+        let r = serve(&mut m, server);
+        (String::from_utf8_lossy(&m.output).into_owned(), r)
+    }
+
+    /// The status codes of the responses in `out`.
+    fn statuses(out: &str) -> Vec<&str> {
+        out.split("HTTP/1.1 ")
+            .skip(1)
+            .map(|r| r.get(..3).unwrap_or(r))
+            .collect()
+    }
+
+    #[test]
+    fn put_stores_the_body_and_the_connection_goes_on() {
+        let d = Dirs::new("put");
+        let s = d.server(true);
+        let (out, r) = exchange(
+            &s,
+            b"PUT /a.bin HTTP/1.1\r\ncontent-length: 5\r\n\r\nab\ncdPUT /empty HTTP/1.1\r\n\
+              Content-Length: 0\r\n\r\nGET /hello HTTP/1.1\r\n\r\n",
+        );
+        r.expect("served");
+        assert_eq!(statuses(&out), ["201", "201", "200"], "{out}");
+        assert!(out.contains("location: /a.bin\r\n"), "{out}");
+        assert!(out.ends_with("\r\n\r\nhello\n"), "{out}");
+        assert_eq!(
+            std::fs::read(d.0.join("up/a.bin")).expect("stored"),
+            b"ab\ncd"
+        );
+        assert_eq!(std::fs::read(d.0.join("up/empty")).expect("stored"), b"");
+        assert_eq!(d.uploads(), ["a.bin", "empty"], "no temporary file left");
+    }
+
+    #[test]
+    fn put_answers_100_continue_before_the_body() {
+        let d = Dirs::new("continue");
+        let (out, r) = exchange(
+            &d.server(true),
+            b"PUT /x HTTP/1.1\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\nxyz",
+        );
+        r.expect("served");
+        assert_eq!(statuses(&out), ["100", "201"], "{out}");
+        assert_eq!(std::fs::read(d.0.join("up/x")).expect("stored"), b"xyz");
+    }
+
+    #[test]
+    fn bad_names_are_refused_and_nothing_is_written_anywhere() {
+        let d = Dirs::new("names");
+        let s = d.server(true);
+        for target in [
+            "/",
+            "/..",
+            "/../x",
+            "/a/b",
+            "/a\\b",
+            "/.hidden",
+            "/a..b",
+            "//x",
+            "x",
+            "/%00\u{1}",
+        ] {
+            let req = format!("PUT {target} HTTP/1.1\r\ncontent-length: 2\r\n\r\nhi");
+            let (out, r) = exchange(&s, req.as_bytes());
+            r.expect("served");
+            assert_eq!(statuses(&out), ["400"], "{target}: {out}");
+        }
+        let long = format!("/{}", "n".repeat(MAX_NAME + 1));
+        assert_eq!(upload_name(&long), None);
+        assert_eq!(upload_name("/ok-name.txt?v=1"), Some("ok-name.txt"));
+        assert_eq!(
+            upload_name("/%2e%2e"),
+            Some("%2e%2e"),
+            "not decoded: a plain name"
+        );
+        assert!(d.uploads().is_empty());
+        assert!(!d.0.join("x").exists() && !d.0.join("root/x").exists());
+    }
+
+    #[test]
+    fn refused_puts_keep_the_connection_when_the_body_was_read() {
+        let d = Dirs::new("refused");
+        let (out, r) = exchange(
+            &d.server(false),
+            b"PUT /x HTTP/1.1\r\ncontent-length: 2\r\n\r\nhiGET /hello HTTP/1.1\r\n\r\n",
+        );
+        r.expect("served");
+        assert_eq!(statuses(&out), ["405", "200"], "{out}");
+        let s = d.server(true);
+        let (out, _) = exchange(&s, b"PUT /x HTTP/1.1\r\n\r\nGET /hello HTTP/1.1\r\n\r\n");
+        assert_eq!(statuses(&out), ["411", "200"], "no length, no body: {out}");
+        let (out, _) = exchange(
+            &s,
+            b"PUT /x HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+        );
+        assert_eq!(statuses(&out), ["411"], "{out}");
+        assert!(
+            out.contains("connection: close"),
+            "a body of unknown length: {out}"
+        );
+        let (out, _) = exchange(
+            &s,
+            b"PUT /../x HTTP/1.1\r\ncontent-length: 9\r\nexpect: 100-continue\r\n\r\n",
+        );
+        assert_eq!(statuses(&out), ["400"], "refused without a go-ahead: {out}");
+        assert!(out.contains("connection: close"), "{out}");
+        assert!(d.uploads().is_empty());
+    }
+
+    #[test]
+    fn a_client_that_goes_mid_body_leaves_no_file() {
+        let d = Dirs::new("short");
+        let (out, r) = exchange(
+            &d.server(true),
+            b"PUT /x HTTP/1.1\r\ncontent-length: 100\r\n\r\nonly this",
+        );
+        assert_eq!(
+            r.expect_err("a short body fails the connection").kind(),
+            io::ErrorKind::UnexpectedEof
+        );
+        assert!(out.is_empty(), "{out}");
+        assert!(d.uploads().is_empty(), "the temporary file is gone");
+    }
+
+    #[test]
+    fn heads_that_are_too_long_or_malformed_are_answered_and_closed() {
+        let d = Dirs::new("heads");
+        let s = d.server(true);
+        let mut long = b"GET /hello HTTP/1.1\r\nx: ".to_vec();
+        long.resize(MAX_HEAD * 4, b'a');
+        let (out, r) = exchange(&s, &long);
+        r.expect("served");
+        assert_eq!(statuses(&out), ["431"], "{out}");
+        let (out, _) = exchange(&s, b"GET\r\n\r\n");
+        assert_eq!(statuses(&out), ["400"], "{out}");
+        let (out, _) = exchange(&s, b"PUT /x HTTP/1.1\r\ncontent-length: nine\r\n\r\n");
+        assert_eq!(statuses(&out), ["400"], "{out}");
+        let (out, _) = exchange(&s, b"DELETE /hello HTTP/1.1\r\n\r\n");
+        assert_eq!(statuses(&out), ["405"], "{out}");
+        assert!(out.contains("allow: GET, HEAD, PUT"), "{out}");
+        let (out, _) = exchange(&s, b"GET /../etc/passwd HTTP/1.1\r\n\r\n");
+        assert_eq!(statuses(&out), ["404"], "{out}");
+    }
+
+    #[test]
+    fn http_1_0_closes_unless_kept_alive() {
+        let r = Request::parse("GET / HTTP/1.0\r\n\r\n").expect("a request");
+        assert!(r.close);
+        let r = Request::parse("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").expect("ok");
+        assert!(!r.close);
+        let r = Request::parse("GET / HTTP/1.1\r\nconnection: keep-alive, close\r\n\r\n");
+        assert!(r.expect("a request").close);
+        assert!(
+            Request::parse("PUT /x HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n")
+                .is_err()
+        );
     }
 }

@@ -8,15 +8,20 @@
 //!     connects, sends N pseudo-random bytes, closes, and prints
 //!     `sent BYTES sha256 HEX in SECS s (GBIT/s)`
 //! ```
+//!
+//! `recv` is a server until its transfer is done: a connection that fails before its end (its
+//! peer reset it, say) is reported on stderr and the next one is awaited. `send` is a client:
+//! a failure ends it, with a non-zero exit status.
 
 use std::io::{Read, Write};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use netchannel::stack::{Stack, TcpListener, TcpStream};
+use netchannel_examples::{Backoff, Reporter};
 use sha2::{Digest, Sha256};
 
-fn report(what: &str, bytes: u64, hash: Sha256, t0: Instant) {
+fn print_report(what: &str, bytes: u64, hash: Sha256, t0: Instant) {
     let secs = t0.elapsed().as_secs_f64();
     println!(
         "{what} {bytes} sha256 {} in {secs:.3} s ({:.3} Gbit/s)",
@@ -33,26 +38,58 @@ fn recv(args: &[String]) -> Result<(), String> {
         "listening on {}",
         listener.local_addr().map_err(|e| e.to_string())?
     );
-    let (mut conn, _) = listener.accept().map_err(|e| e.to_string())?;
-    let t0 = Instant::now();
-    let (mut hash, mut total) = (Sha256::new(), 0u64);
-    let mut buf = vec![0u8; 256 * 1024];
+    let report = Reporter::new("tcp_bulk");
+    let mut backoff = Backoff::default();
+    // Until one connection has been read to its end: one that fails (reset by its peer, say)
+    // is reported, and the next one is awaited.
     loop {
-        let n = conn
-            .read(&mut buf)
-            .map_err(|e| format!("after {total} bytes: {e}"))?;
-        if n == 0 {
-            break;
+        let (mut conn, peer) = match listener.accept() {
+            Ok(c) => {
+                backoff.reset();
+                c
+            }
+            Err(e) if netchannel_examples::stack_broken(&stack) => {
+                return Err(format!("accept: {e}"));
+            }
+            Err(e) => {
+                report.report(format_args!("accept: {e}; retrying"));
+                backoff.wait();
+                continue;
+            }
+        };
+        let t0 = Instant::now();
+        let (mut hash, mut total) = (Sha256::new(), 0u64);
+        let mut buf = vec![0u8; 256 * 1024];
+        let ended = loop {
+            match conn.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => {
+                    hash.update(&buf[..n]);
+                    total += n as u64;
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        match ended {
+            Ok(()) => {
+                print_report("received", total, hash, t0);
+                return Ok(());
+            }
+            Err(e) if netchannel_examples::stack_broken(&stack) => {
+                return Err(format!("from {peer}, after {total} bytes: {e}"));
+            }
+            Err(e) => report.report(format_args!(
+                "connection from {peer} failed after {total} bytes: {e}; waiting for another"
+            )),
         }
-        hash.update(&buf[..n]);
-        total += n as u64;
     }
-    report("received", total, hash, t0);
-    Ok(())
 }
 
 fn send(args: &[String]) -> Result<(), String> {
     let stack = Stack::connect(&netchannel_examples::socket(args)).map_err(|e| e.to_string())?;
+    if netchannel_examples::arg(args, "--to").is_none() {
+        return Err("--to ADDR is required".into());
+    }
     let to = netchannel_examples::addr(args, "--to", "")?;
     let bytes: u64 = netchannel_examples::arg(args, "--bytes")
         .ok_or("--bytes N is required")?
@@ -83,7 +120,7 @@ fn send(args: &[String]) -> Result<(), String> {
     // Wait for the peer to close too, so every byte was taken before we go.
     let mut rest = [0u8; 64];
     while conn.read(&mut rest).map_err(|e| e.to_string())? > 0 {}
-    report("sent", sent, hash, t0);
+    print_report("sent", sent, hash, t0);
     Ok(())
 }
 
