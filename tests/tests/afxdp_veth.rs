@@ -391,6 +391,10 @@ fn udp_v4_and_v6_kernel_peers_reach_apps_over_afxdp() {
     let st = status(&mut control);
     assert_eq!(counter(&st.interface, "rx_switched"), u64::from(2 * N));
     assert_eq!(counter(&st.interface, "tx_frames"), u64::from(2 * N));
+    // Next hops were asked of the kernel, answered, and nothing was lost on the way.
+    assert!(st.interface.iter().any(|(k, _)| k == "netlink_errors"));
+    assert_eq!(counter(&st.interface, "netlink_unsent"), 0);
+    assert_eq!(counter(&st.interface, "netlink_errors"), 0);
     assert_eq!(
         channel_drops(&st, &ch),
         BTreeMap::new(),

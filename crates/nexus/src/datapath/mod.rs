@@ -115,7 +115,15 @@ impl Datapath {
 
     /// The backend's own counters.
     pub fn netif_counters(&self) -> Vec<(&'static str, u64)> {
-        self.netif.counters()
+        let mut v = self.netif.counters();
+        if let Some(r) = &self.resolver {
+            // Questions the kernel never got (a full socket buffer; asked again when next
+            // needed), and answers or changes lost or unreadable (routes are asked again
+            // within seconds).
+            v.push(("netlink_unsent", r.unsent));
+            v.push(("netlink_errors", r.errors));
+        }
+        v
     }
 
     /// Whether packets wait for their next hop (the event loop must come back soon).
