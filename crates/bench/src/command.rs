@@ -4,7 +4,7 @@
 
 use clap::Subcommand;
 
-use crate::{Options, tcp, veth, worker};
+use crate::{Options, http, tcp, veth, worker};
 
 /// How much effort a benchmark spends.
 #[derive(Debug, clap::Args)]
@@ -61,6 +61,23 @@ pub enum BenchCommand {
         /// so that both paths pay what XDP costs on a veth.
         #[arg(long)]
         kernel_xdp: bool,
+    },
+    /// The http_server example on the user-space stack vs its kernel-socket twin (root), both
+    /// serving the same files across a veth to `curl --parallel` in a namespace: 1, 10 and 100
+    /// concurrent downloads (aggregate Gbit/s) and 1000 requests of 1 KiB (requests/s).
+    Http {
+        #[command(flatten)]
+        args: BenchArgs,
+        /// The http_server binary (default: the one next to this binary; build it with
+        /// `cargo build --release -p netchannel-examples`).
+        #[arg(long)]
+        server: Option<std::path::PathBuf>,
+        /// Size of the downloaded file, MiB.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1024))]
+        size_mib: u64,
+        /// Only the 1- and 10-download scenarios (for a quick smoke run).
+        #[arg(long, hide = true)]
+        quick: bool,
     },
     /// UDP across a veth pair (root): an app on a channel of a nexus on AF_XDP vs a kernel UDP
     /// socket, fed by an AF_PACKET generator in a namespace; receive and transmit packets/s and
@@ -155,6 +172,17 @@ pub fn run(what: BenchCommand) -> Result<(), String> {
             cpu_rate,
             only,
             only_path,
+        }),
+        BenchCommand::Http {
+            args,
+            server,
+            size_mib,
+            quick,
+        } => http::http(&http::HttpOptions {
+            common: args.options(),
+            server,
+            size_mib,
+            quick,
         }),
         BenchCommand::Tcp {
             args,

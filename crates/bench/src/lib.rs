@@ -14,6 +14,7 @@
 
 mod afpacket;
 mod command;
+mod http;
 mod nexus_path;
 mod pipe_path;
 mod sys;
@@ -437,13 +438,14 @@ enum Bench {
     Nexus,
     Veth,
     Tcp,
+    Http,
 }
 
 impl Bench {
     fn path(self) -> Path {
         match self {
             Self::Pipe => Path::Pipe,
-            Self::Nexus | Self::Veth | Self::Tcp => Path::Nexus,
+            Self::Nexus | Self::Veth | Self::Tcp | Self::Http => Path::Nexus,
         }
     }
 
@@ -453,6 +455,7 @@ impl Bench {
             Self::Nexus => "nexus",
             Self::Veth => "veth",
             Self::Tcp => "tcp",
+            Self::Http => "http",
         }
     }
 
@@ -465,6 +468,9 @@ impl Bench {
             Self::Veth => "UDP across a veth: app on a channel of a nexus on AF_XDP vs kernel UDP",
             Self::Tcp => {
                 "TCP and UDP with a kernel peer across a veth: app on the user-space stack vs the kernel's"
+            }
+            Self::Http => {
+                "http_server on the user-space stack vs its kernel-socket twin, curl --parallel across a veth"
             }
         }
     }
@@ -479,6 +485,9 @@ impl Bench {
             }
             Self::Tcp => {
                 "kernel TCP/UDP sockets on this host across the same veth without XDP, offloads off on both ends"
+            }
+            Self::Http => {
+                "http_server --kernel (the same server code on kernel sockets) across the same veth without XDP, offloads off on both ends"
             }
         }
     }
@@ -646,11 +655,26 @@ fn report_paths(
     kernel_path: &str,
     table: &[(String, Row)],
 ) -> Result<(), String> {
+    report_extras(o, bench, kernel_path, table, &[])
+}
+
+/// [`report_paths`] with derived figures (`extras`, name and value) after the table, and as
+/// top-level keys of the JSON.
+fn report_extras(
+    o: &Options,
+    bench: Bench,
+    kernel_path: &str,
+    table: &[(String, Row)],
+    extras: &[(String, f64)],
+) -> Result<(), String> {
     if o.json {
         let mut obj = serde_json::Map::new();
         obj.insert("benchmark".into(), bench.name().into());
         obj.insert("reps".into(), o.reps.into());
         obj.insert("kernel_path".into(), kernel_path.into());
+        for (k, v) in extras {
+            obj.insert(k.clone(), serde_json::json!(v));
+        }
         let mut metrics = serde_json::Map::new();
         for (k, r) in table {
             obj.insert(format!("ratio_{k}"), serde_json::json!(r.ratio_median));
@@ -684,6 +708,9 @@ fn report_paths(
             r.ratio_median,
             reps.join(" ")
         );
+    }
+    for (k, v) in extras {
+        println!("{k}: {v:.2}");
     }
     println!(
         "ratios: netchannel/kernel for rates, kernel/netchannel for latencies (bigger is better)"

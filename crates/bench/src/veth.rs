@@ -101,6 +101,11 @@ impl Bed {
             .map_err(|e| e.to_string())
     }
 
+    /// `ip netns exec NS PROGRAM` in the peer's namespace, not started.
+    pub(super) fn command_in_ns(&self, program: &str) -> std::process::Command {
+        self.net.command(program)
+    }
+
     /// Starts a hidden helper command of this binary inside the namespace.
     pub(super) fn spawn_in_ns(&self, args: &[String]) -> Result<Child, String> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
