@@ -66,8 +66,12 @@ pub enum BenchCommand {
     /// serving the same files across a veth to `curl --parallel` in a namespace: 1, 10 and 100
     /// concurrent downloads (aggregate Gbit/s) and 1000 requests of 1 KiB (requests/s).
     Http {
-        #[command(flatten)]
-        args: BenchArgs,
+        /// Interleaved repetitions (each runs every scenario on both paths).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100))]
+        reps: u64,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
         /// The http_server binary (default: the one next to this binary; build it with
         /// `cargo build --release -p netchannel-examples`).
         #[arg(long)]
@@ -174,12 +178,18 @@ pub fn run(what: BenchCommand) -> Result<(), String> {
             only_path,
         }),
         BenchCommand::Http {
-            args,
+            reps,
+            json,
             server,
             size_mib,
             quick,
         } => http::http(&http::HttpOptions {
-            common: args.options(),
+            common: Options {
+                reps: reps as usize,
+                duration_ms: 0,
+                rtt_iterations: 0,
+                json,
+            },
             server,
             size_mib,
             quick,

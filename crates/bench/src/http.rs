@@ -411,18 +411,16 @@ pub(crate) fn http(ho: &HttpOptions) -> Result<(), String> {
     }
     let binary = server_binary(ho.server.as_deref())?;
     let mib = ho.size_mib;
-    let labels: [&'static str; 3] = match mib {
-        10 => [
-            "1 download of 10 MiB, aggregate Gbit/s",
-            "10 concurrent downloads of 10 MiB, aggregate Gbit/s",
-            "100 concurrent downloads of 10 MiB, aggregate Gbit/s",
-        ],
-        _ => [
-            "1 download of the big file, aggregate Gbit/s",
-            "10 concurrent downloads of the big file, aggregate Gbit/s",
-            "100 concurrent downloads of the big file, aggregate Gbit/s",
-        ],
+    // The labels name the size; leaked once per run, as the table's labels are `&'static`.
+    let label = |n: usize| -> &'static str {
+        let what = if n == 1 {
+            format!("1 download of {mib} MiB, aggregate Gbit/s")
+        } else {
+            format!("{n} concurrent downloads of {mib} MiB, aggregate Gbit/s")
+        };
+        Box::leak(what.into_boxed_str())
     };
+    let labels = [label(1), label(10), label(100)];
     let mut metrics = vec![
         HttpMetric {
             key: "gbps_c1",
@@ -494,21 +492,21 @@ pub(crate) fn http(ho: &HttpOptions) -> Result<(), String> {
                 }
             })
     };
-    let mut extras: Vec<(String, f64)> = Vec::new();
+    let mut extras: Vec<(String, serde_json::Value)> = Vec::new();
     for n in ["c10", "c100"] {
         let key = format!("gbps_{n}");
         if table.iter().any(|(k, _)| *k == key) {
             extras.push((
                 format!("scaling_{n}_over_c1"),
-                med(&key, true) / med("gbps_c1", true),
+                serde_json::json!(med(&key, true) / med("gbps_c1", true)),
             ));
             extras.push((
                 format!("kernel_scaling_{n}_over_c1"),
-                med(&key, false) / med("gbps_c1", false),
+                serde_json::json!(med(&key, false) / med("gbps_c1", false)),
             ));
         }
     }
-    extras.push(("failed_trials".into(), failures.len() as f64));
+    extras.push(("failed_trials".into(), serde_json::json!(failures)));
     super::report_extras(
         o,
         super::Bench::Http,
@@ -520,9 +518,8 @@ pub(crate) fn http(ho: &HttpOptions) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{} trial(s) failed (left out of the figures above): {}",
-            failures.len(),
-            failures.join("; ")
+            "{} trial(s) failed (left out of the figures above; listed under failed_trials)",
+            failures.len()
         ))
     }
 }

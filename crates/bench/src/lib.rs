@@ -665,7 +665,7 @@ fn report_extras(
     bench: Bench,
     kernel_path: &str,
     table: &[(String, Row)],
-    extras: &[(String, f64)],
+    extras: &[(String, serde_json::Value)],
 ) -> Result<(), String> {
     if o.json {
         let mut obj = serde_json::Map::new();
@@ -673,7 +673,7 @@ fn report_extras(
         obj.insert("reps".into(), o.reps.into());
         obj.insert("kernel_path".into(), kernel_path.into());
         for (k, v) in extras {
-            obj.insert(k.clone(), serde_json::json!(v));
+            obj.insert(k.clone(), v.clone());
         }
         let mut metrics = serde_json::Map::new();
         for (k, r) in table {
@@ -710,7 +710,23 @@ fn report_extras(
         );
     }
     for (k, v) in extras {
-        println!("{k}: {v:.2}");
+        match v {
+            serde_json::Value::Number(n) if n.is_f64() => {
+                println!("{k}: {:.2}", n.as_f64().unwrap_or(f64::NAN));
+            }
+            serde_json::Value::Null => println!("{k}: n/a"),
+            serde_json::Value::Array(a) if a.is_empty() => println!("{k}: none"),
+            serde_json::Value::Array(a) => {
+                println!("{k}:");
+                for x in a {
+                    println!(
+                        "  {}",
+                        x.as_str().map_or_else(|| x.to_string(), str::to_owned)
+                    );
+                }
+            }
+            other => println!("{k}: {other}"),
+        }
     }
     println!(
         "ratios: netchannel/kernel for rates, kernel/netchannel for latencies (bigger is better)"
