@@ -15,13 +15,14 @@ use std::time::Instant;
 use netlink_packet_core::{
     NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
+use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
-use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
+use super::netlink::family;
 use crate::flowswitch::neighbour::{Hop, Query};
 
 /// The rtnetlink multicast group of neighbour-table changes.
@@ -58,13 +59,6 @@ pub struct Resolver {
     pub unsent: u64,
     /// Messages that did not parse, and notifications lost to a full socket buffer.
     pub errors: u64,
-}
-
-fn family(ip: IpAddr) -> AddressFamily {
-    match ip {
-        IpAddr::V4(_) => AddressFamily::Inet,
-        IpAddr::V6(_) => AddressFamily::Inet6,
-    }
 }
 
 fn neighbour_address(ip: IpAddr) -> NeighbourAddress {
