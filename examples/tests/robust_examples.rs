@@ -19,14 +19,14 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use netchannel_tests::testbed::{Kid, VethNet, run, serial, skip_without_root};
+
+mod common;
+use common::{InProcess, Scratch};
 
 const HTTP_SERVER: &str = env!("CARGO_BIN_EXE_http_server");
 const UDP_ECHO: &str = env!("CARGO_BIN_EXE_udp_echo");
@@ -45,91 +45,6 @@ fn skip() -> bool {
 fn net(n: u32) -> VethNet {
     assert!(n < 8);
     VethNet::new("robust", 504 + n)
-}
-
-/// A nexus on the veth's host end (AF_XDP), in a thread of this process; stopped and joined on
-/// drop, its control socket removed.
-struct InProcess {
-    socket: String,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl InProcess {
-    fn start(net: &VethNet, tag: &str) -> Self {
-        let socket = format!("/tmp/netchannel-robust-{}-{tag}.sock", std::process::id());
-        let _ = std::fs::remove_file(&socket);
-        let sw = netchannel_nexus::datapath::open(&netchannel_nexus::config::InterfaceConfig::new(
-            net.host().to_owned(),
-            netchannel_nexus::config::Backend::Afxdp,
-        ))
-        .expect("AF_XDP on the veth's host end");
-        let mut cfg = netchannel_nexus::Config::default();
-        cfg.control.socket = socket.clone().into();
-        let mut nexus =
-            netchannel_nexus::Nexus::with_datapath(cfg, sw).expect("a nexus on the veth");
-        let stop = nexus.stop_flag();
-        let thread = std::thread::spawn(move || nexus.run().expect("the nexus runs"));
-        Self {
-            socket,
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for InProcess {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_file(&self.socket);
-    }
-}
-
-/// A scratch directory under /tmp, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let p = PathBuf::from(format!(
-            "/tmp/netchannel-robust-{}-{tag}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("a scratch directory");
-        Self(p)
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    fn str(&self) -> &str {
-        self.0.to_str().expect("a UTF-8 path")
-    }
-
-    /// The names it holds, sorted.
-    fn names(&self) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(&self.0)
-            .expect("a scratch directory")
-            .map(|e| {
-                e.expect("an entry")
-                    .file_name()
-                    .to_string_lossy()
-                    .into_owned()
-            })
-            .collect();
-        v.sort();
-        v
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Writes a file of `len` random bytes (the kernel's getrandom).

@@ -30,15 +30,15 @@
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use netchannel::stack::{Stack, TcpStream, UdpSocket};
+use netchannel::stack::{TcpStream, UdpSocket};
 use netchannel_tests::testbed::{Kid, VethNet, run, serial, skip_without_root};
+
+mod common;
+use common::{InProcess, Scratch};
 
 const HTTP_SERVER: &str = env!("CARGO_BIN_EXE_http_server");
 const UDP_ECHO: &str = env!("CARGO_BIN_EXE_udp_echo");
@@ -70,92 +70,6 @@ impl Net {
         assert!(n < 16);
         let k = 256 + 16 * (std::process::id() % 15) + n;
         Self(VethNet::new("stack", k))
-    }
-}
-
-/// A nexus on the veth's host end (AF_XDP), running in a thread of this process; stopped and
-/// joined on drop, its control socket removed.
-struct InProcess {
-    socket: String,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl InProcess {
-    fn start(net: &Net, tag: &str) -> Self {
-        let socket = format!("/tmp/netchannel-stack-{}-{tag}.sock", std::process::id());
-        let _ = std::fs::remove_file(&socket);
-        let sw = netchannel_nexus::datapath::open(&netchannel_nexus::config::InterfaceConfig::new(
-            net.host().to_owned(),
-            netchannel_nexus::config::Backend::Afxdp,
-        ))
-        .expect("AF_XDP on the veth's host end");
-        let mut cfg = netchannel_nexus::Config::default();
-        cfg.control.socket = socket.clone().into();
-        let mut nexus =
-            netchannel_nexus::Nexus::with_datapath(cfg, sw).expect("a nexus on the veth");
-        let stop = nexus.stop_flag();
-        let thread = std::thread::spawn(move || nexus.run().expect("the nexus runs"));
-        Self {
-            socket,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    /// A control connection (as an app makes).
-    fn control(&self) -> netchannel::nexus::Nexus {
-        let t0 = Instant::now();
-        loop {
-            match netchannel::nexus::Nexus::connect(&self.socket) {
-                Ok(n) => return n,
-                Err(e) if t0.elapsed() > SHORT => panic!("no nexus on {}: {e}", self.socket),
-                Err(_) => std::thread::sleep(Duration::from_millis(5)),
-            }
-        }
-    }
-
-    fn stack(&self) -> Stack {
-        Stack::connect(&self.socket).expect("a stack on the nexus")
-    }
-}
-
-impl Drop for InProcess {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_file(&self.socket);
-    }
-}
-
-/// A scratch directory under /tmp, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let p = PathBuf::from(format!(
-            "/tmp/netchannel-stack-{}-{tag}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("a scratch directory");
-        Self(p)
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    fn str(&self) -> &str {
-        self.0.to_str().expect("a UTF-8 path")
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -297,7 +211,7 @@ fn http_server_serves_0b_1kib_10mib_and_100mib_files_to_curl_intact() {
     }
     let _serial = serial();
     let net = Net::new(1);
-    let nexus = InProcess::start(&net, "http");
+    let nexus = InProcess::start(&net.0, "http");
     let root = Scratch::new("http-root");
     let got = Scratch::new("http-got");
     let files = [
@@ -402,7 +316,7 @@ fn tcp_bulk_100mib_from_a_kernel_client_and_to_a_kernel_server_intact() {
     }
     let _serial = serial();
     let net = Net::new(2);
-    let nexus = InProcess::start(&net, "bulk");
+    let nexus = InProcess::start(&net.0, "bulk");
     const N: usize = 100 * MIB;
 
     let (sent, r, wall) = kernel_uploads_to_app(&net, &nexus, "0.0.0.0:0", net.host4().into(), N);
@@ -541,7 +455,7 @@ fn tcp_bulk_over_ipv6_both_ways_intact() {
     }
     let _serial = serial();
     let net = Net::new(14);
-    let nexus = InProcess::start(&net, "bulk6");
+    let nexus = InProcess::start(&net.0, "bulk6");
     const N: usize = 16 * MIB;
     kernel_uploads_to_app(&net, &nexus, "[::]:0", net.host6().into(), N);
     app_sends_to_kernel(&net, &nexus, "AF_INET6", net.peer6().into(), N);
@@ -614,7 +528,7 @@ fn http_server_serves_50_concurrent_connections() {
     }
     let _serial = serial();
     let net = Net::new(3);
-    let nexus = InProcess::start(&net, "fifty");
+    let nexus = InProcess::start(&net.0, "fifty");
     let root = Scratch::new("fifty");
     const N: usize = 50;
     for i in 0..N {
@@ -667,7 +581,7 @@ fn connect_to_a_closed_port_is_refused_on_both_families() {
     }
     let _serial = serial();
     let net = Net::new(4);
-    let nexus = InProcess::start(&net, "refused");
+    let nexus = InProcess::start(&net.0, "refused");
     let mut control = nexus.control();
     let stack = nexus.stack();
     // With the peer unresolved the first SYN is dropped and the refusal comes a retransmission
@@ -721,7 +635,7 @@ fn a_reset_from_the_kernel_peer_fails_the_apps_read_with_connection_reset() {
     }
     let _serial = serial();
     let net = Net::new(5);
-    let nexus = InProcess::start(&net, "reset");
+    let nexus = InProcess::start(&net.0, "reset");
     let mut control = nexus.control();
     let stack = nexus.stack();
     let mut server = net.python(
@@ -790,7 +704,7 @@ fn half_close_the_peer_sees_eof_and_still_replies_on_both_families() {
     }
     let _serial = serial();
     let net = Net::new(6);
-    let nexus = InProcess::start(&net, "halfclose");
+    let nexus = InProcess::start(&net.0, "halfclose");
     let mut control = nexus.control();
     let stack = nexus.stack();
     for (fam, peer) in [
@@ -904,7 +818,7 @@ fn read_timeouts_fail_idle_reads_with_would_block_after_200ms_tcp_and_udp() {
     );
 
     let net = Net::new(7);
-    let nexus = InProcess::start(&net, "timeouts");
+    let nexus = InProcess::start(&net.0, "timeouts");
     let mut control = nexus.control();
     let stack = nexus.stack();
 
@@ -1016,7 +930,7 @@ fn udp_echo_echoes_a_kernel_clients_datagrams_intact_v4_and_v6() {
     }
     let _serial = serial();
     let net = Net::new(8);
-    let nexus = InProcess::start(&net, "udpecho");
+    let nexus = InProcess::start(&net.0, "udpecho");
     let (mut echo4, a4) = app(
         "udp_echo v4",
         UDP_ECHO,
@@ -1078,7 +992,7 @@ fn an_app_udp_socket_talks_to_a_kernel_echo_server_intact_v4_and_v6() {
     }
     let _serial = serial();
     let net = Net::new(9);
-    let nexus = InProcess::start(&net, "udpapp");
+    let nexus = InProcess::start(&net.0, "udpapp");
     let mut control = nexus.control();
     let stack = nexus.stack();
     warm_neighbours(&net);
@@ -1222,7 +1136,7 @@ fn the_first_datagram_an_app_sends_to_a_new_neighbour_arrives() {
     }
     let _serial = serial();
     let net = Net::new(12);
-    let nexus = InProcess::start(&net, "firstpkt");
+    let nexus = InProcess::start(&net.0, "firstpkt");
     let mut control = nexus.control();
     let stack = nexus.stack();
     let mut peer = net.python(
@@ -1294,7 +1208,7 @@ fn datagrams_sent_just_before_their_socket_is_dropped_arrive() {
     let _serial = serial();
     const N: usize = 1000;
     let net = Net::new(13);
-    let nexus = InProcess::start(&net, "senddrop");
+    let nexus = InProcess::start(&net.0, "senddrop");
     let mut control = nexus.control();
     let stack = nexus.stack();
     warm_neighbours(&net);
@@ -1374,7 +1288,7 @@ fn an_app_killed_mid_transfer_releases_its_flow_and_port() {
     }
     let _serial = serial();
     let net = Net::new(10);
-    let nexus = InProcess::start(&net, "kill");
+    let nexus = InProcess::start(&net.0, "kill");
     let mut control = nexus.control();
     let mut server = net.python(
         "the python sink",
@@ -1488,7 +1402,7 @@ fn a_half_closed_peer_is_reset_when_the_app_answering_it_dies() {
     }
     let _serial = serial();
     let net = Net::new(15);
-    let nexus = InProcess::start(&net, "half-close-kill");
+    let nexus = InProcess::start(&net.0, "half-close-kill");
     let root = Scratch::new("half-close-root");
     random_file(&root.join("big"), 100 * MIB);
     let (mut server, addr) = http_server(&nexus, &root);
@@ -1574,7 +1488,7 @@ fn half_open_handshakes_time_out_and_the_listener_serves_again() {
     let _serial = serial();
     const BACKLOG: usize = 4;
     let net = Net::new(11);
-    let nexus = InProcess::start(&net, "synflood");
+    let nexus = InProcess::start(&net.0, "synflood");
     let stack = nexus.stack();
     warm_neighbours(&net);
     let mut listener = netchannel::stack::TcpListener::bind_with_backlog(
@@ -1653,7 +1567,7 @@ fn an_established_connection_waits_for_accept_past_the_handshake_timeout() {
     }
     let _serial = serial();
     let net = Net::new(11);
-    let nexus = InProcess::start(&net, "acceptq");
+    let nexus = InProcess::start(&net.0, "acceptq");
     let stack = nexus.stack();
     warm_neighbours(&net);
     let mut listener =
@@ -1702,7 +1616,7 @@ fn blocked_calls_fail_with_not_connected_when_the_nexus_stops() {
     }
     let _serial = serial();
     let net = Net::new(0);
-    let mut nexus = InProcess::start(&net, "stops");
+    let mut nexus = InProcess::start(&net.0, "stops");
     let stack = nexus.stack();
     let listener =
         netchannel::stack::TcpListener::bind(&stack, SocketAddr::new(net.host4().into(), 0))
@@ -1713,10 +1627,7 @@ fn blocked_calls_fail_with_not_connected_when_the_nexus_stops() {
     // Both are asleep by now.
     std::thread::sleep(Duration::from_millis(200));
     assert!(!accepting.is_finished() && !receiving.is_finished());
-    nexus.stop.store(true, Ordering::Relaxed);
-    if let Some(t) = nexus.thread.take() {
-        t.join().expect("the nexus thread");
-    }
+    nexus.stop().expect("the nexus thread");
     // From the moment the nexus is gone.
     let t0 = Instant::now();
     for (what, call) in [("accept", accepting), ("recv_from", receiving)] {

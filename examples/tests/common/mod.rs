@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test file uses its own part
 
 use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +15,7 @@ use netchannel_nexus::config::{Backend, InterfaceConfig};
 use netchannel_nexus::netif::faults::FaultConfig;
 use netchannel_tests::testbed::VethNet;
 
+#[allow(unused_imports)] // not every test file uses it
 pub(crate) use netchannel_tests::testbed::is_root;
 
 /// Everything a test made, removed however it ends.
@@ -107,5 +109,113 @@ impl Drop for Bed {
             s.store(true, Ordering::Relaxed);
         }
         let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// A nexus on the veth's host end (AF_XDP), running in a thread of this process; stopped and
+/// joined on drop, its control socket removed.
+pub(crate) struct InProcess {
+    pub(crate) socket: String,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl InProcess {
+    pub(crate) fn start(net: &VethNet, tag: &str) -> Self {
+        let socket = format!("/tmp/netchannel-examples-{}-{tag}.sock", std::process::id());
+        let _ = std::fs::remove_file(&socket);
+        let sw = netchannel_nexus::datapath::open(&InterfaceConfig::new(
+            net.host().to_owned(),
+            Backend::Afxdp,
+        ))
+        .expect("AF_XDP on the veth's host end");
+        let mut cfg = netchannel_nexus::Config::default();
+        cfg.control.socket = socket.clone().into();
+        let mut nexus =
+            netchannel_nexus::Nexus::with_datapath(cfg, sw).expect("a nexus on the veth");
+        let stop = nexus.stop_flag();
+        let thread = std::thread::spawn(move || nexus.run().expect("the nexus runs"));
+        Self {
+            socket,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// A control connection (as an app makes).
+    pub(crate) fn control(&self) -> netchannel::nexus::Nexus {
+        let t0 = Instant::now();
+        loop {
+            match netchannel::nexus::Nexus::connect(&self.socket) {
+                Ok(n) => return n,
+                Err(e) if t0.elapsed() > Duration::from_secs(10) => {
+                    panic!("no nexus on {}: {e}", self.socket)
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    }
+
+    pub(crate) fn stack(&self) -> netchannel::stack::Stack {
+        netchannel::stack::Stack::connect(&self.socket).expect("a stack on the nexus")
+    }
+}
+
+impl InProcess {
+    /// Stops the nexus and waits for its thread (`Err`: the thread panicked).
+    pub(crate) fn stop(&mut self) -> std::thread::Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().map_or(Ok(()), JoinHandle::join)
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        let _ = self.stop();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// A scratch directory under /tmp, removed on drop.
+pub(crate) struct Scratch(pub(crate) PathBuf);
+
+impl Scratch {
+    pub(crate) fn new(tag: &str) -> Self {
+        let p = PathBuf::from(format!(
+            "/tmp/netchannel-examples-{}-{tag}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("a scratch directory");
+        Self(p)
+    }
+
+    pub(crate) fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    pub(crate) fn str(&self) -> &str {
+        self.0.to_str().expect("a UTF-8 path")
+    }
+
+    /// The names it holds, sorted.
+    pub(crate) fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.0)
+            .expect("a scratch directory")
+            .map(|e| {
+                e.expect("an entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
