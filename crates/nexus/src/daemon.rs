@@ -420,7 +420,9 @@ impl Nexus {
         match &mut self.reg.datapath {
             // With an interface: the flowswitch moves packets between it and the channels.
             Some(sw) => {
-                sw.exchange(Instant::now());
+                // One reading of the clock for the whole pass.
+                let now = Instant::now();
+                sw.exchange(now);
                 moved += sw.retry_pending(&mut self.reg.flows, &mut self.reg.channels);
                 let (n, broken) =
                     sw.rx_pass(&mut self.reg.flows, &mut self.reg.channels, RX_BUDGET);
@@ -428,7 +430,7 @@ impl Nexus {
                 quarantine.extend(broken.into_iter().map(|id| (id, Quarantine::RingCorrupt)));
                 let frames_before = sw.switch().stats().tx_frames;
                 for c in self.reg.channels.values_mut() {
-                    let sent = match sw.tx_pass(&mut self.reg.flows, c, batch) {
+                    let sent = match sw.tx_pass(&mut self.reg.flows, c, batch, now) {
                         Ok(k) => k,
                         Err(q) => {
                             quarantine.push((c.id, q));

@@ -149,7 +149,7 @@ impl Control {
             let id = f.channel;
             if let Some(c) = reg.channels.get_mut(&id) {
                 let ring = reg.config.channel.max_ring_slots as usize;
-                if let Err(q) = sw.tx_pass(&mut reg.flows, c, ring) {
+                if let Err(q) = sw.tx_pass(&mut reg.flows, c, ring, std::time::Instant::now()) {
                     tracing::warn!(channel = id, reason = ?q, "draining TX before a flow removal");
                 }
                 sw.flush();

@@ -272,12 +272,14 @@ impl Datapath {
         self.netif.flush();
     }
 
-    /// Sends up to `budget` packets of one channel, each validated against its flows.
+    /// Sends up to `budget` packets of one channel, each validated against its flows; `now`
+    /// (read once per pass by the caller) times the next hops of those that wait for one.
     pub fn tx_pass(
         &mut self,
         table: &mut FlowTable,
         channel: &mut Channel,
         budget: usize,
+        now: Instant,
     ) -> Result<usize, Quarantine> {
         let id = channel.id;
         let segmenting = channel.offloads.tx_segment;
@@ -289,8 +291,6 @@ impl Datapath {
             ..
         } = self;
         let mtu = switch.mtu();
-        // One reading of the clock per pass, for the next hops of its packets.
-        let now = Instant::now();
         channel.drain_tx(budget, |pkt| {
             let r = tx_one(
                 switch,
