@@ -2023,12 +2023,24 @@ fn median_of(mut v: Vec<u64>) -> u64 {
 
 /// Runs attack `case` (an unprivileged `nexus_app attack`) beside a healthy app and checks the
 /// promise of issue 13 (in a release build, as the nexus runs: a debug build's JSON alone costs
-/// the honest app 20% under the status flood, against nothing in release): the healthy app keeps at least 90% of its rate before the attack (median
-/// of phases), status answers within [`PROMPT`] all along, and the nexus stops cleanly on
-/// SIGTERM with the attacker still attached. Returns the attacker's line after `go`.
+/// the honest app 20% under the status flood, against nothing in release): the healthy app
+/// keeps at least 90% of its rate without the attacker, status answers within [`PROMPT`] all
+/// along, and the nexus stops cleanly on SIGTERM with an attacker attached. Returns the
+/// attacker's line after `go`.
+///
+/// "Its rate without the attacker" is the lower of two baselines: the median of the phases
+/// before the attack, and of the phases after the attacker is killed and its channels
+/// reclaimed. One baseline is not enough on this VM: the healthy app and the nexus hand cache
+/// lines to each other across the two vCPUs, and the host moves the vCPUs between placements
+/// at random moments, which halves the rate for seconds or minutes (a two-thread C ping-pong
+/// with no nexus in it swings 4.3 M ↔ 1.3 M round trips/s the same way). A flip in the middle
+/// of the attack then fails the test against the earlier baseline while the later one shows
+/// the same rate without any attacker. A real stall cannot hide behind the lower baseline: the
+/// nexus has reclaimed the attacker by then, so it is slow only during the attack.
 fn stall_attack(case: &str) -> String {
     const BEFORE: usize = 4;
     const DURING: usize = 6;
+    const AFTER: usize = 4;
     // Without interrupt moderation: with it, the healthy app's rate in a release build jumps
     // between two regimes (the nexus serving on its 100 µs timer, or spinning) whatever the
     // attack does, and any other app's traffic tips it into the faster one.
@@ -2040,18 +2052,22 @@ fn stall_attack(case: &str) -> String {
     let mut healthy = App::spawn(&["healthy", &d.socket, PHASE_SECS]);
     assert_eq!(healthy.line(), "ready");
     let healthy_pid = healthy.proc.pid().as_raw_nonzero().get();
-    let mut attacker = App::spawn_as(Some(NOBODY), &["attack", &d.socket, case]);
-    // 64 channels of 65,536 buffers take a while to open in a debug build.
-    assert_eq!(attacker.line_within(Duration::from_secs(120)), "ready");
-    // As in the flood test: the nexus and the attacker (whose threads start after `go` and
-    // inherit this) share CPU 0, the healthy app has CPU 1, so that scheduling noise and the
-    // attacker's own CPU time do not pass for harm done through the nexus.
-    pin(d.proc.pid(), 0);
-    pin(attacker.proc.pid(), 0);
+    let attack = |d: &Daemon| -> (App, String) {
+        let mut attacker = App::spawn_as(Some(NOBODY), &["attack", &d.socket, case]);
+        // 64 channels of 65,536 buffers take a while to open in a debug build.
+        assert_eq!(attacker.line_within(Duration::from_secs(120)), "ready");
+        // As in the flood test: the nexus and the attacker (whose threads start after `go` and
+        // inherit this) share CPU 0, the healthy app has CPU 1, so that scheduling noise and
+        // the attacker's own CPU time do not pass for harm done through the nexus.
+        pin(d.proc.pid(), 0);
+        pin(attacker.proc.pid(), 0);
+        attacker.say("go");
+        let said = attacker.line();
+        (attacker, said)
+    };
     pin(healthy.proc.pid(), 1);
     let before: Vec<u64> = (0..BEFORE).map(|_| healthy_rate(&mut healthy)).collect();
-    attacker.say("go");
-    let said = attacker.line();
+    let (mut attacker, said) = attack(&d);
     let mut during = Vec::new();
     let mut slowest = Duration::ZERO;
     for _ in 0..DURING {
@@ -2067,22 +2083,45 @@ fn stall_attack(case: &str) -> String {
             );
         }
     }
-    let (b, m) = (median_of(before.clone()), median_of(during.clone()));
-    println!(
-        "{case}: healthy app {b} packets/s before, {m} during the attack ({:.3}); phases \
-         before {before:?}, during {during:?}; slowest status {slowest:?}; attacker said {said:?}",
-        m as f64 / b as f64
-    );
-    assert!(
-        m as f64 >= 0.9 * b as f64,
-        "{case}: the healthy app fell to {m} packets/s from {b} (before {before:?}, during {during:?})"
-    );
     assert!(slowest <= PROMPT, "{case}: a status took {slowest:?}");
     let s = status(&mut mon);
     assert_eq!(count(&s.control_errors, "reclaim_audit_failed"), 0);
     for c in &s.channels {
         assert_eq!(c.audit, "ok", "{case}: {c:?}");
     }
+    attacker.proc.assert_running();
+    attacker.proc.signal(Signal::KILL);
+    attacker.proc.exit_within(SHORT);
+    status_until(&mut mon, "the attacker's channels are reclaimed", |s| {
+        s.channels.iter().all(|c| c.pid == healthy_pid)
+    });
+    let after: Vec<u64> = (0..AFTER).map(|_| healthy_rate(&mut healthy)).collect();
+    let (b, m, a) = (
+        median_of(before.clone()),
+        median_of(during.clone()),
+        median_of(after.clone()),
+    );
+    let base = b.min(a);
+    println!(
+        "{case}: healthy app {m} packets/s during the attack, {b} before, {a} after ({:.3} of \
+         the lower){}; phases before {before:?}, during {during:?}, after {after:?}; slowest \
+         status {slowest:?}; attacker said {said:?}",
+        m as f64 / base.max(1) as f64,
+        if b.max(a) as f64 > 1.5 * base as f64 {
+            " (the baselines differ: the VM changed regime)"
+        } else {
+            ""
+        },
+    );
+    assert!(
+        m as f64 >= 0.9 * base as f64,
+        "{case}: the healthy app fell to {m} packets/s from {b} before and {a} after (phases \
+         before {before:?}, during {during:?}, after {after:?})"
+    );
+    let s = status(&mut mon);
+    assert_eq!(count(&s.control_errors, "reclaim_audit_failed"), 0);
+    // Stopping with an attacker attached (and attacking) is part of the promise.
+    let (mut attacker, _) = attack(&d);
     attacker.proc.assert_running();
     let mut d = d;
     d.proc.signal(Signal::TERM);
@@ -2140,6 +2179,55 @@ fn attack_a_status_flood_never_starves_the_datapath() {
 fn attack_channel_churn_never_starves_the_datapath() {
     let _serial = serial();
     assert_eq!(stall_attack("churn"), "attacking");
+}
+
+/// 64 idle channels of 65,536 buffers beside a busy app: the nexus parks them, so a pass
+/// costs the busy channel only (before parking, each pass looked at every channel's rings, and
+/// the busy app kept 0.70 of its rate).
+#[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "rates are judged in a release build: scripts/test.sh runs this with --release"
+)]
+fn attack_idle_channels_cost_a_busy_app_nothing() {
+    let _serial = serial();
+    assert_eq!(stall_attack("idle-channels"), "attacking");
+}
+
+/// A channel with no traffic for `park_after_us` is parked (status says so), and its app's
+/// next packets are served at once: they ring the doorbell, whether the nexus sleeps or
+/// polls for another app meanwhile.
+#[test]
+fn a_quiet_channel_is_parked_and_its_next_packet_wakes_it() {
+    let _serial = serial();
+    let d = Daemon::start("park", Some("[datapath]\npark_after_us = 2000\n"));
+    let mut mon = d.monitor();
+    let mut quiet = App::spawn(&["healthy", &d.socket, "0.3"]);
+    assert_eq!(quiet.line(), "ready");
+    let pid = quiet.proc.pid().as_raw_nonzero().get();
+    let parked = |s: &NexusStatus| s.channels.iter().any(|c| c.pid == pid && c.parked);
+    status_until(&mut mon, "the quiet channel is parked", parked);
+    // The nexus sleeps: the app's first packet rings it awake and unparks the channel.
+    let alone = healthy_rate(&mut quiet);
+    assert!(alone > 0, "a parked channel's app is served");
+    // Parked again; now another app keeps the nexus polling while it sends.
+    status_until(&mut mon, "parked again", parked);
+    let mut busy = App::spawn(&["healthy", &d.socket, "3"]);
+    assert_eq!(busy.line(), "ready");
+    busy.say("go");
+    std::thread::sleep(Duration::from_millis(500));
+    let beside = healthy_rate(&mut quiet);
+    assert!(
+        beside > 0,
+        "a parked channel's app is served beside a busy one"
+    );
+    assert!(busy.line().starts_with("rate "));
+    let s = status(&mut mon);
+    for c in &s.channels {
+        assert_eq!(c.drops, vec![], "nothing lost: {c:?}");
+        assert_eq!(c.audit, "ok");
+    }
+    println!("parked app's rate alone {alone}/s, beside a busy app {beside}/s");
 }
 
 /// Lesser attacks through the app's own fds: a doorbell shut (the channel is closed at once,

@@ -74,7 +74,11 @@ pub(crate) fn channels(socket: &str, json: bool) -> Result<(), String> {
             c.id,
             c.pid,
             c.uid,
-            c.state,
+            if c.parked {
+                format!("{} (parked)", c.state)
+            } else {
+                c.state.clone()
+            },
             c.tx_ring,
             c.rx_ring,
             format!("{}/{}/{}", c.buffers_free, c.buffers_nexus, c.buffers_app),

@@ -262,6 +262,11 @@ pub struct DatapathConfig {
     pub coalesce_us: u64,
     /// Packets per busy period from which the nexus coalesces.
     pub coalesce_batch: usize,
+    /// Microseconds after which a channel with no traffic is **parked**: no longer looked at
+    /// on every pass, but armed so that its app's next packet rings its doorbell (0 never
+    /// parks). Idle channels then cost a polling nexus nothing; without parking, 64 idle
+    /// channels took a third of the rate of a busy app on the same nexus.
+    pub park_after_us: u64,
 }
 
 impl Default for DatapathConfig {
@@ -272,6 +277,7 @@ impl Default for DatapathConfig {
             batch: 64,
             coalesce_us: 100,
             coalesce_batch: 8,
+            park_after_us: 5000,
         }
     }
 }

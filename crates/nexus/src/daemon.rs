@@ -3,6 +3,9 @@
 //! The loop polls channels while there is work, keeps polling for a short spin time after the
 //! last packet (so a busy app never has to ring the nexus), then arms the need-wakeup flags of
 //! every channel and sleeps in `epoll_wait` on the control sockets and the channels' doorbells.
+//! A channel with no traffic for `park_after_us` is **parked** meanwhile: armed and left out
+//! of the passes until its doorbell rings or a packet comes for it, so that a pass costs the
+//! busy channels, not every channel the nexus holds.
 //!
 //! Nothing an app does may make this loop block or slow it for the others (`SECURITY.md`):
 //! doorbells never block and are read only before a sleep, control requests are rate-limited,
@@ -74,6 +77,9 @@ const AUDIT_BUDGET: u64 = 1 << 16;
 
 /// Most doorbells cleared per wait (the rest stay ready and end the next wait at once).
 const BELLS_PER_WAIT: usize = 256;
+
+/// How often served channels are looked at for parking.
+const PARK_CHECK: Duration = Duration::from_millis(1);
 
 /// How often throttled control clients are looked at again.
 const RESUME_CHECK: Duration = Duration::from_millis(10);
@@ -196,6 +202,8 @@ impl Nexus {
         let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
         let mut last_housekeeping = Instant::now();
         let mut last_resume = Instant::now();
+        let mut last_park = Instant::now();
+        let park_after = Duration::from_micros(d.park_after_us);
         tracing::info!(socket = %self.reg.config.control.socket.display(), "nexus serving");
         while !self.shutting_down && !self.stop.load(Ordering::Relaxed) {
             let (moved, sent) = self.service_channels();
@@ -211,6 +219,10 @@ impl Nexus {
                     dp.housekeeping(now);
                 }
                 self.reg.audit_some(AUDIT_BUDGET);
+            }
+            if now.saturating_duration_since(last_park) >= PARK_CHECK {
+                last_park = now;
+                self.reg.park_quiet(park_after, now);
             }
             // Throttled clients are looked at often (their requests wait meanwhile), also
             // while the loop would otherwise sleep for good.
@@ -360,10 +372,35 @@ impl Nexus {
                         dp.resolver_readable();
                     }
                 }
-                // A ring only ends a sleep: the loop then serves every channel's rings, and
-                // clears the doorbells before it sleeps again (`clear_bells`).
+                // A ring of a parked channel's app brings the channel back into the passes.
+                token::BELLS if self.reg.any_parked() => self.unpark_rung()?,
+                // Else a ring only ends a sleep: the loop then serves every channel's rings,
+                // and clears the doorbells before it sleeps again (`clear_bells`).
                 _ => {}
             }
+        }
+        Ok(())
+    }
+
+    /// Serves the parked channels whose doorbells rang (without clearing them: that waits for
+    /// the next sleep, as for any channel).
+    fn unpark_rung(&mut self) -> Result<(), NexusError> {
+        let mut rang: Vec<epoll::Event> = Vec::with_capacity(BELLS_PER_WAIT);
+        let zero = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        match epoll::wait(
+            &self.reg.bells,
+            rustix::buffer::spare_capacity(&mut rang),
+            Some(&zero),
+        ) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(NexusError::sys("epoll_wait(doorbells)", e)),
+        }
+        let now = Instant::now();
+        for e in &rang {
+            self.reg.unpark(e.data.u64() & token::ID_MASK, now);
         }
         Ok(())
     }
@@ -387,8 +424,11 @@ impl Nexus {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(NexusError::sys("epoll_wait(doorbells)", e)),
         }
+        let now = Instant::now();
         for e in &rang {
             let id = e.data.u64() & token::ID_MASK;
+            // Its ring is cleared here, so this is the last chance to see that it rang.
+            self.reg.unpark(id, now);
             if let Some(c) = self.reg.channels.get(&id)
                 && c.endpoint().clear_bell_into(&mut stray) == Drained::PeerGone
             {
@@ -417,6 +457,8 @@ impl Nexus {
         let (cfg, batch) = (&self.reg.config.channel, self.reg.config.datapath.batch);
         let (mut moved, mut sent_all) = (0, Sent::default());
         let mut quarantine = Vec::new();
+        // Parked channels a packet came for.
+        let (mut woken, any_parked) = (Vec::new(), self.reg.any_parked());
         match &mut self.reg.datapath {
             // With an interface: the flowswitch moves packets between it and the channels.
             Some(sw) => {
@@ -428,8 +470,14 @@ impl Nexus {
                     sw.rx_pass(&mut self.reg.flows, &mut self.reg.channels, RX_BUDGET);
                 moved += n;
                 quarantine.extend(broken.into_iter().map(|id| (id, Quarantine::RingCorrupt)));
+                if any_parked {
+                    woken.extend_from_slice(sw.switch().touched());
+                }
                 let frames_before = sw.switch().stats().tx_frames;
-                for c in self.reg.channels.values_mut() {
+                for id in &self.reg.active {
+                    let Some(c) = self.reg.channels.get_mut(id) else {
+                        continue;
+                    };
                     let sent = match sw.tx_pass(&mut self.reg.flows, c, batch, now) {
                         Ok(k) => k,
                         Err(q) => {
@@ -449,7 +497,10 @@ impl Nexus {
             }
             // Without one: each channel's packets are reflected back to it.
             None => {
-                for c in self.reg.channels.values_mut() {
+                for id in &self.reg.active {
+                    let Some(c) = self.reg.channels.get_mut(id) else {
+                        continue;
+                    };
                     match c.service(cfg, batch) {
                         Ok(n) => {
                             // Everything here was sent by an app (and reflected).
@@ -460,6 +511,12 @@ impl Nexus {
                         Err(q) => quarantine.push((c.id, q)),
                     }
                 }
+            }
+        }
+        if !woken.is_empty() {
+            let now = Instant::now();
+            for id in woken {
+                self.reg.unpark(id, now);
             }
         }
         for (id, q) in quarantine {
@@ -478,8 +535,11 @@ impl Nexus {
     /// Arms every channel's need-wakeup flags before sleeping; true if work arrived meanwhile.
     fn arm_all(&mut self) -> bool {
         let mut work = false;
-        for c in self.reg.channels.values_mut() {
-            work |= c.arm(true);
+        // Parked channels are armed already.
+        for id in &self.reg.active {
+            if let Some(c) = self.reg.channels.get_mut(id) {
+                work |= c.arm(true);
+            }
         }
         if work {
             self.disarm_all();
@@ -488,8 +548,10 @@ impl Nexus {
     }
 
     fn disarm_all(&mut self) {
-        for c in self.reg.channels.values_mut() {
-            c.arm(false);
+        for id in &self.reg.active {
+            if let Some(c) = self.reg.channels.get_mut(id) {
+                c.arm(false);
+            }
         }
     }
 

@@ -3,9 +3,9 @@
 //! control path (`control`, a message handler) act on, so that neither imports the other's
 //! internals and the flow table, the port reservations and the steering never disagree.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::OwnedFd;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use netchannel_shm::control::{ChannelId, ChannelStatus, NexusStatus};
 use rustix::event::epoll;
@@ -45,6 +45,12 @@ pub struct Registry {
     /// app cannot make a polling nexus read its doorbell).
     pub(crate) bells: OwnedFd,
     pub(crate) channels: BTreeMap<ChannelId, Channel>,
+    /// The channels served on every pass of the loop.
+    pub(crate) active: BTreeSet<ChannelId>,
+    /// The channels with no traffic for `park_after_us`: not looked at on each pass, armed so
+    /// that their doorbell rings for their next packet (see [`Registry::unpark`]). A defunct
+    /// channel is in neither set.
+    parked: BTreeSet<ChannelId>,
     next_id: u64,
     pub(crate) started: Instant,
     /// Every flow of every channel.
@@ -69,6 +75,8 @@ impl Registry {
             epoll,
             bells,
             channels: BTreeMap::new(),
+            active: BTreeSet::new(),
+            parked: BTreeSet::new(),
             next_id: 1,
             started: Instant::now(),
             flows: FlowTable::new(max_flows),
@@ -82,6 +90,8 @@ impl Registry {
     /// Stops waking for a channel that is no longer served (defunct): its app may ring on,
     /// and nothing it rings for is looked at.
     pub(crate) fn unwatch_channel(&mut self, id: ChannelId) {
+        self.active.remove(&id);
+        self.parked.remove(&id);
         if let Some(c) = self.channels.get(&id) {
             let _ = epoll::delete(&self.bells, c.endpoint().bell_fd());
         }
@@ -95,8 +105,47 @@ impl Registry {
             epoll::EventData::new_u64(token::CHANNEL | ch.id),
             epoll::EventFlags::IN,
         )?;
+        self.active.insert(ch.id);
         self.channels.insert(ch.id, ch);
         Ok(())
+    }
+
+    /// Whether any channel is parked (its doorbell must then be looked at while polling).
+    pub(crate) fn any_parked(&self) -> bool {
+        !self.parked.is_empty()
+    }
+
+    /// Parks every served channel that has had no traffic for `after` and has no work now.
+    pub(crate) fn park_quiet(&mut self, after: Duration, now: Instant) {
+        if after.is_zero() {
+            return;
+        }
+        let quiet: Vec<ChannelId> = (self.active.iter())
+            .filter(|id| {
+                self.channels
+                    .get(id)
+                    .is_some_and(|c| c.quiet_for(after, now))
+            })
+            .copied()
+            .collect();
+        for id in quiet {
+            if self.channels.get_mut(&id).is_some_and(Channel::park) {
+                self.active.remove(&id);
+                self.parked.insert(id);
+                tracing::trace!(channel = id, "quiet channel parked");
+            }
+        }
+    }
+
+    /// Serves a parked channel on every pass again (its doorbell rang or a packet came for it);
+    /// nothing if it is not parked.
+    pub(crate) fn unpark(&mut self, id: ChannelId, now: Instant) {
+        if self.parked.remove(&id) {
+            if let Some(c) = self.channels.get_mut(&id) {
+                c.unpark(now);
+            }
+            self.active.insert(id);
+        }
     }
 
     /// Gives up every flow of a channel and its host-port reservations.
@@ -115,6 +164,8 @@ impl Registry {
     pub(crate) fn remove_channel(&mut self, id: ChannelId) -> Option<Result<(), String>> {
         self.release_flows(id);
         let mut c = self.channels.remove(&id)?;
+        self.active.remove(&id);
+        self.parked.remove(&id);
         let _ = epoll::delete(&self.bells, c.endpoint().bell_fd());
         let r = c.reclaim();
         if let Err(e) = &r {
@@ -170,7 +221,8 @@ impl Registry {
             .map(|(_, c)| c)
             .filter(|c| only_uid.is_none_or(|u| c.cred.uid == u))
         {
-            let st = c.status();
+            let mut st = c.status();
+            st.parked = self.parked.contains(&st.id);
             // An upper bound of the record's JSON (its fixed fields take under 500 bytes).
             bytes += 600 + st.state.len() + st.audit.len() + 64 * st.drops.len();
             if bytes > STATUS_PAGE_BYTES && !channels.is_empty() {

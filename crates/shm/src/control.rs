@@ -323,6 +323,10 @@ pub struct ChannelStatus {
     pub drops: Vec<(String, u64)>,
     /// Result of the last ledger audit: `ok` or what failed.
     pub audit: String,
+    /// No traffic lately: the nexus no longer looks at its rings on every pass, and its app's
+    /// next packet rings the doorbell (which costs that packet a system call).
+    #[serde(default)]
+    pub parked: bool,
 }
 
 /// Why a control message could not be decoded.

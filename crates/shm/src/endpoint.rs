@@ -870,6 +870,17 @@ impl Endpoint {
         }
     }
 
+    /// Server end: sets (`on`) or clears the request that the app ring our doorbell when it
+    /// takes buffers from the ALLOC ring, so that a sleeping server tops the ring up again
+    /// (else an app that needs more buffers than the ring holds waits for ever).
+    pub fn arm_supply(&self, on: bool) {
+        if on {
+            self.bufs_out.arm_wakeup();
+        } else {
+            self.bufs_out.disarm_wakeup();
+        }
+    }
+
     /// Waits until `interest` is satisfied: spins for the policy's spin time, then sets the
     /// need-wakeup flag and sleeps on the doorbell. Returns early with an error when the channel
     /// goes defunct, a ring is corrupt, or the watched socket hangs up;

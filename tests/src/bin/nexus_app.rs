@@ -105,7 +105,8 @@ fn main() -> ExitCode {
         },
         ["hostile", sock, case] => open(sock).and_then(|(_n, mut ch)| hostile(&mut ch, case)),
         ["flood", sock] => open(sock).and_then(|(_n, mut ch)| flood(&mut ch)),
-        ["attack", sock, "status-flood"] => status_flood(sock),
+        ["attack", sock, "status-flood"] => status_flood(sock, false),
+        ["attack", sock, "idle-channels"] => status_flood(sock, true),
         ["attack", sock, "churn"] => churn(sock),
         ["many", sock, n] => number(n).and_then(|n| many(sock, n)),
         ["attack", sock, case] => open(sock).and_then(|(_n, mut ch)| attack(&mut ch, case)),
@@ -937,8 +938,8 @@ fn from_connections(sock: &str, conns: usize, op: fn(&mut Nexus) -> bool) -> u64
 }
 
 /// Many large channels, and status requests from several connections as fast as they are
-/// answered (issue 13, attack 3).
-fn status_flood(sock: &str) -> Result<(), String> {
+/// answered (issue 13, attack 3); or (`idle`) the channels alone, sitting idle.
+fn status_flood(sock: &str, idle: bool) -> Result<(), String> {
     let mut nx = Nexus::connect(sock).map_err(|e| format!("connect: {e}"))?;
     let mut channels = Vec::new();
     loop {
@@ -953,6 +954,11 @@ fn status_flood(sock: &str) -> Result<(), String> {
         }
     }
     if !ready_then_go()? {
+        return Ok(());
+    }
+    if idle {
+        say("attacking");
+        hold_until_eof();
         return Ok(());
     }
     let asked = from_connections(sock, 8, |nx| nx.status_page(None).is_ok());

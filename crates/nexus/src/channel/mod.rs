@@ -300,8 +300,32 @@ impl Channel {
         count(&mut self.drops, &mut self.forged, reason);
     }
 
+    /// Whether the channel has had no traffic for `after` (as of `now`): it may be parked.
+    pub fn quiet_for(&self, after: Duration, now: Instant) -> bool {
+        now.saturating_duration_since(self.last_active) >= after
+    }
+
+    /// Parks the channel if it has no work: its need-wakeup flags stay set, so the app rings
+    /// its doorbell for its next packet or returned buffer. False (flags cleared again) if
+    /// work came meanwhile.
+    pub fn park(&mut self) -> bool {
+        if self.arm(true) {
+            self.arm(false);
+            return false;
+        }
+        true
+    }
+
+    /// Serves a parked channel again (its doorbell rang, or a packet came for it).
+    pub fn unpark(&mut self, now: Instant) {
+        self.arm(false);
+        self.last_active = now;
+    }
+
     /// Sets or clears the need-wakeup flags of the rings the nexus consumes. Returns true if
     /// there is already work (so the caller must not sleep).
+    /// Armed, the app's taking buffers from the ALLOC ring rings too, and the ring is topped
+    /// up once more (what the app took before the flag was set rang nothing).
     pub fn arm(&mut self, on: bool) -> bool {
         if self.defunct.is_some() {
             return false;
@@ -309,8 +333,14 @@ impl Channel {
         for i in [Interest::Readable, Interest::Returns] {
             self.ep.arm(i, on);
         }
-        on && (self.ep.ready(Interest::Readable).unwrap_or(true)
-            || self.ep.ready(Interest::Returns).unwrap_or(true))
+        self.ep.arm_supply(on);
+        if !on {
+            return false;
+        }
+        // A corrupt ring is work: the next pass quarantines the channel.
+        let work = self.ep.ready(Interest::Readable).unwrap_or(true)
+            || self.ep.ready(Interest::Returns).unwrap_or(true);
+        work || self.ep.supply_to(self.alloc_target).is_err()
     }
 
     /// Revokes the channel: the app sees DEFUNCT with `reason` (and is woken), the rings are no
@@ -388,6 +418,7 @@ impl Channel {
             rx_packets: s.sent,
             drops,
             audit: self.audit.clone(),
+            parked: false,
         }
     }
 }
