@@ -10,11 +10,16 @@ use std::collections::VecDeque;
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
+use super::acks::AckThinner;
 use crate::nexus::Channel;
 use crate::{Error, Interest, Packet, SendError};
 
-/// Packets taken off the RX ring per refill.
+/// Packets taken off the RX ring per receive call.
 const RX_BATCH: usize = 64;
+/// Most packets in the receive queue: a refill takes the whole RX ring up to this, so that
+/// redundant ACKs anywhere in it are thinned (see [`acks`](super::acks)) and their buffers
+/// go back to the nexus.
+const RXQ_MAX: usize = 4096;
 /// Packets smoltcp takes in per poll: it acknowledges once per poll, and a peer that gets one
 /// ACK per few segments keeps its window open better than one per hundred.
 const RX_PER_POLL: usize = 16;
@@ -29,7 +34,11 @@ pub(crate) struct ChannelDevice {
     mtu: usize,
     /// The largest packet smoltcp may build: a pool buffer when the nexus segments TCP.
     ip_mtu: usize,
+    /// Received packets smoltcp has not taken yet; one of length 0 was thinned away.
     rxq: VecDeque<Packet>,
+    /// The position of `rxq`'s head, counted over the device's life.
+    rxq_front: u64,
+    thinner: AckThinner,
     /// Received buffers smoltcp is done with.
     done: Vec<u32>,
     /// A buffer held ready for the next packet smoltcp sends.
@@ -39,6 +48,11 @@ pub(crate) struct ChannelDevice {
     scratch: Vec<Packet>,
     /// The channel broke (defunct, or the nexus is gone).
     pub(crate) broken: Option<Error>,
+    /// Most packets on the TX ring at once: half the pool. The rest stays for what arrives; a
+    /// server sending to many peers at once otherwise filled the whole pool with segments
+    /// waiting for the wire, and the nexus dropped the peers' ACKs for want of a buffer
+    /// (`rx_no_buf`), which smoltcp took a second to recover from.
+    tx_limit: u32,
     /// Packets and bytes handed to smoltcp in this poll.
     taken: usize,
     taken_bytes: usize,
@@ -60,11 +74,16 @@ impl ChannelDevice {
         } else {
             mtu
         };
+        let g = ch.pool().geometry();
+        let tx_limit = (g.segments.saturating_mul(g.bufs_per_segment) / 2).max(1);
         Self {
+            tx_limit,
             ch,
             mtu,
             ip_mtu,
             rxq: VecDeque::with_capacity(RX_BATCH),
+            rxq_front: 0,
+            thinner: AckThinner::default(),
             done: Vec::with_capacity(RX_BATCH),
             spare: None,
             txq: Vec::with_capacity(RX_BATCH),
@@ -91,8 +110,13 @@ impl ChannelDevice {
 
     /// Whether sending is held up (no buffer to write into, or packets the TX ring had no room
     /// for): the stack must be polled again soon, not only when packets arrive.
-    pub(crate) fn backlogged(&self) -> bool {
-        self.spare.is_none() || !self.txq.is_empty()
+    pub(crate) fn backlogged(&mut self) -> bool {
+        self.spare.is_none() || !self.txq.is_empty() || self.tx_full()
+    }
+
+    /// Whether the TX ring holds [`ChannelDevice::tx_limit`] packets.
+    fn tx_full(&mut self) -> bool {
+        self.ch.ring_occupancy().0 >= self.tx_limit
     }
 
     /// Whether sending is held up now: as [`ChannelDevice::backlogged`], after taking the
@@ -137,15 +161,51 @@ impl ChannelDevice {
         !self.rxq.is_empty()
     }
 
+    /// Takes what the RX ring holds (up to [`RXQ_MAX`] queued), thinning redundant ACKs.
     fn refill_rx(&mut self) {
-        if self.broken.is_some() {
-            return;
+        if self.rxq.is_empty() {
+            self.thinner.clear();
         }
-        self.scratch.clear();
-        match self.ch.recv(&mut self.scratch, RX_BATCH) {
-            Ok(_) => self.rxq.extend(self.scratch.drain(..)),
-            Err(e) => self.broken = Some(e),
+        while self.broken.is_none() && self.rxq.len() < RXQ_MAX {
+            self.scratch.clear();
+            let want = RX_BATCH.min(RXQ_MAX - self.rxq.len());
+            match self.ch.recv(&mut self.scratch, want) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    self.broken = Some(e);
+                    break;
+                }
+            }
+            for pkt in self.scratch.drain(..) {
+                let pos = self.rxq_front + self.rxq.len() as u64;
+                let ip = self.ch.payload(&pkt);
+                let thinned = self.thinner.queued(ip, pos, self.rxq_front);
+                if let Some(old) = thinned
+                    && let Some(q) = self.rxq.get_mut((old - self.rxq_front) as usize)
+                {
+                    self.done.push(q.buf);
+                    q.len = 0;
+                }
+                self.rxq.push_back(pkt);
+            }
         }
+    }
+
+    /// The next packet for smoltcp, past those thinned away.
+    fn next_rx(&mut self) -> Option<Packet> {
+        while let Some(p) = self.rxq.pop_front() {
+            self.rxq_front += 1;
+            if p.len > 0 {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    /// ACKs thinned from the receive queue so far.
+    pub(crate) fn acks_thinned(&self) -> u64 {
+        self.thinner.thinned
     }
 
     fn ensure_spare(&mut self) -> bool {
@@ -199,14 +259,17 @@ impl phy::Device for ChannelDevice {
         if self.taken >= RX_PER_POLL || self.taken_bytes >= RX_BYTES_PER_POLL {
             return None;
         }
-        if self.rxq.is_empty() {
-            self.refill_rx();
-        }
         // smoltcp may answer the packet while it reads it: both buffers are lent at once.
         if !self.ensure_spare() {
             return None;
         }
-        let pkt = self.rxq.pop_front()?;
+        let pkt = match self.next_rx() {
+            Some(p) => p,
+            None => {
+                self.refill_rx();
+                self.next_rx()?
+            }
+        };
         self.taken += 1;
         self.taken_bytes += pkt.len as usize;
         let spare_buf = self.spare?;
@@ -235,7 +298,9 @@ impl phy::Device for ChannelDevice {
     }
 
     fn transmit(&mut self, _: Instant) -> Option<TxToken<'_>> {
-        if !self.ensure_spare() {
+        if !self.ensure_spare()
+            || self.txq.len() as u32 + self.ch.ring_occupancy().0 >= self.tx_limit
+        {
             return None;
         }
         let buf = self.spare?;

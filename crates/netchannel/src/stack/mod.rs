@@ -37,6 +37,7 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
+mod acks;
 mod device;
 mod tcp;
 #[cfg(feature = "tokio")]
@@ -87,6 +88,16 @@ const LEASE: Duration = Duration::from_millis(1);
 const OFFLOAD_BUF_SIZE: u32 = 64 * 1024;
 /// Buffers in the stack's pool (32 MiB of address space, touched as used).
 const OFFLOAD_BUFFERS: u32 = 512;
+
+/// Counters of a [`Stack`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StackStats {
+    /// Pure ACKs dropped from the receive queue because a later one of the same connection,
+    /// queued behind them, acknowledged more (see the `acks` module): the stack had fallen
+    /// behind its peers.
+    pub acks_thinned: u64,
+}
 
 /// A user-space TCP/IP stack on one channel of a nexus. Cheap to clone; the last clone (and
 /// the last socket) to go closes the channel.
@@ -331,6 +342,14 @@ impl Stack {
     /// The interface addresses the stack uses as its own.
     pub fn addresses(&self) -> Vec<IpAddr> {
         lock(&self.shared.inner).addresses.clone()
+    }
+
+    /// What the stack has done so far (see [`StackStats`]).
+    pub fn stats(&self) -> StackStats {
+        let g = lock(&self.shared.inner);
+        StackStats {
+            acks_thinned: g.dev.acks_thinned(),
+        }
     }
 
     /// The nexus's id of the stack's channel.
