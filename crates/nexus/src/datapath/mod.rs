@@ -283,6 +283,11 @@ impl Datapath {
     ) -> Result<usize, Quarantine> {
         let id = channel.id;
         let segmenting = channel.offloads.tx_segment;
+        // In bytes too: 64 packets of 64 KiB were 2,900 frames to cut and copy in one pass,
+        // while the interface's RX ring, read 256 frames a pass, overflowed (`xsk_rx_dropped`:
+        // the ACKs of a server's peers, whose loss smoltcp takes a second to recover from).
+        let buf_size = channel.endpoint().pool().buf_size() as usize;
+        let budget = budget.min((TX_BYTES_PER_PASS / buf_size.max(1)).max(1));
         let Self {
             switch,
             netif,
@@ -311,6 +316,10 @@ impl Datapath {
         })
     }
 }
+
+/// Most bytes of packets taken from one channel's TX ring per pass (with large buffers, fewer
+/// packets than the configured batch).
+const TX_BYTES_PER_PASS: usize = 512 * 1024;
 
 /// Copies, validates and sends (or holds) one packet of channel `id`.
 #[allow(clippy::too_many_arguments)]
