@@ -27,9 +27,9 @@ struct Conn {
     dst_port: u16,
 }
 
-/// A pure ACK, if `ip` (an IP packet as delivered by the nexus) is one: its connection and
-/// acknowledgement number.
-fn pure_ack(ip: &[u8]) -> Option<(Conn, TcpSeqNumber)> {
+/// The TCP segment of IP packet `ip`, with its addresses (`None` for anything else, a
+/// fragment, or IPv6 with extension headers).
+pub(super) fn tcp_in(ip: &[u8]) -> Option<(IpAddress, IpAddress, TcpPacket<&[u8]>)> {
     let (src, dst, l4) = match ip.first()? >> 4 {
         4 => {
             let p = Ipv4Packet::new_checked(ip).ok()?;
@@ -59,7 +59,13 @@ fn pure_ack(ip: &[u8]) -> Option<(Conn, TcpSeqNumber)> {
         }
         _ => return None,
     };
-    let t = TcpPacket::new_checked(l4).ok()?;
+    Some((src, dst, TcpPacket::new_checked(l4).ok()?))
+}
+
+/// A pure ACK, if `ip` (an IP packet as delivered by the nexus) is one: its connection and
+/// acknowledgement number.
+fn pure_ack(ip: &[u8]) -> Option<(Conn, TcpSeqNumber)> {
+    let (src, dst, t) = tcp_in(ip)?;
     let only_ack =
         t.ack() && !(t.syn() || t.fin() || t.rst() || t.psh() || t.urg()) && !(t.ece() || t.cwr());
     if !only_ack || !t.payload().is_empty() || has_sack(t.options()) {

@@ -5,7 +5,7 @@
 //! Received buffers are freed, and sent packets published, in batches (one ring update per
 //! poll), by [`ChannelDevice::flush`].
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
@@ -53,6 +53,10 @@ pub(crate) struct ChannelDevice {
     /// waiting for the wire, and the nexus dropped the peers' ACKs for want of a buffer
     /// (`rx_no_buf`), which smoltcp took a second to recover from.
     tx_limit: u32,
+    /// The local ports listeners of this stack listen on (and how many listeners each).
+    listening: HashMap<u16, u32>,
+    /// SYNs to a listener whose backlog was full, dropped (see [`TxToken`]).
+    syns_dropped: u64,
     /// Packets and bytes handed to smoltcp in this poll.
     taken: usize,
     taken_bytes: usize,
@@ -78,6 +82,8 @@ impl ChannelDevice {
         let tx_limit = (g.segments.saturating_mul(g.bufs_per_segment) / 2).max(1);
         Self {
             tx_limit,
+            listening: HashMap::new(),
+            syns_dropped: 0,
             ch,
             mtu,
             ip_mtu,
@@ -161,8 +167,12 @@ impl ChannelDevice {
         !self.rxq.is_empty()
     }
 
-    /// Takes what the RX ring holds (up to [`RXQ_MAX`] queued), thinning redundant ACKs.
-    fn refill_rx(&mut self) {
+    /// Takes what the RX ring holds (up to [`RXQ_MAX`] queued), thinning redundant ACKs. At
+    /// the start of every poll, not only once the queue is empty: smoltcp takes
+    /// [`RX_PER_POLL`] packets a poll, and a server with a hundred connections has more than
+    /// that queued, while the ring behind the queue fills with ACKs that the queue's make
+    /// redundant.
+    pub(crate) fn refill_rx(&mut self) {
         if self.rxq.is_empty() {
             self.thinner.clear();
         }
@@ -201,6 +211,24 @@ impl ChannelDevice {
             }
         }
         None
+    }
+
+    /// A listener starts (`on`) or stops listening on local `port`.
+    pub(crate) fn listen_port(&mut self, port: u16, on: bool) {
+        let n = self.listening.entry(port).or_insert(0);
+        if on {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.listening.remove(&port);
+            }
+        }
+    }
+
+    /// SYNs dropped because their listener's backlog was full.
+    pub(crate) fn syns_dropped(&self) -> u64 {
+        self.syns_dropped
     }
 
     /// ACKs thinned from the receive queue so far.
@@ -278,6 +306,8 @@ impl phy::Device for ChannelDevice {
             done,
             spare,
             txq,
+            listening,
+            syns_dropped,
             ..
         } = self;
         match ch.payload_and_buffer_mut(&pkt, spare_buf) {
@@ -287,7 +317,13 @@ impl phy::Device for ChannelDevice {
                     buf: pkt.buf,
                     done,
                 },
-                TxToken { out, spare, txq },
+                TxToken {
+                    out,
+                    spare,
+                    txq,
+                    listening,
+                    syns_dropped,
+                },
             )),
             None => {
                 // Not ours to read (cannot happen for a packet we received): drop it.
@@ -304,9 +340,22 @@ impl phy::Device for ChannelDevice {
             return None;
         }
         let buf = self.spare?;
-        let Self { ch, spare, txq, .. } = self;
+        let Self {
+            ch,
+            spare,
+            txq,
+            listening,
+            syns_dropped,
+            ..
+        } = self;
         let out = ch.buffer_mut(buf)?;
-        Some(TxToken { out, spare, txq })
+        Some(TxToken {
+            out,
+            spare,
+            txq,
+            listening,
+            syns_dropped,
+        })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -351,16 +400,27 @@ impl Drop for RxToken<'_> {
 }
 
 /// A pool buffer smoltcp writes its packet into.
+///
+/// A reset refusing a SYN on a port a listener listens on is not sent: smoltcp refuses a SYN
+/// when every socket of the listener's backlog is taken, where a kernel drops it (its accept
+/// queue is full) and the client tries again a second later. A refused client fails at once.
 pub(crate) struct TxToken<'a> {
     out: &'a mut [u8],
     spare: &'a mut Option<u32>,
     txq: &'a mut Vec<Packet>,
+    listening: &'a HashMap<u16, u32>,
+    syns_dropped: &'a mut u64,
 }
 
 impl phy::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let len = len.min(self.out.len());
         let r = f(&mut self.out[..len]);
+        if !self.listening.is_empty() && refuses_syn(&self.out[..len], self.listening) {
+            // The buffer stays the spare.
+            *self.syns_dropped += 1;
+            return r;
+        }
         if let Some(buf) = self.spare.take() {
             self.txq.push(Packet {
                 buf,
@@ -370,4 +430,12 @@ impl phy::TxToken for TxToken<'_> {
         }
         r
     }
+}
+
+/// Whether `ip` is smoltcp's reset refusing a SYN on one of the `listening` ports: RST and
+/// ACK, sequence number 0 (what RFC 9293 answers to a segment without ACK, as a SYN is).
+fn refuses_syn(ip: &[u8], listening: &HashMap<u16, u32>) -> bool {
+    super::acks::tcp_in(ip).is_some_and(|(_, _, t)| {
+        t.rst() && t.ack() && t.seq_number().0 == 0 && listening.contains_key(&t.src_port())
+    })
 }

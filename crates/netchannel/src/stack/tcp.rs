@@ -18,8 +18,10 @@ use super::{Closing, FlowGuard, Inner, Stack, Waits, deadline};
 const BUFFER: usize = 2 * 1024 * 1024;
 /// How long a dropped stream may wait for its peer to finish closing before it is reset.
 const CLOSE_TIMEOUT_S: u64 = 30;
-/// Listening sockets a listener keeps ready by default (connections it can take at once).
-pub const DEFAULT_BACKLOG: usize = 64;
+/// Listening sockets a listener keeps ready by default (connections it can take at once, as
+/// std's listeners): a SYN beyond them is dropped, as by a kernel whose accept queue is full,
+/// and its client tries again.
+pub const DEFAULT_BACKLOG: usize = 128;
 /// How long a connection not yet accepted may go without a packet from its peer, by default
 /// (see [`TcpListener::set_handshake_timeout`]).
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -65,6 +67,7 @@ impl TcpListener {
         let mut g = shared.lock();
         g.check()?;
         let (flow, local) = g.add_flow(&shared, FlowProto::Tcp, addr, None)?;
+        g.dev.listen_port(local.port(), true);
         let mut pool = Vec::with_capacity(backlog.max(1));
         for _ in 0..backlog.max(1) {
             pool.push(listen(&mut g, local, DEFAULT_HANDSHAKE_TIMEOUT)?);
@@ -257,7 +260,9 @@ impl Drop for TcpListener {
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
         let mine: HashSet<SocketHandle> = pool.iter().copied().collect();
+        let port = self.local.port();
         self.stack.shared().with(|g| {
+            g.dev.listen_port(port, false);
             g.backlog.retain(|b| !mine.contains(&b.handle));
             for h in pool {
                 let s = g.sockets.get_mut::<tcp::Socket>(h);
