@@ -26,6 +26,8 @@ pub(crate) struct Bed {
     pub(crate) host_ip: String,
     /// The peer in the namespace: 198.18.N.2.
     pub(crate) peer_ip: String,
+    /// This host's end's IPv6 address.
+    pub(crate) host6: String,
     pub(crate) children: Vec<Child>,
     stop: Option<Arc<AtomicBool>>,
     daemon: Option<JoinHandle<Result<(), netchannel_nexus::NexusError>>>,
@@ -52,6 +54,7 @@ impl Bed {
             socket,
             host_ip: veth.host4().to_string(),
             peer_ip: veth.peer4().to_string(),
+            host6: veth.host6().to_string(),
             children: Vec::new(),
             stop: Some(nexus.stop_flag()),
             daemon: Some(std::thread::spawn(move || nexus.run())),
@@ -67,9 +70,13 @@ impl Bed {
             .spawn()
             .expect("an example binary");
         let out = c.stdout.take().expect("stdout");
+        let mut out = BufReader::new(out);
         let mut line = String::new();
-        BufReader::new(out).read_line(&mut line).expect("a line");
+        out.read_line(&mut line).expect("a line");
         assert!(line.starts_with("listening on"), "{exe}: {line:?}");
+        // The rest (a second `listening on`, for one): read, or the example's next print
+        // would find the pipe closed and end it.
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
         self.children.push(c);
     }
 
