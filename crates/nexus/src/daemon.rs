@@ -382,8 +382,11 @@ impl Nexus {
         Ok(())
     }
 
-    /// Serves the parked channels whose doorbells rang (without clearing them: that waits for
-    /// the next sleep, as for any channel).
+    /// Serves the parked channels whose doorbells rang, and clears those doorbells (else the
+    /// old ring would wake each channel again every time it is parked while the loop polls).
+    /// At most one read per park of a channel, which takes 5 ms of silence: an app ringing
+    /// without sending still costs a polling nexus next to nothing. (A hang-up is left for
+    /// `clear_bells`: a shut doorbell stays readable.)
     fn unpark_rung(&mut self) -> Result<(), NexusError> {
         let mut rang: Vec<epoll::Event> = Vec::with_capacity(BELLS_PER_WAIT);
         let zero = rustix::time::Timespec {
@@ -399,15 +402,23 @@ impl Nexus {
             Err(e) => return Err(NexusError::sys("epoll_wait(doorbells)", e)),
         }
         let now = Instant::now();
+        let mut stray = Vec::new();
         for e in &rang {
-            self.reg.unpark(e.data.u64() & token::ID_MASK, now);
+            let id = e.data.u64() & token::ID_MASK;
+            if self.reg.unpark(id, now)
+                && let Some(c) = self.reg.channels.get(&id)
+            {
+                let _ = c.endpoint().clear_bell_into(&mut stray);
+            }
         }
+        self.control.closer.close(stray);
         Ok(())
     }
 
     /// Clears the doorbells that rang (each read at most
-    /// [`netchannel_shm::doorbell::DRAIN_BYTES`]), before the loop sleeps: never while it polls,
-    /// so a flood of rings costs a polling nexus nothing. A channel whose app hung up its end
+    /// [`netchannel_shm::doorbell::DRAIN_BYTES`]), before the loop sleeps: never while it polls
+    /// (but for parked channels' first rings, in `unpark_rung`), so a flood of rings costs a
+    /// polling nexus nothing. A channel whose app hung up its end
     /// of the doorbell is closed.
     fn clear_bells(&mut self) -> Result<(), NexusError> {
         let (mut stray, mut hung_up) = (Vec::new(), Vec::new());
@@ -428,7 +439,7 @@ impl Nexus {
         for e in &rang {
             let id = e.data.u64() & token::ID_MASK;
             // Its ring is cleared here, so this is the last chance to see that it rang.
-            self.reg.unpark(id, now);
+            let _ = self.reg.unpark(id, now);
             if let Some(c) = self.reg.channels.get(&id)
                 && c.endpoint().clear_bell_into(&mut stray) == Drained::PeerGone
             {
@@ -516,7 +527,7 @@ impl Nexus {
         if !woken.is_empty() {
             let now = Instant::now();
             for id in woken {
-                self.reg.unpark(id, now);
+                let _ = self.reg.unpark(id, now);
             }
         }
         for (id, q) in quarantine {

@@ -138,14 +138,16 @@ impl Registry {
     }
 
     /// Serves a parked channel on every pass again (its doorbell rang or a packet came for it);
-    /// nothing if it is not parked.
-    pub(crate) fn unpark(&mut self, id: ChannelId, now: Instant) {
-        if self.parked.remove(&id) {
-            if let Some(c) = self.channels.get_mut(&id) {
-                c.unpark(now);
-            }
-            self.active.insert(id);
+    /// nothing if it is not parked. True if it was.
+    pub(crate) fn unpark(&mut self, id: ChannelId, now: Instant) -> bool {
+        if !self.parked.remove(&id) {
+            return false;
         }
+        if let Some(c) = self.channels.get_mut(&id) {
+            c.unpark(now);
+        }
+        self.active.insert(id);
+        true
     }
 
     /// Gives up every flow of a channel and its host-port reservations.

@@ -10,9 +10,12 @@
 //! a stretch ACK), and its buffer goes back to the nexus at once.
 //!
 //! Only what is safe to lose is dropped: ACKs with no payload, no flag but ACK, no SACK
-//! blocks, whose acknowledgement number the later one strictly passes. Duplicate ACKs (the
-//! same number: the fast-retransmit signal) and window updates without new data acknowledged
-//! are kept, as is everything with a payload, SYN, FIN, RST, URG or ECN flags.
+//! blocks, whose acknowledgement number the later one strictly passes (by less than 2^30: an
+//! injected ACK far out of any window displaces nothing). A run of duplicate ACKs (the same
+//! number: the fast-retransmit signal) stays whole but for its last, and only when a later
+//! ACK acknowledges more, that is, once the hole they signal is filled. Window updates
+//! without new data acknowledged are kept, as is everything with a payload, SYN, FIN, RST,
+//! URG or ECN flags.
 
 use std::collections::HashMap;
 
@@ -115,7 +118,7 @@ impl AckThinner {
     pub(crate) fn queued(&mut self, ip: &[u8], pos: u64, front: u64) -> Option<u64> {
         let (conn, ack) = pure_ack(ip)?;
         match self.latest.insert(conn, (pos, ack)) {
-            Some((old, old_ack)) if old >= front && ack > old_ack => {
+            Some((old, old_ack)) if old >= front && ack > old_ack && ack - old_ack < 1 << 30 => {
                 self.thinned += 1;
                 Some(old)
             }
@@ -127,6 +130,15 @@ impl AckThinner {
     /// The queue is empty: every remembered ACK is gone.
     pub(crate) fn clear(&mut self) {
         self.latest.clear();
+    }
+
+    /// Forgets the ACKs before `front` (handed to smoltcp) once they outnumber the `queued`
+    /// packets: under load the queue never empties, and a map of every connection ever seen
+    /// (or of every spoofed one) would only grow.
+    pub(crate) fn forget_before(&mut self, front: u64, queued: usize) {
+        if self.latest.len() > 2 * queued + 64 {
+            self.latest.retain(|_, (pos, _)| *pos >= front);
+        }
     }
 }
 
@@ -269,6 +281,32 @@ mod tests {
                 0
             ),
             Some(pos - 2)
+        );
+    }
+
+    #[test]
+    fn acks_handed_over_are_forgotten_once_they_pile_up_and_far_jumps_thin_nothing() {
+        let mut t = AckThinner::default();
+        for port in 0..200u16 {
+            assert_eq!(t.queued(&v4(&ack(port, 100)), u64::from(port), 0), None);
+        }
+        t.forget_before(150, 70);
+        assert_eq!(
+            t.latest.len(),
+            200,
+            "not yet more than twice the queue and 64"
+        );
+        t.forget_before(190, 10);
+        assert_eq!(
+            t.latest.len(),
+            10,
+            "only the 10 still queued are remembered"
+        );
+        // 190 is still queued: a jump of 2^30 or more does not displace it.
+        assert_eq!(t.queued(&v4(&ack(190, 100 + (1 << 30))), 200, 190), None);
+        assert_eq!(
+            t.queued(&v4(&ack(191, 100 + (1 << 29))), 201, 190),
+            Some(191)
         );
     }
 

@@ -114,8 +114,9 @@ impl ChannelDevice {
         &self.ch
     }
 
-    /// Whether sending is held up (no buffer to write into, or packets the TX ring had no room
-    /// for): the stack must be polled again soon, not only when packets arrive.
+    /// Whether sending is held up (no buffer to write into, packets the TX ring had no room
+    /// for, or [`ChannelDevice::tx_limit`] packets on it): the stack must be polled again soon,
+    /// not only when packets arrive.
     pub(crate) fn backlogged(&mut self) -> bool {
         self.spare.is_none() || !self.txq.is_empty() || self.tx_full()
     }
@@ -144,7 +145,8 @@ impl ChannelDevice {
 
     /// Whether the stack has work now (checked after [`ChannelDevice::arm`] and before
     /// sleeping, so that nothing the nexus did before the flag was up is missed): packets
-    /// wait, or sending was held up and no longer is.
+    /// wait, or sending was held up and no longer is (a buffer, room on the TX ring, and the
+    /// ring under [`ChannelDevice::tx_limit`]: else a sender at the limit would never sleep).
     pub(crate) fn has_work(&mut self) -> bool {
         if self.rx_pending() {
             return true;
@@ -155,7 +157,7 @@ impl ChannelDevice {
         // Both, whatever the first says: queued packets go as soon as the ring has room.
         let sent = self.flush();
         let spare = self.ensure_spare();
-        sent && spare
+        sent && spare && !self.tx_full()
     }
 
     /// Whether packets wait (in our queue or on the RX ring).
@@ -200,6 +202,7 @@ impl ChannelDevice {
                 self.rxq.push_back(pkt);
             }
         }
+        self.thinner.forget_before(self.rxq_front, self.rxq.len());
     }
 
     /// The next packet for smoltcp, past those thinned away.

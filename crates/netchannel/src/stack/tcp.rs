@@ -60,18 +60,19 @@ impl TcpListener {
         Self::bind_with_backlog(stack, addr, DEFAULT_BACKLOG)
     }
 
-    /// Listens on `addr` with `backlog` sockets ready (connections beyond that, before
-    /// `accept` takes them, are refused).
+    /// Listens on `addr` with `backlog` sockets ready (the SYNs of connections beyond that,
+    /// before `accept` takes them, are dropped, and their clients try again).
     pub fn bind_with_backlog(stack: &Stack, addr: SocketAddr, backlog: usize) -> io::Result<Self> {
         let shared = stack.shared().clone();
         let mut g = shared.lock();
         g.check()?;
         let (flow, local) = g.add_flow(&shared, FlowProto::Tcp, addr, None)?;
-        g.dev.listen_port(local.port(), true);
         let mut pool = Vec::with_capacity(backlog.max(1));
         for _ in 0..backlog.max(1) {
             pool.push(listen(&mut g, local, DEFAULT_HANDSHAKE_TIMEOUT)?);
         }
+        // Only now: a listener that failed to bind has no `Drop` to undo it.
+        g.dev.listen_port(local.port(), true);
         drop(g);
         Ok(Self {
             stack: stack.clone(),
