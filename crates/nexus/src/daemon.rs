@@ -382,12 +382,9 @@ impl Nexus {
         Ok(())
     }
 
-    /// Serves the parked channels whose doorbells rang, and clears those doorbells (else the
-    /// old ring would wake each channel again every time it is parked while the loop polls).
-    /// At most one read per park of a channel, which takes 5 ms of silence: an app ringing
-    /// without sending still costs a polling nexus next to nothing. (A hang-up is left for
-    /// `clear_bells`: a shut doorbell stays readable.)
-    fn unpark_rung(&mut self) -> Result<(), NexusError> {
+    /// The channels whose doorbells rang (at most [`BELLS_PER_WAIT`]; the rest stay ready),
+    /// without waiting.
+    fn rung_channels(&self) -> Result<Vec<ChannelId>, NexusError> {
         let mut rang: Vec<epoll::Event> = Vec::with_capacity(BELLS_PER_WAIT);
         let zero = rustix::time::Timespec {
             tv_sec: 0,
@@ -401,10 +398,18 @@ impl Nexus {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(NexusError::sys("epoll_wait(doorbells)", e)),
         }
+        Ok(rang.iter().map(|e| e.data.u64() & token::ID_MASK).collect())
+    }
+
+    /// Serves the parked channels whose doorbells rang, and clears those doorbells (else the
+    /// old ring would wake each channel again every time it is parked while the loop polls).
+    /// At most one read per park of a channel, which takes 5 ms of silence: an app ringing
+    /// without sending still costs a polling nexus next to nothing. (A hang-up is left for
+    /// `clear_bells`: a shut doorbell stays readable.)
+    fn unpark_rung(&mut self) -> Result<(), NexusError> {
         let now = Instant::now();
         let mut stray = Vec::new();
-        for e in &rang {
-            let id = e.data.u64() & token::ID_MASK;
+        for id in self.rung_channels()? {
             if self.reg.unpark(id, now)
                 && let Some(c) = self.reg.channels.get(&id)
             {
@@ -422,22 +427,8 @@ impl Nexus {
     /// of the doorbell is closed.
     fn clear_bells(&mut self) -> Result<(), NexusError> {
         let (mut stray, mut hung_up) = (Vec::new(), Vec::new());
-        let mut rang: Vec<epoll::Event> = Vec::with_capacity(BELLS_PER_WAIT);
-        let zero = rustix::time::Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        match epoll::wait(
-            &self.reg.bells,
-            rustix::buffer::spare_capacity(&mut rang),
-            Some(&zero),
-        ) {
-            Ok(_) | Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(NexusError::sys("epoll_wait(doorbells)", e)),
-        }
         let now = Instant::now();
-        for e in &rang {
-            let id = e.data.u64() & token::ID_MASK;
+        for id in self.rung_channels()? {
             // Its ring is cleared here, so this is the last chance to see that it rang.
             let _ = self.reg.unpark(id, now);
             if let Some(c) = self.reg.channels.get(&id)
