@@ -9,20 +9,8 @@ use std::io::{BufRead, BufReader};
 use std::process::Command;
 use std::time::Instant;
 
-use common::Bed;
+use common::{Bed, sha256_file};
 use netchannel_nexus::netif::faults::FaultConfig;
-
-fn sha256_file(path: &str) -> String {
-    let out = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_owned()
-}
 
 #[test]
 fn streams_survive_loss_duplication_and_reordering_both_ways() {

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use netchannel_tests::testbed::{Kid, VethNet, run, serial, skip_without_root};
 
 mod common;
-use common::{InProcess, Scratch};
+use common::{InProcess, Scratch, sha256_file};
 
 const HTTP_SERVER: &str = env!("CARGO_BIN_EXE_http_server");
 const UDP_ECHO: &str = env!("CARGO_BIN_EXE_udp_echo");
@@ -63,17 +63,6 @@ fn random_file(path: &Path, len: usize) {
         f.write_all(&buf[..n]).expect("writing a file");
         left -= n;
     }
-}
-
-/// SHA-256 of a file, in hex (`sha256sum`: fast even when this test is a debug build).
-fn sha256_file(path: &Path) -> String {
-    let out = run("sha256sum", &[path.to_str().expect("a UTF-8 path")]);
-    assert!(out.status.success(), "sha256sum {}", path.display());
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .expect("a hash")
-        .to_owned()
 }
 
 /// Starts an example app and waits until it has printed `lines` lines `listening on ADDR`;
@@ -292,7 +281,7 @@ fn http_server_stores_puts_of_0b_and_100mib_intact_and_refuses_bad_names() {
         let took = t0.elapsed();
         assert_eq!(status, "201", "PUT /{name}: {}", server.stderr());
         assert_eq!(
-            sha256_file(&up.join(name)),
+            sha256_file(up.join(name)),
             sha256_file(&file),
             "{name}: what was stored is what was sent"
         );
@@ -367,7 +356,7 @@ fn http_server_stores_puts_of_0b_and_100mib_intact_and_refuses_bad_names() {
         BULK,
     );
     assert_eq!(status, "200");
-    assert_eq!(sha256_file(&got), sha256_file(&src.join("hundred-mib")));
+    assert_eq!(sha256_file(&got), sha256_file(src.join("hundred-mib")));
     assert!(server.exited().is_none(), "http_server still serving");
 }
 
@@ -387,7 +376,7 @@ fn http_server_serves_v4_and_v6_from_one_process() {
     let up = Scratch::new("dual-up");
     let got = Scratch::new("dual-got");
     random_file(&root.join("file"), MIB);
-    let want = sha256_file(&root.join("file"));
+    let want = sha256_file(root.join("file"));
     let serve = |listen: &[&str]| {
         let mut args = vec![
             "--socket",
@@ -447,7 +436,7 @@ fn http_server_serves_v4_and_v6_from_one_process() {
                 SHORT * 3,
             );
             assert_eq!(status, "201", "PUT over {at}: {}", server.stderr());
-            assert_eq!(sha256_file(&up.join(&name)), want, "PUT over {at}");
+            assert_eq!(sha256_file(up.join(&name)), want, "PUT over {at}");
         }
         assert!(server.exited().is_none(), "http_server still serving");
         server.kill();
@@ -468,7 +457,7 @@ fn the_kernel_twin_serves_and_stores_files_intact_without_a_nexus() {
     let up = Scratch::new("kernel-up");
     let got = Scratch::new("kernel-got");
     random_file(&root.join("ten-mib"), 10 * MIB);
-    let want = sha256_file(&root.join("ten-mib"));
+    let want = sha256_file(root.join("ten-mib"));
     // No nexus: with --kernel, --socket is not even looked at.
     let (mut server, addrs) = app(
         "http_server --kernel",
@@ -518,7 +507,7 @@ fn the_kernel_twin_serves_and_stores_files_intact_without_a_nexus() {
             BULK,
         );
         assert_eq!(status, "201", "PUT over {at}: {}", server.stderr());
-        assert_eq!(sha256_file(&up.join(&name)), want, "PUT over {at}");
+        assert_eq!(sha256_file(up.join(&name)), want, "PUT over {at}");
     }
     let status = curl(
         &net,

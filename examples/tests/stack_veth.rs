@@ -38,7 +38,7 @@ use netchannel::stack::{TcpStream, UdpSocket};
 use netchannel_tests::testbed::{Kid, VethNet, run, serial, skip_without_root};
 
 mod common;
-use common::{InProcess, Scratch};
+use common::{InProcess, Scratch, sha256_file};
 
 const HTTP_SERVER: &str = env!("CARGO_BIN_EXE_http_server");
 const UDP_ECHO: &str = env!("CARGO_BIN_EXE_udp_echo");
@@ -94,17 +94,6 @@ fn random_file(path: &Path, len: usize) {
         f.write_all(&random_bytes(n)).expect("writing a file");
         left -= n;
     }
-}
-
-/// SHA-256 of a file, in hex (`sha256sum`: fast even when this test is a debug build).
-fn sha256_file(path: &Path) -> String {
-    let out = run("sha256sum", &[path.to_str().expect("a UTF-8 path")]);
-    assert!(out.status.success(), "sha256sum {}", path.display());
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .expect("a hash")
-        .to_owned()
 }
 
 /// Starts an example app and waits until it prints `listening on ADDR`; returns it and ADDR.
@@ -251,7 +240,7 @@ fn http_server_serves_0b_1kib_10mib_and_100mib_files_to_curl_intact() {
             "curl's status and size for {name}"
         );
         // curl 7.x leaves no file for an empty body; then what it saved is nothing.
-        let want = sha256_file(&root.join(name));
+        let want = sha256_file(root.join(name));
         let have = if out.exists() || len > 0 {
             sha256_file(&out)
         } else {

@@ -226,3 +226,31 @@ impl Drop for Scratch {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// SHA-256 of each file, in hex and in order, from one `sha256sum` (fast even when the test
+/// is a debug build).
+pub(crate) fn sha256_all<P: AsRef<std::path::Path>>(
+    paths: impl IntoIterator<Item = P>,
+) -> Vec<String> {
+    let paths: Vec<P> = paths.into_iter().collect();
+    let out = Command::new("sha256sum")
+        .args(paths.iter().map(AsRef::as_ref))
+        .output()
+        .expect("sha256sum");
+    assert!(
+        out.status.success(),
+        "sha256sum: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sums: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(sums.len(), paths.len(), "a hash per file");
+    sums
+}
+
+/// SHA-256 of a file, in hex.
+pub(crate) fn sha256_file(path: impl AsRef<std::path::Path>) -> String {
+    sha256_all([path]).remove(0)
+}
