@@ -20,13 +20,12 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use netchannel_tests::testbed::{Kid, VethNet, run, serial, skip_without_root};
+use netchannel_tests::testbed::{VethNet, serial, skip_without_root};
 
 mod common;
-use common::{InProcess, Scratch, sha256_file};
+use common::{InProcess, Scratch, app, sha256_file, warm_neighbours};
 
 const HTTP_SERVER: &str = env!("CARGO_BIN_EXE_http_server");
 const UDP_ECHO: &str = env!("CARGO_BIN_EXE_udp_echo");
@@ -62,52 +61,6 @@ fn random_file(path: &Path, len: usize) {
         }
         f.write_all(&buf[..n]).expect("writing a file");
         left -= n;
-    }
-}
-
-/// Starts an example app and waits until it has printed `lines` lines `listening on ADDR`;
-/// returns it and the ADDRs.
-fn app(what: &str, bin: &str, args: &[&str], lines: usize) -> (Kid, Vec<SocketAddr>) {
-    let mut kid = Kid::spawn(Command::new(bin).args(args), what);
-    let addrs = (0..lines)
-        .map(|_| {
-            let line = kid.expect_line("listening on ", SHORT);
-            line["listening on ".len()..]
-                .trim()
-                .parse()
-                .unwrap_or_else(|_| panic!("{what} said {line:?}"))
-        })
-        .collect();
-    (kid, addrs)
-}
-
-/// Has the host's kernel resolve the peer for both families and waits until its neighbour
-/// table has both: the nexus drops what an app sends to a neighbour the kernel has not
-/// resolved yet (see `stack_veth`'s `warm_neighbours`).
-fn warm_neighbours(net: &VethNet) {
-    let u4 = std::net::UdpSocket::bind((net.host4(), 0)).expect("a kernel UDP socket");
-    let u6 = std::net::UdpSocket::bind((net.host6(), 0)).expect("a kernel UDP socket");
-    let t0 = Instant::now();
-    loop {
-        u4.send_to(b"hello", (net.peer4(), 9))
-            .expect("sending to the peer");
-        u6.send_to(b"hello", (net.peer6(), 9))
-            .expect("sending to the peer");
-        std::thread::sleep(Duration::from_millis(50));
-        let out = run("ip", &["neigh", "show", "dev", net.host()]);
-        let table = String::from_utf8_lossy(&out.stdout);
-        let known = |ip: String| {
-            table
-                .lines()
-                .any(|l| l.starts_with(&format!("{ip} ")) && l.contains("lladdr"))
-        };
-        if known(net.peer4().to_string()) && known(net.peer6().to_string()) {
-            return;
-        }
-        assert!(
-            t0.elapsed() < SHORT,
-            "the host did not resolve its peer: {table}"
-        );
     }
 }
 

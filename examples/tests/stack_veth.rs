@@ -1030,10 +1030,21 @@ fn an_app_udp_socket_talks_to_a_kernel_echo_server_intact_v4_and_v6() {
             assert_eq!(&buf[..n], &msg[..], "the echo of {size} bytes to {peer}");
             total += 1;
         }
-        // One byte past the MTU does not fit: an error, not a silent drop.
+        // One byte past the MTU goes as fragments (the nexus cuts it, the peer's kernel
+        // reassembles it, and the echo comes back the same way); one byte past what a channel
+        // buffer holds does not fit: an error, not a silent drop.
+        let mut big = vec![0u8; 65_536];
+        let msg = random_bytes(max + 1);
+        assert_eq!(u.send_to(&msg, peer).unwrap(), max + 1);
+        let (n, _) = u
+            .recv_from(&mut big)
+            .unwrap_or_else(|e| panic!("the echo of {} bytes: {e}", max + 1));
+        assert_eq!(&big[..n], &msg[..], "the echo of a fragmented datagram");
+        total += 1;
+        let limit = if peer.is_ipv4() { 65_507 } else { 65_487 };
         let e = u
-            .send_to(&random_bytes(max + 1), peer)
-            .expect_err("a datagram over the MTU");
+            .send_to(&random_bytes(limit + 1), peer)
+            .expect_err("a datagram larger than a channel buffer");
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
         // connect / send / recv.
         u.connect(peer).unwrap();

@@ -96,6 +96,55 @@ fn frames() {
         .ipv4([192, 0, 2, 1], [192, 0, 2, 2], 64)
         .udp(1, 2);
     write(t, "eth_vlan_ipv4_udp", &build(vlan, b"x"));
+    let prio = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .single_vlan(0.try_into().unwrap())
+        .ipv6([0xfd; 16], [0xfe; 16], 64)
+        .udp(1, 2);
+    write(t, "eth_vlan0_ipv6_udp", &build(prio, b"priority"));
+    // IPv4 options (router alert, NOPs, EOL), as received: the parser walks past them.
+    let plain = build(
+        PacketBuilder::ethernet2(MAC_A, MAC_B)
+            .ipv4([192, 0, 2, 1], [192, 0, 2, 2], 64)
+            .udp(1, 2),
+        &[0x42; 700],
+    );
+    let mut opts = plain[..34].to_vec();
+    opts.extend_from_slice(&[0x94, 4, 0, 0, 1, 1, 1, 0]);
+    opts.extend_from_slice(&plain[34..]);
+    opts[14] = 0x47;
+    let total = (opts.len() - 14) as u16;
+    opts[16..18].copy_from_slice(&total.to_be_bytes());
+    opts[24..26].fill(0);
+    let c = netchannel_nexus::flowswitch::parse::checksum(&[&opts[14..42]], 0);
+    opts[24..26].copy_from_slice(&c.to_be_bytes());
+    write(t, "eth_ipv4_options_udp_700", &opts);
+    // IPv6 with hop-by-hop, destination options and routing (no segment left) before UDP.
+    let v6 = build(
+        PacketBuilder::ethernet2(MAC_A, MAC_B)
+            .ipv6([0xfd; 16], [0xfe; 16], 64)
+            .udp(1, 2),
+        &[0x24; 900],
+    );
+    let mut chain = v6[..54].to_vec();
+    chain[20] = 0;
+    chain.extend_from_slice(&[60, 0, 1, 4, 0, 0, 0, 0, 43, 0, 1, 4, 0, 0, 0, 0]);
+    chain.extend_from_slice(&[17, 0, 253, 0, 0, 0, 0, 0]);
+    chain.extend_from_slice(&v6[54..]);
+    let len = (chain.len() - 54) as u16;
+    chain[18..20].copy_from_slice(&len.to_be_bytes());
+    write(t, "eth_ipv6_ext_chain_udp_900", &chain);
+    // A first IPv4 fragment (more fragments, 16 bytes of data).
+    let mut frag = build(
+        PacketBuilder::ethernet2(MAC_A, MAC_B)
+            .ipv4([192, 0, 2, 1], [192, 0, 2, 2], 64)
+            .udp(1, 2),
+        &[7; 8],
+    );
+    frag[20] = 0x20;
+    frag[24..26].fill(0);
+    let c = netchannel_nexus::flowswitch::parse::checksum(&[&frag[14..34]], 0);
+    frag[24..26].copy_from_slice(&c.to_be_bytes());
+    write(t, "eth_ipv4_first_fragment", &frag);
 }
 
 fn control() {

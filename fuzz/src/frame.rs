@@ -1,11 +1,16 @@
 //! `parse_frame`: the flowswitch's one-pass parser of frames from the wire and of IP packets
-//! from apps, the TCP MSS option walk, and the segmentation offload's layout of an app's TCP
-//! packet. Nothing may panic, and the entry points must agree with each other.
+//! from apps, the TCP MSS option walk, the segmentation offload's layout of an app's TCP
+//! packet, IP fragmentation and reassembly. Nothing may panic, and the entry points must agree
+//! with each other.
 
+use std::time::Instant;
+
+use netchannel_nexus::flowswitch::fragment;
 use netchannel_nexus::flowswitch::parse::{
-    Parsed, Proto, RxDrop, checksum, parse_frame, parse_frame_headers, parse_ip, parse_ip_headers,
-    tcp_mss_option,
+    Parsed, Proto, RxDrop, canonical, checksum, parse_frame, parse_frame_headers, parse_ip,
+    parse_ip_headers, tcp_mss_option,
 };
+use netchannel_nexus::flowswitch::reassembly::{Limits, Reassembler};
 use netchannel_nexus::flowswitch::segment::{self, TcpLayout};
 
 /// Runs every check on one input.
@@ -24,15 +29,36 @@ fn frame(data: &[u8]) {
     let headers = parse_frame_headers(data);
     agree(full, headers);
     if let Ok(p) = full {
-        assert_eq!(p.ip_offset, 14, "{p:?}");
-        let end = p.ip_offset + p.ip_len;
+        // After the Ethernet header, or after a VLAN-0 priority tag.
+        assert!(matches!(p.ip_offset, 14 | 18), "{p:?}");
+        let (at, end) = (p.ip_offset, p.ip_offset + p.ip_len);
         assert!(end <= data.len(), "{p:?} past a frame of {}", data.len());
         // The frame's IP packet, with and without the Ethernet padding after it, parses the
         // same way as an app's packet (the TX path's parser).
         let at_zero = Parsed { ip_offset: 0, ..p };
-        assert_eq!(parse_ip(&data[14..]), Ok(at_zero), "trailing bytes kept");
-        assert_eq!(parse_ip(&data[14..end]), Ok(at_zero), "exact packet");
-        transport(&data[14..end], &p);
+        assert_eq!(parse_ip(&data[at..]), Ok(at_zero), "trailing bytes kept");
+        assert_eq!(parse_ip(&data[at..end]), Ok(at_zero), "exact packet");
+        transport(&data[at..end], &p);
+    }
+    if headers == Err(RxDrop::Fragment) {
+        // Whatever the fragment, the reassembler does not panic, and a datagram of one
+        // fragment (an atomic one: offset 0, no more) holds no byte the fragment did not.
+        let at = if data.get(12..14) == Some(&[0x81, 0x00]) {
+            18
+        } else {
+            14
+        };
+        let ip = &data[at.min(data.len())..];
+        let mut r = Reassembler::new(Limits::default());
+        if let Some(whole) = r.insert(ip, Instant::now(), &mut |_| {}) {
+            assert!(
+                whole.len() <= ip.len(),
+                "{} bytes from {}",
+                whole.len(),
+                ip.len()
+            );
+            assert_eq!(r.memory(), 0, "a complete datagram leaves nothing held");
+        }
     }
 }
 
@@ -68,11 +94,26 @@ fn agree(full: Result<Parsed, RxDrop>, headers: Result<Parsed, RxDrop>) {
     }
 }
 
-/// What a classified packet's transport header gives the other parsers.
+/// What a classified packet's transport header gives the other parsers; the packet stripped
+/// of its options parses the same, and cut into fragments it comes back whole.
 fn transport(ip: &[u8], p: &Parsed) {
-    // No IPv4 options and no IPv6 extension headers: the transport header is at a fixed offset.
-    let l4 = if p.src.0.is_ipv4() { 20 } else { 40 };
-    assert!(l4 <= ip.len(), "{p:?} with a {}-byte packet", ip.len());
+    let l4 = p.l4;
+    let fixed = if p.src.0.is_ipv4() { 20 } else { 40 };
+    assert!(
+        l4 >= fixed && l4 <= ip.len(),
+        "{p:?} with a {}-byte packet",
+        ip.len()
+    );
+    assert_eq!(p.has_options(), l4 != fixed);
+    let mut plain = Vec::new();
+    canonical(ip, p, &mut plain);
+    let q = parse_ip_headers(&plain).expect("a packet stripped of its options parses");
+    assert_eq!(
+        (q.proto, q.src, q.dst, q.l4),
+        (p.proto, p.src, p.dst, fixed)
+    );
+    assert_eq!(plain[fixed..], ip[l4..p.ip_len]);
+    round_trip(&plain);
     let t = &ip[l4..];
     match p.proto {
         Proto::Udp => assert!(t.len() >= 8, "UDP header of {} bytes", t.len()),
@@ -84,11 +125,49 @@ fn transport(ip: &[u8], p: &Parsed) {
                 "TCP header length {hl} of {}",
                 t.len()
             );
-            let layout = TcpLayout::of(ip).expect("a classified TCP packet has a TCP layout");
-            assert_eq!((layout.l4, layout.hl, layout.tcp_len), (l4, hl, t.len()));
-            assert_eq!((layout.src, layout.dst), (p.src.0, p.dst.0));
+            // (An IPv6 packet with extension headers is not segmented: its TCP header is
+            // not where the segmenter looks.)
+            if let Some(layout) = TcpLayout::of(ip) {
+                assert_eq!((layout.l4, layout.hl, layout.tcp_len), (l4, hl, t.len()));
+                assert_eq!((layout.src, layout.dst), (p.src.0, p.dst.0));
+            } else {
+                assert!(
+                    p.src.0.is_ipv6() && p.has_options(),
+                    "{p:?} has no TCP layout"
+                );
+            }
         }
     }
+}
+
+/// A packet of fixed headers cut to a small MTU by the TX side comes back from the reassembler
+/// as the same packet.
+fn round_trip(ip: &[u8]) {
+    let mtu = 576;
+    if ip.len() <= mtu {
+        return;
+    }
+    let Ok(plan) = fragment::plan(ip, mtu) else {
+        return;
+    };
+    let mut r = Reassembler::new(Limits::default());
+    let now = Instant::now();
+    let mut whole = None;
+    let mut out = vec![0u8; mtu];
+    for k in (0..plan.count()).rev() {
+        let n = plan
+            .write(ip, k, 7, &mut out)
+            .expect("a fragment fits the MTU");
+        assert!(n <= mtu);
+        if let Some(w) = r.insert(&out[..n], now, &mut |d| panic!("{d:?}")) {
+            whole = Some(w);
+        }
+    }
+    let whole = whole.expect("all fragments make the datagram");
+    // The same packet but for the IPv4 header's flags (DF cleared) and checksum.
+    assert_eq!(whole.len(), ip.len());
+    let skip = if ip[0] >> 4 == 4 { 20 } else { 40 };
+    assert_eq!(whole[skip..], ip[skip..]);
 }
 
 /// The segmentation offload's walk over an app's packet (any bytes: `TcpLayout::of` is what

@@ -134,11 +134,16 @@ fn counter(list: &[(String, u64)], name: &str) -> u64 {
     list.iter().find(|(k, _)| k == name).map_or(0, |(_, v)| *v)
 }
 
-/// The interface's drop counters: every `rx_*` counter but the frames in and switched.
+/// The interface's drop counters: its `rx_*` drop reasons.
 fn rx_drops(st: &NexusStatus) -> BTreeMap<String, u64> {
     st.interface
         .iter()
-        .filter(|(k, _)| k.starts_with("rx_") && k != "rx_frames" && k != "rx_switched")
+        .filter(|(k, _)| {
+            k.starts_with("rx_")
+                && netchannel_nexus::flowswitch::DropReason::ALL
+                    .iter()
+                    .any(|r| r.name() == k)
+        })
         .map(|(k, v)| (k.clone(), *v))
         .collect()
 }
@@ -886,17 +891,19 @@ fn malformed_frames_from_the_peer_are_counted_and_never_delivered() {
     let mut f = good.clone();
     f[24] ^= 0x5a;
     bad.push(("bad IPv4 header checksum".into(), f));
-    // IPv4 with a 4-byte option (NOP NOP NOP EOL): IHL 6, lengths and checksums right.
+    // IPv4 with a malformed 4-byte option (its length, 9, runs past the header): IHL 6,
+    // lengths and checksums right. (Well-formed options are accepted: `fragments` tests.)
     let mut f = good[..34].to_vec();
-    f.extend_from_slice(&[1, 1, 1, 0]);
+    f.extend_from_slice(&[7, 9, 0, 0]);
     f.extend_from_slice(&good[34..]);
     f[14] = 0x46;
     let total = (f.len() - 14) as u16;
     f[16..18].copy_from_slice(&total.to_be_bytes());
     fix_ip_checksum(&mut f);
     bad.push(("IPv4 with options".into(), f));
-    // A first fragment (more fragments, offset 0) and a non-first one (offset 8 bytes), each
-    // with its own IP id and a right header checksum.
+    // A first fragment (more fragments, offset 0) whose 30 bytes of data are not a multiple
+    // of 8 (a malformed fragment), and a non-first one (offset 8 bytes) whose first fragment
+    // never came, each with its own IP id and a right header checksum.
     for (what, flags_offset, id) in [
         ("first fragment", 0x2000u16, 0x1111u16),
         ("non-first fragment", 0x0001, 0x2222),
@@ -921,8 +928,9 @@ fn malformed_frames_from_the_peer_are_counted_and_never_delivered() {
     // Which frames reach the nexus: the XDP program passes to the kernel every frame too short
     // to hold the IPv4 header and the ports (under 38 bytes here: truncations at 0..38, of
     // which 0..14 the kernel does not even send), and the non-first fragment (it carries no
-    // ports); the kernel drops those itself (bad lengths, or a reassembly that never
-    // completes). Everything else is steered and must be counted.
+    // ports, and no first fragment of its datagram was steered); the kernel drops those
+    // itself (bad lengths, or a reassembly that never completes). Everything else is steered
+    // and must be counted.
     let steered: Vec<&str> = bad
         .iter()
         .zip(&sent)
@@ -978,7 +986,7 @@ fn malformed_frames_from_the_peer_are_counted_and_never_delivered() {
     );
     for reason in [
         "rx_ip_options",
-        "rx_fragment",
+        "rx_frag_malformed",
         "rx_bad_l3_checksum",
         "rx_other_host",
         "rx_no_flow",

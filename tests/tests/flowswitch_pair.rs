@@ -232,23 +232,45 @@ fn two_channels_get_only_their_own_flows() {
 }
 
 #[test]
-fn packets_past_the_mtu_never_leave_and_are_counted() {
+fn datagrams_past_the_mtu_leave_as_fragments_that_reassemble() {
+    use netchannel_nexus::flowswitch::reassembly::{Limits, Reassembler};
     let mut r = start("mtu");
     let mut nexus = Nexus::connect(&r.socket).unwrap();
     let (mut ch, local) = udp_channel(&mut nexus, ChannelOptions::default());
     let port = local.port();
     // 1600 bytes fit a 2 KiB pool buffer but not the 1500-byte MTU; 1500 exactly does.
-    for size in [1600usize, 1501, 1500] {
-        let pkt = udp_ip(HOST, port, PEER, 999, &vec![7u8; size - 28]);
-        assert_eq!(pkt.len(), size);
-        send_ip(&mut ch, &pkt).unwrap();
+    let sent: Vec<Vec<u8>> = [1600usize, 1501, 1500]
+        .iter()
+        .map(|&size| udp_ip(HOST, port, PEER, 999, &vec![7u8; size - 28]))
+        .collect();
+    for pkt in &sent {
+        send_ip(&mut ch, pkt).unwrap();
     }
-    let frames = wire_frames(&mut r.wire, 3);
+    let frames = wire_frames(&mut r.wire, 5);
     let sizes: Vec<usize> = frames.iter().map(Vec::len).collect();
-    assert_eq!(sizes, [14 + 1500], "only the packet within the MTU leaves");
+    // 1480 bytes of data in a first fragment, the rest (100, then 1) in a last one.
+    assert_eq!(sizes, [14 + 1500, 14 + 120, 14 + 1500, 14 + 21, 14 + 1500]);
+    let mut reassembler = Reassembler::new(Limits::default());
+    let now = Instant::now();
+    let mut whole = Vec::new();
+    for f in &frames {
+        let ip = &f[14..];
+        if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff == 0 {
+            whole.push(ip.to_vec());
+        } else if let Some(p) = reassembler.insert(ip, now, &mut |d| panic!("{d:?}")) {
+            whole.push(p);
+        }
+    }
+    assert_eq!(whole.len(), 3, "three datagrams");
+    for (got, want) in whole.iter().zip(&sent) {
+        // The same datagram; only the IPv4 header's flags and checksum may differ.
+        assert_eq!(got.len(), want.len());
+        assert_eq!(got[20..], want[20..]);
+    }
     let s = nexus.status().unwrap();
     let c = s.channels.iter().find(|c| c.id == ch.id()).unwrap();
-    assert_eq!(counter(&c.drops, "tx_bad_len"), 2, "{:?}", c.drops);
+    assert!(c.drops.iter().all(|(_, n)| *n == 0), "{:?}", c.drops);
+    assert_eq!(counter(&s.interface, "tx_fragmented"), 2);
     assert_eq!(counter(&s.interface, "tx_netif_errors"), 0);
 }
 

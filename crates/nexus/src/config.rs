@@ -267,6 +267,12 @@ pub struct DatapathConfig {
     /// parks). Idle channels then cost a polling nexus nothing; without parking, 64 idle
     /// channels took a third of the rate of a busy app on the same nexus.
     pub park_after_us: u64,
+    /// Most memory (KiB) held in IP datagrams waiting for their fragments (the kernel's
+    /// `ipfrag_high_thresh`): past it, the oldest incomplete ones are given up.
+    pub reassembly_memory_kib: u64,
+    /// Milliseconds a datagram may take to get all its fragments (the kernel's
+    /// `ipfrag_time`).
+    pub reassembly_timeout_ms: u64,
 }
 
 impl Default for DatapathConfig {
@@ -278,6 +284,8 @@ impl Default for DatapathConfig {
             coalesce_us: 100,
             coalesce_batch: 8,
             park_after_us: 5000,
+            reassembly_memory_kib: 4096,
+            reassembly_timeout_ms: 30_000,
         }
     }
 }
@@ -299,6 +307,14 @@ impl Config {
 
     /// Checks values that TOML types alone do not constrain.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let d = &self.datapath;
+        if d.reassembly_memory_kib < 64 || d.reassembly_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "datapath.reassembly_memory_kib must be at least 64 (one whole datagram) and \
+                 datapath.reassembly_timeout_ms more than 0"
+                    .into(),
+            ));
+        }
         let c = &self.channel;
         for (name, v) in [
             ("channel.ring_slots", c.ring_slots),

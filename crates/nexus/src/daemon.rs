@@ -145,7 +145,15 @@ impl Nexus {
     }
 
     /// Serves an interface through a flowswitch instead of reflecting packets.
-    pub fn with_datapath(config: Config, dp: Datapath) -> Result<Self, NexusError> {
+    pub fn with_datapath(config: Config, mut dp: Datapath) -> Result<Self, NexusError> {
+        let d = &config.datapath;
+        dp.switch_mut()
+            .set_reassembly_limits(crate::flowswitch::reassembly::Limits {
+                memory: usize::try_from(d.reassembly_memory_kib.saturating_mul(1024))
+                    .unwrap_or(usize::MAX),
+                timeout: Duration::from_millis(d.reassembly_timeout_ms),
+                ..Default::default()
+            });
         let mut n = Self::new(config)?;
         let watch = |fd, t, what: &str| {
             epoll::add(

@@ -266,6 +266,11 @@ impl Registry {
                         ("rx_coalesced".to_owned(), st.rx_coalesced),
                         ("tx_segmented".to_owned(), st.tx_segmented),
                         ("conntrack_evicted".to_owned(), st.conntrack_evicted),
+                        ("rx_fragments".to_owned(), st.rx_fragments),
+                        ("rx_reassembled".to_owned(), st.rx_reassembled),
+                        ("reassembly_bytes".to_owned(), st.reassembly_bytes),
+                        ("rx_options_stripped".to_owned(), st.rx_options_stripped),
+                        ("tx_fragmented".to_owned(), st.tx_fragmented),
                         ("interface_failed".to_owned(), u64::from(self.netif_failed)),
                     ];
                     v.extend(st.drops.nonzero().map(|(r, n)| (r.name().to_owned(), n)));

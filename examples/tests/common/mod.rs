@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use netchannel_nexus::config::{Backend, InterfaceConfig};
 use netchannel_nexus::netif::faults::FaultConfig;
-use netchannel_tests::testbed::VethNet;
+use std::net::SocketAddr;
+
+use netchannel_tests::testbed::{Kid, VethNet, run};
 
 #[allow(unused_imports)] // not every test file uses it
 pub(crate) use netchannel_tests::testbed::is_root;
@@ -129,6 +131,15 @@ pub(crate) struct InProcess {
 
 impl InProcess {
     pub(crate) fn start(net: &VethNet, tag: &str) -> Self {
+        Self::start_with(net, tag, |_| {})
+    }
+
+    /// Like [`InProcess::start`], with the config changed by `tune` first.
+    pub(crate) fn start_with(
+        net: &VethNet,
+        tag: &str,
+        tune: impl FnOnce(&mut netchannel_nexus::Config),
+    ) -> Self {
         let socket = format!("/tmp/netchannel-examples-{}-{tag}.sock", std::process::id());
         let _ = std::fs::remove_file(&socket);
         let sw = netchannel_nexus::datapath::open(&InterfaceConfig::new(
@@ -138,6 +149,7 @@ impl InProcess {
         .expect("AF_XDP on the veth's host end");
         let mut cfg = netchannel_nexus::Config::default();
         cfg.control.socket = socket.clone().into();
+        tune(&mut cfg);
         let mut nexus =
             netchannel_nexus::Nexus::with_datapath(cfg, sw).expect("a nexus on the veth");
         let stop = nexus.stop_flag();
@@ -161,6 +173,16 @@ impl InProcess {
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }
         }
+    }
+
+    /// An interface counter of `status` (0 if absent: counters of drops are listed once they
+    /// are not 0).
+    pub(crate) fn counter(&self, name: &str) -> u64 {
+        let st = self.control().status().expect("status");
+        st.interface
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or(0, |(_, v)| *v)
     }
 
     pub(crate) fn stack(&self) -> netchannel::stack::Stack {
@@ -253,4 +275,50 @@ pub(crate) fn sha256_all<P: AsRef<std::path::Path>>(
 /// SHA-256 of a file, in hex.
 pub(crate) fn sha256_file(path: impl AsRef<std::path::Path>) -> String {
     sha256_all([path]).remove(0)
+}
+
+/// Starts an example app and waits until it has printed `lines` lines `listening on ADDR`;
+/// returns it and the ADDRs.
+pub(crate) fn app(what: &str, bin: &str, args: &[&str], lines: usize) -> (Kid, Vec<SocketAddr>) {
+    let mut kid = Kid::spawn(Command::new(bin).args(args), what);
+    let addrs = (0..lines)
+        .map(|_| {
+            let line = kid.expect_line("listening on ", Duration::from_secs(10));
+            line["listening on ".len()..]
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("{what} said {line:?}"))
+        })
+        .collect();
+    (kid, addrs)
+}
+
+/// Has the host's kernel resolve the peer for both families and waits until its neighbour
+/// table has both: the nexus drops what an app sends to a neighbour the kernel has not
+/// resolved yet (see `stack_veth`'s `warm_neighbours`).
+pub(crate) fn warm_neighbours(net: &VethNet) {
+    let u4 = std::net::UdpSocket::bind((net.host4(), 0)).expect("a kernel UDP socket");
+    let u6 = std::net::UdpSocket::bind((net.host6(), 0)).expect("a kernel UDP socket");
+    let t0 = Instant::now();
+    loop {
+        u4.send_to(b"hello", (net.peer4(), 9))
+            .expect("sending to the peer");
+        u6.send_to(b"hello", (net.peer6(), 9))
+            .expect("sending to the peer");
+        std::thread::sleep(Duration::from_millis(50));
+        let out = run("ip", &["neigh", "show", "dev", net.host()]);
+        let table = String::from_utf8_lossy(&out.stdout);
+        let known = |ip: String| {
+            table
+                .lines()
+                .any(|l| l.starts_with(&format!("{ip} ")) && l.contains("lladdr"))
+        };
+        if known(net.peer4().to_string()) && known(net.peer6().to_string()) {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the host did not resolve its peer: {table}"
+        );
+    }
 }

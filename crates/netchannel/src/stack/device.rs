@@ -30,9 +30,8 @@ const RX_BYTES_PER_POLL: usize = 16 * 1024;
 #[derive(Debug)]
 pub(crate) struct ChannelDevice {
     ch: Channel,
-    /// The link's MTU (what one datagram may be).
-    mtu: usize,
-    /// The largest packet smoltcp may build: a pool buffer when the nexus segments TCP.
+    /// The largest packet smoltcp may build: a pool buffer when the nexus segments TCP and
+    /// fragments datagrams, else the link's MTU.
     ip_mtu: usize,
     /// Received packets smoltcp has not taken yet; one of length 0 was thinned away.
     rxq: VecDeque<Packet>,
@@ -85,7 +84,6 @@ impl ChannelDevice {
             listening: HashMap::new(),
             syns_dropped: 0,
             ch,
-            mtu,
             ip_mtu,
             rxq: VecDeque::with_capacity(RX_BATCH),
             rxq_front: 0,
@@ -106,8 +104,11 @@ impl ChannelDevice {
         self.taken_bytes = 0;
     }
 
-    pub(crate) fn mtu(&self) -> usize {
-        self.mtu
+    /// The largest IP packet the stack may hand the nexus: a buffer's worth (within IP's
+    /// 65,535) on a channel whose datagrams the nexus fragments and whose TCP it segments,
+    /// else the link's MTU.
+    pub(crate) fn ip_mtu(&self) -> usize {
+        self.ip_mtu
     }
 
     pub(crate) fn channel(&self) -> &Channel {

@@ -636,8 +636,8 @@ impl Inner {
             .map(Duration::from)
     }
 
-    pub(crate) fn dev_mtu(&self) -> usize {
-        self.dev.mtu()
+    pub(crate) fn dev_ip_mtu(&self) -> usize {
+        self.dev.ip_mtu()
     }
 
     pub(crate) fn context(&mut self) -> &mut smoltcp::iface::Context {

@@ -180,15 +180,19 @@ pub(super) fn try_send_to(
     buf: &[u8],
     addr: SocketAddr,
 ) -> io::Result<Option<usize>> {
-    let mtu = g.dev_mtu();
+    // A datagram larger than the link's MTU goes whole to the nexus, which fragments it (as
+    // the kernel does for a socket); what no buffer of the channel holds cannot go.
+    let max = g.dev_ip_mtu();
     let header = if addr.is_ipv6() { 48 } else { 28 };
-    if buf.len() + header > mtu {
+    if buf.len() + header > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
-                "a datagram of {} bytes does not fit the path MTU of {mtu} bytes (the nexus \
-                 does not fragment)",
-                buf.len()
+                "a datagram of {} bytes is larger than this channel carries ({} bytes of \
+                 payload over {}: an IP packet of at most {max} bytes)",
+                buf.len(),
+                max.saturating_sub(header),
+                if addr.is_ipv6() { "IPv6" } else { "IPv4" },
             ),
         ));
     }

@@ -18,6 +18,7 @@ use netchannel_shm::control::ChannelId;
 
 use crate::channel::{Channel, Quarantine};
 use crate::config::{Backend, InterfaceConfig};
+use crate::flowswitch::fragment;
 use crate::flowswitch::neighbour::Hop;
 use crate::flowswitch::segment::{self, TcpLayout};
 use crate::flowswitch::switch::{ETH, Ready, TxStep};
@@ -91,6 +92,11 @@ impl Datapath {
         let mut dp = Self::new(switch, netif, resolver);
         dp.housekeeping(Instant::now());
         Ok(dp)
+    }
+
+    /// The core, to configure it.
+    pub fn switch_mut(&mut self) -> &mut Switch {
+        &mut self.switch
     }
 
     /// The core.
@@ -203,7 +209,8 @@ impl Datapath {
         let Self { switch, netif, .. } = self;
         switch.begin_rx();
         let n = netif.recv(budget, &mut |frames| {
-            switch.rx_batch(frames, table, channels)
+            // One clock read per batch, for reassembly's timeouts.
+            switch.rx_batch(frames, table, channels, Instant::now())
         });
         let mut broken = Vec::new();
         for id in switch.touched() {
@@ -248,9 +255,23 @@ impl Datapath {
         let mut ready = std::mem::take(&mut self.ready);
         self.switch.poll_pending(now, channels, &mut ready);
         let mut sent = 0;
+        let mtu = self.switch.mtu();
         for r in ready.drain(..) {
-            if self.netif.send(&r.frame).is_ok() {
+            let ok = if r.frame.len() > ETH + mtu {
+                let id = self.switch.next_frag_id();
+                let cut =
+                    send_fragments(self.netif.as_mut(), &r.frame, mtu, id, &mut self.seg_frame);
+                let st = self.switch.stats_mut();
+                st.tx_frames += cut.sent as u64;
+                st.tx_fragmented += 1;
+                cut.error.is_none()
+            } else if self.netif.send(&r.frame).is_ok() {
                 self.switch.stats_mut().tx_frames += 1;
+                true
+            } else {
+                false
+            };
+            if ok {
                 table.count(r.flow, true);
                 sent += 1;
             } else {
@@ -342,14 +363,12 @@ fn tx_one(
     // (Read from the app's memory only to choose the path; what is sent is decided on the
     // nexus's copy.)
     let large = segmenting && len > mtu && TcpLayout::of(pkt).is_some();
-    // Past the link's MTU only a TCP packet the nexus segments may go (IP fragments from apps
-    // are refused too): the interface would refuse it, or the peer drop it.
-    if len > mtu && !large {
-        return Err(DropReason::TxBadLen);
-    }
+    // Past the link's MTU, a TCP packet the nexus segments is cut into segments, anything
+    // else into IP fragments (a datagram larger than the MTU, as the kernel fragments it).
+    let fragmenting = len > mtu && !large;
     // Straight into the interface's own frame where it lends one (AF_XDP's UMEM), else into
     // the driver's scratch frame: either way the nexus's memory.
-    let lent = if large {
+    let lent = if large || fragmenting {
         None
     } else {
         netif.tx_buffer().filter(|b| b.len() >= ETH + len)
@@ -390,6 +409,15 @@ fn tx_one(
         let st = switch.stats_mut();
         st.tx_frames += cut.sent as u64;
         st.tx_segmented += 1;
+        table.count(flow, true);
+        return cut.error.map_or(Ok(()), Err);
+    }
+    if fragmenting {
+        let id6 = switch.next_frag_id();
+        let cut = send_fragments(netif, &frame[..ETH + len], mtu, id6, seg_frame);
+        let st = switch.stats_mut();
+        st.tx_frames += cut.sent as u64;
+        st.tx_fragmented += 1;
         table.count(flow, true);
         return cut.error.map_or(Ok(()), Err);
     }
@@ -494,6 +522,58 @@ fn send_large(
         };
         if queued.is_err() {
             // The rest is lost; TCP sends it again.
+            cut.error = Some(DropReason::TxNetif);
+            return cut;
+        }
+        cut.sent += 1;
+    }
+    cut
+}
+
+/// Sends a validated packet larger than the MTU (`frame`: Ethernet header and IP packet) as
+/// IP fragments of at most `mtu` bytes (IPv6 ones identified by `id6`), each written straight
+/// into a frame the interface lends, or through `scratch`.
+fn send_fragments(
+    netif: &mut dyn Netif,
+    frame: &[u8],
+    mtu: usize,
+    id6: u32,
+    scratch: &mut [u8],
+) -> Cut {
+    let mut cut = Cut {
+        sent: 0,
+        error: None,
+    };
+    let (eth, ip) = frame.split_at(ETH.min(frame.len()));
+    let Ok(plan) = fragment::plan(ip, mtu) else {
+        cut.error = Some(DropReason::TxBadLen);
+        return cut;
+    };
+    for k in 0..plan.count() {
+        let queued = match netif.tx_buffer().filter(|b| b.len() >= ETH + mtu) {
+            Some(out) => {
+                out[..ETH].copy_from_slice(eth);
+                match plan.write(ip, k, id6, &mut out[ETH..]) {
+                    Some(n) => netif.commit(ETH + n),
+                    None => {
+                        cut.error = Some(DropReason::TxBadLen);
+                        return cut;
+                    }
+                }
+            }
+            None => {
+                scratch[..ETH].copy_from_slice(eth);
+                match plan.write(ip, k, id6, &mut scratch[ETH..]) {
+                    Some(n) => netif.send(&scratch[..ETH + n]),
+                    None => {
+                        cut.error = Some(DropReason::TxBadLen);
+                        return cut;
+                    }
+                }
+            }
+        };
+        if queued.is_err() {
+            // The datagram is lost (as one whose fragment the wire drops).
             cut.error = Some(DropReason::TxNetif);
             return cut;
         }

@@ -61,12 +61,26 @@ reasons! {
     RxBadHeader = "rx_bad_header", Interface;
     /// Not IPv4 or IPv6 (other EtherTypes, VLAN tags).
     RxNotIp = "rx_not_ip", Interface;
-    /// IPv4 with options.
+    /// IPv4 with malformed options.
     RxIpOptions = "rx_ip_options", Interface;
-    /// IPv6 with extension headers.
+    /// IPv6 with extension headers a host does not pass on (a routing header with segments
+    /// left, an unknown option to discard, authentication).
     RxExtHeaders = "rx_ext_headers", Interface;
-    /// An IP fragment (the flowswitch does not reassemble).
-    RxFragment = "rx_fragment", Interface;
+    /// A fragment that cannot belong to a datagram (empty, not a multiple of 8 bytes before
+    /// the last, contradicting its datagram's end), or its datagram (given up).
+    RxFragMalformed = "rx_frag_malformed", Interface;
+    /// A fragment overlapping another of its datagram: the datagram is given up (RFC 5722).
+    RxFragOverlap = "rx_frag_overlap", Interface;
+    /// A fragment that repeats one already held (dropped alone; the datagram goes on).
+    RxFragDuplicate = "rx_frag_duplicate", Interface;
+    /// A fragment that would make its datagram longer than 65,535 bytes.
+    RxFragOversized = "rx_frag_oversized", Interface;
+    /// A datagram of more fragments than the reassembler takes (given up).
+    RxFragTooMany = "rx_frag_too_many", Interface;
+    /// A datagram not complete in time (given up, its fragments freed).
+    RxFragTimeout = "rx_frag_timeout", Interface;
+    /// An incomplete datagram given up to keep reassembly within its memory budget.
+    RxFragMemory = "rx_frag_memory", Interface;
     /// Neither UDP nor TCP.
     RxProtocol = "rx_protocol", Interface;
     /// The IPv4 header checksum is wrong.
@@ -87,17 +101,19 @@ reasons! {
     TxTruncated = "tx_truncated", Channel;
     /// An app's packet has an invalid header field.
     TxBadHeader = "tx_bad_header", Channel;
-    /// An app's IPv4 packet has options.
+    /// An app's IPv4 packet has malformed options.
     TxIpOptions = "tx_ip_options", Channel;
-    /// An app's IPv6 packet has extension headers.
+    /// An app's IPv6 packet has extension headers a host would not send (see
+    /// `rx_ext_headers`).
     TxExtHeaders = "tx_ext_headers", Channel;
-    /// An app sent an IP fragment.
+    /// An app sent an IP fragment (it sends whole datagrams; the nexus fragments them).
     TxFragment = "tx_fragment", Channel;
     /// An app's packet is neither UDP nor TCP.
     TxProtocol = "tx_protocol", Channel;
     /// An app's IPv4 header checksum is wrong.
     TxBadL3Checksum = "tx_bad_l3_checksum", Channel;
-    /// An app's packet is empty, larger than a frame, or over the MTU without segmentation.
+    /// An app's packet is empty, larger than a frame, or over the MTU and not cut (a TCP
+    /// packet without segmentation, headers leaving no room to fragment).
     TxBadLen = "tx_bad_len", Channel;
     /// An app's source port belongs to no flow of its channel.
     TxNoFlow = "tx_no_flow", Channel;
@@ -148,7 +164,7 @@ impl From<RxDrop> for DropReason {
             RxDrop::NotIp => Self::RxNotIp,
             RxDrop::IpOptions => Self::RxIpOptions,
             RxDrop::ExtHeaders => Self::RxExtHeaders,
-            RxDrop::Fragment => Self::RxFragment,
+            RxDrop::Fragment => Self::RxFragMalformed,
             RxDrop::Protocol => Self::RxProtocol,
             RxDrop::BadL3Checksum => Self::RxBadL3Checksum,
             RxDrop::BadL4Checksum => Self::RxBadL4Checksum,
@@ -270,7 +286,13 @@ mod tests {
             NoFlow,
         ] {
             let rx = DropReason::from(d);
-            assert_eq!(rx.name(), format!("rx_{}", d.name()));
+            // A fragment is reassembled, not dropped: only one the reassembler cannot take
+            // is, under the reason it says (`rx_frag_*`).
+            if d == Fragment {
+                assert!(rx.name().starts_with("rx_frag_"));
+            } else {
+                assert_eq!(rx.name(), format!("rx_{}", d.name()));
+            }
             assert_eq!(rx.scope(), Scope::Interface);
             let tx = DropReason::from(TxDrop::Malformed(d));
             assert!(tx.name().starts_with("tx_"));

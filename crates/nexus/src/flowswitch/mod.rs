@@ -5,6 +5,8 @@
 //! * [`coalesce`]: delivery into a channel (checksums verified while copying) and receive
 //!   coalescing of TCP segments;
 //! * [`segment`]: segmentation offload, large TCP packets from apps cut to the wire's MSS;
+//! * [`reassembly`]: fragments from the wire made whole again, within the kernel's limits;
+//! * [`fragment`]: datagrams from apps larger than the MTU cut into fragments;
 //! * [`table`]: the flow table, exact 5-tuples first, then listeners;
 //! * [`tx`]: validation of what an app sends (anti-spoofing);
 //! * [`conntrack`]: just enough of each TCP connection to reset it when its app dies;
@@ -19,19 +21,22 @@
 //! whole classification path is tested in-process and benchmarked with criterion
 //! (`benches/flow_lookup.rs`).
 //!
-//! **Fragment policy.** The flowswitch does not reassemble. An IP fragment (first or not) is
-//! never delivered to an app: a non-first fragment carries no ports, and classifying it by
-//! guesswork could hand one app's data to another. Fragments are dropped and counted
-//! (`rx_fragment`); apps are told the path MTU instead. Apps may not send fragments either.
+//! **Fragment policy.** A fragment is never delivered to an app as it is: a non-first fragment
+//! carries no ports, and classifying it by guesswork could hand one app's data to another. The
+//! switch reassembles fragments first ([`reassembly`]) and classifies the whole datagram.
+//! Apps send whole datagrams, never fragments (`tx_fragment`): the nexus validates a datagram
+//! once, ports and all, and cuts it to the MTU ([`fragment`]).
 
 pub mod checksum;
 pub mod coalesce;
 pub mod conntrack;
 pub mod drop;
+pub mod fragment;
 pub mod index;
 pub mod neighbour;
 pub mod parse;
 pub mod port;
+pub mod reassembly;
 pub mod segment;
 pub mod switch;
 pub mod table;

@@ -1,13 +1,22 @@
 //! One-pass parsing of frames (from the wire) and IP packets (from apps).
 //!
 //! The header walk is etherparse's (validated lengths, no panics, a bounded IPv6 extension
-//! chain); on top of it the flowswitch enforces its own policy: IPv4 options, IPv6 extension
-//! headers, fragments and protocols other than UDP and TCP are refused, and the IPv4 header
-//! checksum and the UDP/TCP checksums are verified in software (copy-mode AF_XDP gives no
-//! guarantee). Refusing options and extension headers keeps the transport header at a fixed
-//! offset (20 or 40 bytes into the IP packet), which coalescing, segmentation and connection
-//! tracking rely on. (The XDP program leaves IPv6 packets with extension headers to the
-//! kernel; IPv4 packets with options to a claimed port reach the nexus and are dropped.)
+//! chain); on top of it the flowswitch enforces what the kernel does:
+//!
+//! * **Accepted and parsed past**, as a kernel socket accepts them: a VLAN-0 priority tag,
+//!   well-formed IPv4 options, and the IPv6 extension headers hop-by-hop, destination options,
+//!   routing with no segment left, and an atomic fragment header. [`Parsed::l4`] says where
+//!   the transport header is; on receive the switch hands the app the packet without them
+//!   ([`canonical`]), so coalescing, connection tracking and the app's stack keep seeing the
+//!   transport header at a fixed offset (20 or 40 bytes), as a socket that did not ask for
+//!   `IP_OPTIONS` sees no options.
+//! * **Refused and counted**: malformed options (`ip_options`), extension headers the kernel
+//!   would not pass either (a routing header with segments left, an option whose type says
+//!   "discard if unknown", authentication headers: `ext_headers`), other VLAN IDs, protocols
+//!   other than UDP and TCP, and every bad length or checksum. The IPv4 header checksum and
+//!   the UDP/TCP checksums are verified in software (copy-mode AF_XDP gives no guarantee).
+//! * **Fragments** are reported as [`RxDrop::Fragment`]: the switch gives them to its
+//!   reassembler (`super::reassembly`), which hands back the whole packet to parse again.
 
 use std::net::IpAddr;
 
@@ -27,6 +36,17 @@ pub struct Parsed {
     pub ip_offset: usize,
     /// Length of the IP packet (header and payload) as its headers say.
     pub ip_len: usize,
+    /// Offset of the transport header in the IP packet: 20 (IPv4) or 40 (IPv6) unless IPv4
+    /// options or IPv6 extension headers come first.
+    pub l4: usize,
+}
+
+impl Parsed {
+    /// Whether options or extension headers sit between the fixed IP header and the
+    /// transport header.
+    pub fn has_options(&self) -> bool {
+        self.l4 != if self.src.0.is_ipv4() { 20 } else { 40 }
+    }
 }
 
 /// Why a packet was not classified. Each maps to one counter (`rx_<name>` / `tx_<name>`).
@@ -38,9 +58,10 @@ pub enum RxDrop {
     BadHeader,
     /// Not IPv4 or IPv6 (ARP, other EtherTypes): not for apps.
     NotIp,
-    /// IPv4 with options.
+    /// IPv4 options that are malformed (a bad length, no room for their value).
     IpOptions,
-    /// IPv6 with extension headers (hop-by-hop, routing, destination options...).
+    /// IPv6 extension headers the kernel would not pass to a socket either (a routing header
+    /// with segments left, an unknown option that asks to be discarded, authentication).
     ExtHeaders,
     /// An IP fragment (see the fragment policy in the module docs).
     Fragment,
@@ -82,20 +103,87 @@ fn slice_error(e: &etherparse::err::packet::SliceError) -> RxDrop {
 /// Parses an Ethernet frame.
 pub fn parse_frame(frame: &[u8]) -> Result<Parsed, RxDrop> {
     let sliced = SlicedPacket::from_ethernet(frame).map_err(|e| slice_error(&e))?;
-    if !sliced.link_exts.is_empty() {
-        return Err(RxDrop::NotIp); // VLAN-tagged traffic is not switched to apps
-    }
-    finish(&sliced, frame, 14, true)
+    let ip_offset = link_len(&sliced)?;
+    finish(&sliced, frame, ip_offset, true)
 }
 
 /// Parses an Ethernet frame's headers, leaving the UDP/TCP checksum to the copy into a channel
 /// (`coalesce`), which sums the payload as it copies it.
 pub fn parse_frame_headers(frame: &[u8]) -> Result<Parsed, RxDrop> {
     let sliced = SlicedPacket::from_ethernet(frame).map_err(|e| slice_error(&e))?;
-    if !sliced.link_exts.is_empty() {
-        return Err(RxDrop::NotIp);
+    let ip_offset = link_len(&sliced)?;
+    finish(&sliced, frame, ip_offset, false)
+}
+
+/// Where the IP header starts: after the Ethernet header, and after a VLAN-0 priority tag
+/// (802.1p: a priority, no VLAN), which the kernel accepts on an untagged interface. Other
+/// VLAN IDs belong to VLAN interfaces, not to this one's apps.
+fn link_len(s: &SlicedPacket<'_>) -> Result<usize, RxDrop> {
+    match s.link_exts.as_slice() {
+        [] => Ok(14),
+        [etherparse::LinkExtSlice::Vlan(v)] if v.vlan_identifier().value() == 0 => Ok(18),
+        _ => Err(RxDrop::NotIp),
     }
-    finish(&sliced, frame, 14, false)
+}
+
+/// Whether IPv4 options are well formed (RFC 791: single-byte EOL and NOP, every other
+/// option a type, a length of at least 2 that fits, and its value), as the kernel's
+/// `ip_options_compile` demands of what it accepts.
+fn ipv4_options_ok(opts: &[u8]) -> bool {
+    let mut i = 0;
+    while let Some(&kind) = opts.get(i) {
+        match kind {
+            0 => return true,
+            1 => i += 1,
+            _ => match opts.get(i + 1) {
+                Some(&len) if len >= 2 && i + usize::from(len) <= opts.len() => {
+                    i += usize::from(len);
+                }
+                _ => return false,
+            },
+        }
+    }
+    true
+}
+
+/// Whether the options of a hop-by-hop or destination options header (`area`: the bytes
+/// after its next-header and length bytes) may be skipped: padding, and unknown options whose
+/// type's two high bits say "skip" (RFC 8200 §4.2). A jumbo payload is refused (see
+/// [`finish`]), as is an unknown option that asks to be discarded.
+fn ipv6_options_ok(area: &[u8]) -> bool {
+    // Known options a host may skip: router alert (5), tunnel encapsulation limit (4).
+    const KNOWN: [u8; 2] = [4, 5];
+    let mut i = 0;
+    while let Some(&kind) = area.get(i) {
+        if kind == 0 {
+            i += 1;
+            continue;
+        }
+        let Some(&len) = area.get(i + 1) else {
+            return false;
+        };
+        if i + 2 + usize::from(len) > area.len() {
+            return false;
+        }
+        if kind != 1 && !KNOWN.contains(&kind) && kind >> 6 != 0 {
+            return false;
+        }
+        i += 2 + usize::from(len);
+    }
+    true
+}
+
+/// Whether an IPv6 packet's extension headers are ones a host passes to a socket.
+fn ipv6_extensions_ok(v6: &etherparse::Ipv6Slice<'_>) -> bool {
+    use etherparse::Ipv6ExtensionSlice as E;
+    v6.extensions().clone().into_iter().all(|e| match e {
+        E::HopByHop(h) | E::DestinationOptions(h) => ipv6_options_ok(h.payload()),
+        // A routing header still to be followed (segments left) was not for this host.
+        E::Routing(r) => r.slice().get(3) == Some(&0),
+        // An atomic fragment (offset 0, no more): a whole packet (RFC 6946).
+        E::Fragment(_) => true,
+        E::Authentication(_) => false,
+    })
 }
 
 /// Where the value of a TCP header's MSS option is (offset into `tcp`), if it has one.
@@ -147,7 +235,7 @@ fn finish(
     let (src_ip, dst_ip, fragmented, ip_len, l4_len) = match &s.net {
         Some(NetSlice::Ipv4(v4)) => {
             let h = v4.header();
-            if h.ihl() != 5 {
+            if h.ihl() != 5 && !ipv4_options_ok(h.options()) {
                 return Err(RxDrop::IpOptions);
             }
             if checksum(&[h.slice()], 0) != 0 {
@@ -164,7 +252,7 @@ fn finish(
         Some(NetSlice::Ipv6(v6)) => {
             let h = v6.header();
             // Payload length 0 announces a jumbogram (RFC 2675), whose real length is in a
-            // hop-by-hop option: extension headers are refused, so is this (etherparse would
+            // hop-by-hop option: no link here carries one, so it is refused (etherparse would
             // take the rest of the slice as the payload; found by the fuzzer).
             if h.payload_length() == 0 {
                 return Err(RxDrop::BadHeader);
@@ -180,13 +268,14 @@ fn finish(
         }
         Some(NetSlice::Arp(_)) | None => return Err(RxDrop::NotIp),
     };
-    if fragmented {
-        return Err(RxDrop::Fragment);
-    }
     if let Some(NetSlice::Ipv6(v6)) = &s.net
         && !v6.extensions().is_empty()
+        && !ipv6_extensions_ok(v6)
     {
         return Err(RxDrop::ExtHeaders);
+    }
+    if fragmented {
+        return Err(RxDrop::Fragment);
     }
     if ip_offset + ip_len > buf.len() {
         return Err(RxDrop::Truncated);
@@ -219,7 +308,35 @@ fn finish(
         dst: (dst_ip, dport),
         ip_offset,
         ip_len,
+        l4: ip_len - l4_len,
     })
+}
+
+/// Writes to `out` the IP packet `ip` (parsed as `p`, with options or extension headers)
+/// without them: the fixed header, its lengths, next protocol and (IPv4) checksum rewritten,
+/// then the transport header and payload. The transport checksum stays right: it covers
+/// neither options nor extension headers (a routing header with no segment left means the
+/// destination is already the final one).
+pub fn canonical(ip: &[u8], p: &Parsed, out: &mut Vec<u8>) {
+    out.clear();
+    let Some(l4) = ip.get(p.l4..p.ip_len) else {
+        return;
+    };
+    if p.src.0.is_ipv4() {
+        let Some(h) = ip.get(..20) else { return };
+        out.extend_from_slice(h);
+        out[0] = 0x45;
+        out[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+        out[10..12].fill(0);
+        let c = checksum(&[&out[..20]], 0);
+        out[10..12].copy_from_slice(&c.to_be_bytes());
+    } else {
+        let Some(h) = ip.get(..40) else { return };
+        out.extend_from_slice(h);
+        out[4..6].copy_from_slice(&(l4.len() as u16).to_be_bytes());
+        out[6] = p.proto as u8;
+    }
+    out.extend_from_slice(l4);
 }
 
 /// The one's-complement sum of 16-bit words over `parts` plus `initial`, folded and inverted:
@@ -376,20 +493,80 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn ipv6_extension_headers_are_refused_on_both_paths() {
+    fn ipv6_extension_headers_are_parsed_past_on_both_paths() {
         let plain = tcp6(A6, 5, B6, 6, b"payload");
-        assert!(parse_frame(&plain).is_ok());
         let hbh = with_hop_by_hop(&plain);
-        // The transport checksum does not cover extension headers, so only the policy refuses.
-        assert_eq!(parse_frame(&hbh), Err(RxDrop::ExtHeaders));
-        assert_eq!(parse_frame_headers(&hbh), Err(RxDrop::ExtHeaders));
-        assert_eq!(parse_ip(&hbh[14..]), Err(RxDrop::ExtHeaders));
-        assert_eq!(parse_ip_headers(&hbh[14..]), Err(RxDrop::ExtHeaders));
+        for p in [
+            parse_frame(&hbh),
+            parse_frame_headers(&hbh),
+            parse_ip(&hbh[14..]).map(|p| Parsed { ip_offset: 14, ..p }),
+            parse_ip_headers(&hbh[14..]).map(|p| Parsed { ip_offset: 14, ..p }),
+        ] {
+            let p = p.expect("a hop-by-hop header with padding is accepted");
+            assert_eq!((p.l4, p.dst.1, p.ip_len), (48, 6, hbh.len() - 14));
+            assert!(p.has_options());
+        }
+        // Handed on without it: the very packet that came without one.
+        let p = parse_frame(&hbh).unwrap();
+        let mut out = Vec::new();
+        canonical(&hbh[14..], &p, &mut out);
+        assert_eq!(out, plain[14..]);
+        // Refused: a routing header with a segment left, an option that asks to be
+        // discarded, an option longer than its header.
+        let mut routing = hbh.clone();
+        routing[14 + 6] = 43;
+        routing[14 + 40 + 2..14 + 40 + 4].copy_from_slice(&[0, 1]);
+        assert_eq!(parse_frame(&routing), Err(RxDrop::ExtHeaders));
+        routing[14 + 40 + 3] = 0;
+        assert!(parse_frame(&routing).is_ok(), "no segment left");
+        let mut discard = hbh.clone();
+        discard[14 + 40 + 2..14 + 40 + 8].copy_from_slice(&[0x87, 4, 0, 0, 0, 0]);
+        assert_eq!(parse_frame(&discard), Err(RxDrop::ExtHeaders));
+        let mut long = hbh.clone();
+        long[14 + 40 + 3] = 5;
+        assert_eq!(parse_frame(&long), Err(RxDrop::ExtHeaders));
     }
 
     #[test]
-    fn vlan_tags_bad_tcp_offsets_and_zero_ipv6_udp_checksums_are_refused() {
-        // A VLAN-tagged frame is not switched to apps, however good the packet inside.
+    fn ipv4_options_and_vlan_0_are_parsed_past() {
+        let good = udp4(A, 1000, B, 2000, b"hello");
+        // Router alert (4 bytes) and a NOP-padded end: 8 bytes of options.
+        let mut opts = good[..14 + 20].to_vec();
+        opts.extend_from_slice(&[0x94, 4, 0, 0, 1, 1, 1, 0]);
+        opts.extend_from_slice(&good[14 + 20..]);
+        opts[14] = 0x47;
+        let total = (opts.len() - 14) as u16;
+        opts[14 + 2..14 + 4].copy_from_slice(&total.to_be_bytes());
+        opts[14 + 10..14 + 12].fill(0);
+        let c = checksum(&[&opts[14..14 + 28]], 0);
+        opts[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+        let p = parse_frame(&opts).expect("options are accepted");
+        assert_eq!((p.l4, p.src.1), (28, 1000));
+        let mut out = Vec::new();
+        canonical(&opts[14..], &p, &mut out);
+        assert_eq!(
+            out,
+            good[14..],
+            "options stripped, header checksum rewritten"
+        );
+        // Malformed: an option whose length runs past the header.
+        let mut bad = opts.clone();
+        bad[14 + 21] = 9;
+        bad[14 + 10..14 + 12].fill(0);
+        let c = checksum(&[&bad[14..14 + 28]], 0);
+        bad[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+        assert_eq!(parse_frame(&bad), Err(RxDrop::IpOptions));
+        // A VLAN-0 priority tag (priority 5): the packet is at 18.
+        let mut tagged = good[..12].to_vec();
+        tagged.extend_from_slice(&[0x81, 0x00, 0xa0, 0x00]);
+        tagged.extend_from_slice(&good[12..]);
+        let p = parse_frame(&tagged).expect("a priority tag is accepted");
+        assert_eq!((p.ip_offset, p.l4), (18, 20));
+    }
+
+    #[test]
+    fn vlan_ids_bad_tcp_offsets_and_zero_ipv6_udp_checksums_are_refused() {
+        // A frame of VLAN 7 is not this interface's, however good the packet inside.
         let good = udp4(A, 1000, B, 2000, b"hello");
         let mut vlan = good[..12].to_vec();
         vlan.extend_from_slice(&[0x81, 0x00, 0x00, 0x07]);

@@ -25,8 +25,9 @@ use super::coalesce::{Coalescer, Incoming};
 use super::conntrack::Conns;
 use super::drop::{DropCounters, DropReason};
 use super::neighbour::{ArpAction, Hop, KernelNeighbours, Neighbours, NoHop, Query};
-use super::parse::parse_frame_headers;
+use super::parse::{RxDrop, canonical, parse_frame_headers, parse_ip_headers};
 use super::port::{Port, Ports};
+use super::reassembly::{Limits, Reassembler};
 use super::table::{BatchScratch, FlowId, FlowKey, FlowTable, Hit};
 use super::tx;
 
@@ -56,6 +57,17 @@ pub struct SwitchStats {
     pub tx_segmented: u64,
     /// Half-open TCP connections forgotten to make room for new ones (a SYN flood).
     pub conntrack_evicted: u64,
+    /// IP fragments taken for reassembly (each is also counted once more: in a datagram
+    /// reassembled, or under an `rx_frag_*` drop).
+    pub rx_fragments: u64,
+    /// Datagrams made whole again (then classified like any packet).
+    pub rx_reassembled: u64,
+    /// Bytes held now in incomplete datagrams (within the reassembly budget).
+    pub reassembly_bytes: u64,
+    /// Packets received with IPv4 options or IPv6 extension headers, handed to apps without.
+    pub rx_options_stripped: u64,
+    /// Datagrams from apps cut into fragments.
+    pub tx_fragmented: u64,
 }
 
 impl SwitchStats {
@@ -107,7 +119,51 @@ const PENDING_FOR: Duration = Duration::from_secs(3);
 /// Length of an Ethernet header.
 pub const ETH: usize = 14;
 
+/// Where a classified packet of a batch lies: in a frame (index), or in `rebuilt` (index).
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    Frame(usize),
+    Rebuilt(usize),
+}
+
 const BROADCAST: [u8; 6] = [0xff; 6];
+
+/// Notes a parsed packet of the batch for lookup. `ip` is the packet (`src` says where it
+/// lies, at `p.ip_offset`); one with options or extension headers is handed on without them
+/// (see [`canonical`]), from a copy in `rebuilt`.
+fn keep(
+    keys: &mut Vec<FlowKey>,
+    parsed: &mut Vec<(Source, usize, usize)>,
+    rebuilt: &mut Vec<Vec<u8>>,
+    stats: &mut SwitchStats,
+    p: &super::Parsed,
+    ip: &[u8],
+    src: Source,
+) {
+    keys.push(FlowKey {
+        proto: p.proto,
+        local: SocketAddr::from(p.dst),
+        remote: SocketAddr::from(p.src),
+    });
+    if p.has_options() {
+        let mut plain = Vec::with_capacity(p.ip_len);
+        canonical(ip, p, &mut plain);
+        stats.rx_options_stripped += 1;
+        parsed.push((Source::Rebuilt(rebuilt.len()), 0, plain.len()));
+        rebuilt.push(plain);
+    } else {
+        parsed.push((src, p.ip_offset, p.ip_len));
+    }
+}
+
+/// A starting identification for IPv6 fragments that differs between runs (RFC 7739: not
+/// predictable from one boot to the next).
+fn initial_frag_id() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish() as u32
+}
 
 /// The multicast groups a host of its own joins (behind a TAP): IPv4 all-hosts, IPv6
 /// all-nodes, and the solicited-node group of each IPv6 address.
@@ -163,9 +219,15 @@ pub struct Switch {
     coalescer: Coalescer,
     /// Frames of the nexus's own to send (ARP and NDP answers and requests).
     own: VecDeque<Vec<u8>>,
+    reassembler: Reassembler,
+    /// Identification of the next IPv6 datagram the nexus fragments.
+    frag_id: u32,
+    /// Packets of this batch that are not a slice of a frame: reassembled, or stripped of
+    /// their options.
+    rebuilt: Vec<Vec<u8>>,
     touched: Vec<ChannelId>,
     keys: Vec<FlowKey>,
-    parsed: Vec<(usize, usize, usize)>,
+    parsed: Vec<(Source, usize, usize)>,
     hits: Vec<Option<Hit>>,
     scratch: BatchScratch,
     stats: SwitchStats,
@@ -192,6 +254,9 @@ impl Switch {
             conns: Conns::default(),
             coalescer: Coalescer::default(),
             own: VecDeque::new(),
+            reassembler: Reassembler::new(Limits::default()),
+            frag_id: initial_frag_id(),
+            rebuilt: Vec::new(),
             touched: Vec::new(),
             keys: Vec::new(),
             parsed: Vec::new(),
@@ -219,6 +284,18 @@ impl Switch {
     /// The interface's MTU (the largest IP packet it carries).
     pub fn mtu(&self) -> usize {
         self.mtu
+    }
+
+    /// Bounds reassembly (memory, time, fragments per datagram); drops what is held.
+    pub fn set_reassembly_limits(&mut self, limits: Limits) {
+        self.reassembler = Reassembler::new(limits);
+        self.stats.reassembly_bytes = 0;
+    }
+
+    /// The identification of the next IPv6 datagram the driver fragments.
+    pub fn next_frag_id(&mut self) -> u32 {
+        self.frag_id = self.frag_id.wrapping_add(1);
+        self.frag_id
     }
 
     /// The multicast MAC addresses the host has joined on the interface (the driver reads
@@ -250,8 +327,15 @@ impl Switch {
 
     /// Classifies one batch of frames from the wire and delivers each into its channel's
     /// port; every frame is counted once: delivered (`rx_switched`), handled by the nexus
-    /// (ARP, NDP) or dropped under one reason.
-    pub fn rx_batch(&mut self, frames: &[&[u8]], table: &mut FlowTable, ports: &mut impl Ports) {
+    /// (ARP, NDP), taken for reassembly (`rx_fragments`) or dropped under one reason. `now`
+    /// times reassembly.
+    pub fn rx_batch(
+        &mut self,
+        frames: &[&[u8]],
+        table: &mut FlowTable,
+        ports: &mut impl Ports,
+        now: Instant,
+    ) {
         let Self {
             stats,
             touched,
@@ -267,12 +351,19 @@ impl Switch {
             own,
             mac,
             groups,
+            reassembler,
+            rebuilt,
             ..
         } = self;
         // Parse the whole batch, look it up in one go (the misses overlap), then deliver.
         stats.rx_frames += frames.len() as u64;
         parsed.clear();
         keys.clear();
+        rebuilt.clear();
+        if reassembler.incomplete() > 0 {
+            reassembler.expire(now, &mut |d| stats.note(d));
+            stats.reassembly_bytes = reassembler.memory() as u64;
+        }
         for (j, frame) in frames.iter().enumerate() {
             // What the kernel would not take (PACKET_OTHERHOST) never reaches an app, whatever
             // mode the interface is in.
@@ -311,20 +402,45 @@ impl Switch {
                     continue;
                 }
             }
-            match parse_frame_headers(frame) {
-                Ok(p) => {
-                    keys.push(FlowKey {
-                        proto: p.proto,
-                        local: SocketAddr::from(p.dst),
-                        remote: SocketAddr::from(p.src),
-                    });
-                    parsed.push((j, p.ip_offset, p.ip_len));
+            let p = match parse_frame_headers(frame) {
+                Ok(p) => p,
+                Err(RxDrop::Fragment) => {
+                    // Whole again, it is parsed and classified as if it had come so.
+                    stats.rx_fragments += 1;
+                    let at = if frame.get(12..14) == Some(&[0x81, 0x00]) {
+                        18
+                    } else {
+                        ETH
+                    };
+                    let ip = frame.get(at..).unwrap_or_default();
+                    let whole = reassembler.insert(ip, now, &mut |d| stats.note(d));
+                    stats.reassembly_bytes = reassembler.memory() as u64;
+                    let Some(whole) = whole else { continue };
+                    stats.rx_reassembled += 1;
+                    match parse_ip_headers(&whole) {
+                        Ok(p) if p.has_options() => {
+                            keep(keys, parsed, rebuilt, stats, &p, &whole, Source::Frame(j));
+                        }
+                        Ok(p) => {
+                            let k = rebuilt.len();
+                            rebuilt.push(whole);
+                            let src = Source::Rebuilt(k);
+                            keep(keys, parsed, &mut Vec::new(), stats, &p, &[], src);
+                        }
+                        Err(d) => stats.note(d.into()),
+                    }
+                    continue;
                 }
-                Err(d) => stats.note(d.into()),
-            }
+                Err(d) => {
+                    stats.note(d.into());
+                    continue;
+                }
+            };
+            let ip = frame.get(p.ip_offset..).unwrap_or_default();
+            keep(keys, parsed, rebuilt, stats, &p, ip, Source::Frame(j));
         }
         table.lookup_batch(keys, scratch, hits);
-        for ((&(j, off, len), hit), key) in parsed.iter().zip(hits.iter()).zip(keys.iter()) {
+        for ((&(src, off, len), hit), key) in parsed.iter().zip(hits.iter()).zip(keys.iter()) {
             let Some(hit) = hit else {
                 stats.note(DropReason::RxNoFlow);
                 continue;
@@ -333,7 +449,10 @@ impl Switch {
                 stats.note(DropReason::RxChannelGone);
                 continue;
             };
-            let ip = &frames[j][off..off + len];
+            let ip = match src {
+                Source::Frame(j) => &frames[j][off..off + len],
+                Source::Rebuilt(k) => &rebuilt[k][off..off + len],
+            };
             let p = Incoming {
                 ip,
                 proto: key.proto,
@@ -350,7 +469,7 @@ impl Switch {
                 }
             }
             if key.proto == super::Proto::Tcp {
-                // IPv4 options are refused, so the header is 20 or 40 bytes.
+                // Options and extension headers are gone, so the header is 20 or 40 bytes.
                 let iphl = if key.local.is_ipv4() { 20 } else { 40 };
                 if let Some(tcp) = ip.get(iphl..) {
                     conns.on_rx(hit.channel, key.local, key.remote, tcp);
@@ -411,7 +530,7 @@ impl Switch {
         now: Instant,
     ) -> Result<TxStep, DropReason> {
         let ip = frame.get(ETH..ETH + len).ok_or(DropReason::TxBadLen)?;
-        let (flow, key) = tx::validate(table, channel, ip, &self.host_addrs)?;
+        let tx::Valid { flow, key, l4 } = tx::validate(table, channel, ip, &self.host_addrs)?;
         let dst = key.remote.ip();
         let dst_mac = match self.hop_mac(dst, now) {
             Ok(mac) => mac,
@@ -437,11 +556,11 @@ impl Switch {
         let ethertype: u16 = if key.remote.is_ipv6() { 0x86dd } else { 0x0800 };
         frame[12..14].copy_from_slice(&ethertype.to_be_bytes());
         // What the app sends on a TCP connection tells where a reset must start.
-        if key.proto == super::Proto::Tcp && !self.conns.is_empty() {
-            let iphl = if key.local.is_ipv4() { 20 } else { 40 };
-            if let Some(tcp) = frame.get(ETH + iphl..ETH + len) {
-                self.conns.on_tx(key.local, key.remote, tcp);
-            }
+        if key.proto == super::Proto::Tcp
+            && !self.conns.is_empty()
+            && let Some(tcp) = frame.get(ETH + l4..ETH + len)
+        {
+            self.conns.on_tx(key.local, key.remote, tcp);
         }
         Ok(TxStep::Send(flow, key))
     }

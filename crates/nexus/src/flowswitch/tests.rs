@@ -10,10 +10,12 @@ use proptest::prelude::*;
 
 use super::Proto;
 use super::drop::{DropCounters, DropReason, Scope};
+use super::fragment;
 use super::neighbour::{Hop, Neighbours};
 use super::parse::checksum;
 use super::parse::tests::{A, A6, B, B6, tcp6, udp4, with_hop_by_hop};
 use super::port::{MemPort, Ports};
+use super::reassembly::Limits;
 use super::switch::{ETH, NextHop, Switch, TxStep};
 use super::table::{FlowSpec, FlowTable};
 
@@ -92,22 +94,24 @@ fn rx_cases() -> Vec<(DropReason, NextHop, Vec<u8>, MemPort)> {
     lldp[12..14].copy_from_slice(&[0x88, 0xcc]);
     add(DropReason::RxNotIp, fixed, lldp, &port);
     let mut opts = to_us();
-    opts.splice(ETH + 20..ETH + 20, [1, 1, 1, 0]); // four bytes of options
+    opts.splice(ETH + 20..ETH + 20, [7, 9, 0, 0]); // an option longer than the header
     opts[ETH] = 0x46;
     let total = u16::from_be_bytes([opts[ETH + 2], opts[ETH + 3]]) + 4;
     opts[ETH + 2..ETH + 4].copy_from_slice(&total.to_be_bytes());
     fix_ipv4(&mut opts);
     add(DropReason::RxIpOptions, fixed, opts, &port);
-    add(
-        DropReason::RxExtHeaders,
-        fixed,
-        for_us(with_hop_by_hop(&tcp6(B6, 9, A6, 5000, b"x"))),
-        &port,
-    );
+    let mut routing = for_us(with_hop_by_hop(&tcp6(B6, 9, A6, 5000, b"x")));
+    routing[ETH + 6] = 43; // a routing header with a segment left: not for this host
+    routing[ETH + 40 + 2..ETH + 40 + 4].copy_from_slice(&[0, 1]);
+    add(DropReason::RxExtHeaders, fixed, routing, &port);
     let mut frag = to_us();
-    frag[ETH + 6] = 0x20; // more fragments
+    frag[ETH + 6] = 0x20; // more fragments, but 13 bytes of data (not a multiple of 8)
     fix_ipv4(&mut frag);
-    add(DropReason::RxFragment, fixed, frag, &port);
+    add(DropReason::RxFragMalformed, fixed, frag, &port);
+    let mut far = fragments_to_us(3000).remove(1);
+    far[ETH + 6..ETH + 8].copy_from_slice(&0x1fff_u16.to_be_bytes()); // ends past 65,535
+    fix_ipv4(&mut far);
+    add(DropReason::RxFragOversized, fixed, far, &port);
     let mut icmp = to_us();
     icmp[ETH + 9] = 1;
     fix_ipv4(&mut icmp);
@@ -164,7 +168,7 @@ fn tx_cases() -> Vec<(DropReason, NextHop, Vec<u8>)> {
     let mut v5 = from_us();
     v5[0] = 0x55;
     let mut opts = udp4(A, 5000, B, 9, b"hello");
-    opts.splice(ETH + 20..ETH + 20, [1, 1, 1, 0]);
+    opts.splice(ETH + 20..ETH + 20, [1, 0x44, 1, 0]); // a length of 1
     opts[ETH] = 0x46;
     let total = u16::from_be_bytes([opts[ETH + 2], opts[ETH + 3]]) + 4;
     opts[ETH + 2..ETH + 4].copy_from_slice(&total.to_be_bytes());
@@ -177,15 +181,14 @@ fn tx_cases() -> Vec<(DropReason, NextHop, Vec<u8>)> {
     fix_ipv4(&mut icmp);
     let mut l3 = from_us();
     l3[10] ^= 0x01;
+    let mut routing = with_hop_by_hop(&tcp6(A6, 5000, B6, 9, b"x"));
+    routing[ETH + 6] = 43;
+    routing[ETH + 40 + 2..ETH + 40 + 4].copy_from_slice(&[0, 1]);
     vec![
         (DropReason::TxTruncated, fixed, short),
         (DropReason::TxBadHeader, fixed, v5),
         (DropReason::TxIpOptions, fixed, ip(opts)),
-        (
-            DropReason::TxExtHeaders,
-            fixed,
-            ip(with_hop_by_hop(&tcp6(A6, 5000, B6, 9, b"x"))),
-        ),
+        (DropReason::TxExtHeaders, fixed, ip(routing)),
         (DropReason::TxFragment, fixed, ip(frag)),
         (DropReason::TxProtocol, fixed, ip(icmp)),
         (DropReason::TxBadL3Checksum, fixed, l3),
@@ -220,8 +223,35 @@ const OUTSIDE_THE_CORE: &[(DropReason, &str)] = &[
 ];
 
 fn rx_one(sw: &mut Switch, table: &mut FlowTable, ports: &mut impl Ports, frame: &[u8]) {
+    rx_at(sw, table, ports, frame, Instant::now());
+}
+
+fn rx_at(
+    sw: &mut Switch,
+    table: &mut FlowTable,
+    ports: &mut impl Ports,
+    frame: &[u8],
+    now: Instant,
+) {
     sw.begin_rx();
-    sw.rx_batch(&[frame], table, ports);
+    sw.rx_batch(&[frame], table, ports, now);
+}
+
+/// The frames of a UDP datagram of `n` bytes from B to A:5000, cut to a 1500-byte MTU.
+fn fragments_to_us(n: usize) -> Vec<Vec<u8>> {
+    let whole = for_us(udp4(B, 9, A, 5000, &vec![0x33; n]));
+    let plan = fragment::plan(&whole[ETH..], 1500).expect("plan");
+    (0..plan.count())
+        .map(|k| {
+            let mut f = vec![0u8; ETH + 1500];
+            f[..ETH].copy_from_slice(&whole[..ETH]);
+            let len = plan
+                .write(&whole[ETH..], k, 1, &mut f[ETH..])
+                .expect("write");
+            f.truncate(ETH + len);
+            f
+        })
+        .collect()
 }
 
 fn tx_one(
@@ -296,6 +326,60 @@ fn every_drop_reason_has_a_case_that_produces_it() {
         Err(DropReason::TxBadLen)
     );
     covered.insert(DropReason::TxBadLen);
+    // Reassembly, which takes more than one frame.
+    let frags = fragments_to_us(3000);
+    let mut shifted = frags[1].clone();
+    shifted[ETH + 7] -= 1; // 8 bytes earlier: overlaps the first
+    fix_ipv4(&mut shifted);
+    let seqs: [(DropReason, Limits, Vec<&Vec<u8>>); 4] = [
+        (
+            DropReason::RxFragDuplicate,
+            Limits::default(),
+            vec![&frags[0], &frags[0]],
+        ),
+        (
+            DropReason::RxFragOverlap,
+            Limits::default(),
+            vec![&frags[0], &shifted],
+        ),
+        (
+            DropReason::RxFragTooMany,
+            Limits {
+                fragments: 1,
+                ..Limits::default()
+            },
+            vec![&frags[0], &frags[1]],
+        ),
+        (
+            DropReason::RxFragMemory,
+            Limits {
+                memory: 1000,
+                ..Limits::default()
+            },
+            vec![&frags[0]],
+        ),
+    ];
+    for (reason, limits, seq) in seqs {
+        let (mut sw, mut t, mut ports) = (switch(NextHop::Fixed(PEER)), table(), ports());
+        sw.set_reassembly_limits(limits);
+        for f in seq {
+            rx_one(&mut sw, &mut t, &mut ports, f);
+        }
+        assert_eq!(sw.stats().drops.get(reason), 1, "{}", reason.name());
+        assert_eq!(sw.stats().drops.total(), 1, "{} only", reason.name());
+        covered.insert(reason);
+    }
+    let (mut sw, mut t, mut ports) = (switch(NextHop::Fixed(PEER)), table(), ports());
+    rx_at(&mut sw, &mut t, &mut ports, &frags[0], now);
+    rx_at(
+        &mut sw,
+        &mut t,
+        &mut ports,
+        &frags[1],
+        now + Duration::from_secs(31),
+    );
+    assert_eq!(sw.stats().drops.get(DropReason::RxFragTimeout), 1);
+    covered.insert(DropReason::RxFragTimeout);
     for (r, _) in OUTSIDE_THE_CORE {
         covered.insert(*r);
     }

@@ -38,14 +38,24 @@ impl TxDrop {
     }
 }
 
+/// A packet that may go out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Valid {
+    /// Its flow.
+    pub flow: FlowId,
+    /// Its 5-tuple (local: its source).
+    pub key: FlowKey,
+    /// Offset of its transport header (past IPv4 options and IPv6 extension headers).
+    pub l4: usize,
+}
+
 /// Checks an IP packet sent by `channel`. `host_addrs` are the addresses of the interface.
-/// Returns the flow and the packet's 5-tuple (local: its source).
 pub fn validate(
     table: &FlowTable,
     channel: ChannelId,
     packet: &[u8],
     host_addrs: &[IpAddr],
-) -> Result<(FlowId, FlowKey), TxDrop> {
+) -> Result<Valid, TxDrop> {
     let p = parse_ip_headers(packet).map_err(TxDrop::Malformed)?;
     let key = FlowKey {
         proto: p.proto,
@@ -63,7 +73,11 @@ pub fn validate(
         {
             return Err(TxDrop::SpoofedAddress);
         }
-        return Ok((hit.id, key));
+        return Ok(Valid {
+            flow: hit.id,
+            key,
+            l4: p.l4,
+        });
     }
     // Nothing matches: a flow of this channel on the same port means a forged address.
     if table.channel_uses_port(channel, p.proto, p.src.1) {
@@ -93,7 +107,7 @@ mod tests {
             .unwrap();
         let host = [IpAddr::from(A)];
         let send = |src: [u8; 4], sport, dport| {
-            validate(&t, 1, &udp4(src, sport, B, dport, b"x")[14..], &host).map(|(id, _)| id)
+            validate(&t, 1, &udp4(src, sport, B, dport, b"x")[14..], &host).map(|v| v.flow)
         };
         assert_eq!(send(A, 5000, 9), Ok(mine));
         assert_eq!(send(A, 5001, 9), Err(TxDrop::NoFlow), "other source port");
@@ -125,7 +139,7 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_with_extension_headers_is_refused_even_from_the_flow_owner() {
+    fn ipv6_extension_headers_are_parsed_past_and_bad_ones_refused() {
         use crate::flowswitch::parse::tests::{A6, B6, tcp6, with_hop_by_hop};
         let mut t = FlowTable::new(10);
         let mine = t
@@ -137,12 +151,17 @@ mod tests {
         let host = [IpAddr::from(A6)];
         let plain = tcp6(A6, 5000, B6, 80, b"x");
         assert_eq!(
-            validate(&t, 1, &plain[14..], &host).map(|(id, _)| id),
+            validate(&t, 1, &plain[14..], &host).map(|v| v.flow),
             Ok(mine)
         );
         let hbh = with_hop_by_hop(&plain);
+        let v = validate(&t, 1, &hbh[14..], &host).expect("a hop-by-hop header is fine");
+        assert_eq!((v.flow, v.l4), (mine, 48));
+        // An unknown hop-by-hop option whose type says "discard" (high bits 01).
+        let mut discard = hbh.clone();
+        discard[14 + 40 + 2..14 + 40 + 8].copy_from_slice(&[0x47, 4, 0, 0, 0, 0]);
         assert_eq!(
-            validate(&t, 1, &hbh[14..], &host).map(|(id, _)| id),
+            validate(&t, 1, &discard[14..], &host).map(|v| v.flow),
             Err(TxDrop::Malformed(RxDrop::ExtHeaders))
         );
     }

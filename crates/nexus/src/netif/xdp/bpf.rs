@@ -1,5 +1,6 @@
-//! The few bpf(2) commands the nexus needs: make a map, update and delete its elements, load a
-//! program, and attach it to an interface with a link that dies with the nexus.
+//! The few bpf(2) commands the nexus needs: make a map, look up, update and delete its
+//! elements, load a program, attach it to an interface with a link that dies with the nexus,
+//! and run it once on a frame of our making (how the tests check what it steers).
 //!
 //! There is no libbpf and no C toolchain: each command's `union bpf_attr` member is a
 //! `#[repr(C)]` struct of its own, zero-padded as the kernel requires.
@@ -12,9 +13,11 @@ use rustix::io::Errno;
 
 /// `BPF_MAP_CREATE` and friends.
 const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_LINK_CREATE: libc::c_long = 28;
 
 /// `BPF_PROG_TYPE_XDP`.
@@ -28,6 +31,8 @@ const ATTACH_XDP: u32 = 37;
 pub enum MapType {
     /// `BPF_MAP_TYPE_HASH`.
     Hash = 1,
+    /// `BPF_MAP_TYPE_LRU_HASH`: a hash that forgets its least recently used entries when full.
+    LruHash = 9,
     /// `BPF_MAP_TYPE_XSKMAP`: queue index → AF_XDP socket.
     XskMap = 17,
 }
@@ -84,6 +89,20 @@ struct ProgLoadAttr {
     prog_name: [u8; 16],
     prog_ifindex: u32,
     expected_attach_type: u32,
+}
+
+/// The `test` member (up to `duration`; the kernel zeroes the rest).
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
 }
 
 #[repr(C)]
@@ -166,6 +185,23 @@ pub fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> Result<(), E
     unsafe { bpf(BPF_MAP_UPDATE_ELEM, &mut a) }.map(drop)
 }
 
+/// Reads `map[key]` into `value` (both exactly the map's sizes): false if there is none.
+pub fn map_lookup(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> Result<bool, Errno> {
+    let mut a = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key.as_ptr() as u64,
+        value: value.as_mut_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: the key pointer is valid for reads and the value pointer for writes of their
+    // slices' lengths, which the caller made the map's key and value sizes.
+    match unsafe { bpf(BPF_MAP_LOOKUP_ELEM, &mut a) } {
+        Ok(_) => Ok(true),
+        Err(Errno::NOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Removes `map[key]`.
 pub fn map_delete(map: BorrowedFd<'_>, key: &[u8]) -> Result<(), Errno> {
     let mut a = MapElemAttr {
@@ -227,6 +263,22 @@ pub fn prog_load_xdp(insns: &[Insn], name: &str) -> Result<OwnedFd, LoadError> {
             })
         }
     }
+}
+
+/// Runs a loaded XDP program once on a copy of `data` (`BPF_PROG_TEST_RUN`) and returns its
+/// verdict (`XDP_PASS`, `XDP_TX`, ...). The kernel refuses (`EINVAL`) a frame shorter than an
+/// Ethernet header or longer than a page's room for one.
+pub fn prog_test_run(prog: BorrowedFd<'_>, data: &[u8]) -> Result<u32, Errno> {
+    let mut a = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: data.len() as u32,
+        data_in: data.as_ptr() as u64,
+        repeat: 1,
+        ..Default::default()
+    };
+    // SAFETY: `a` is BPF_PROG_TEST_RUN's attr; the kernel reads `data_size_in` bytes from
+    // `data_in`, which is `data`, and writes no data or context back (no buffers given).
+    unsafe { bpf(BPF_PROG_TEST_RUN, &mut a) }.map(|_| a.retval)
 }
 
 /// How an XDP program is attached.

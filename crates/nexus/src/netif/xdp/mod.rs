@@ -4,7 +4,9 @@
 //! passes everything else to the kernel, so ARP, ICMP and every other socket keep working on
 //! the same interface. It is built from raw instructions ([`program`]), loaded with bpf(2)
 //! ([`bpf`]) and attached through a BPF link, so it is detached when the nexus exits, however
-//! it exits. The claims map follows the host-port reservations ([`Claims`]).
+//! it exits. The claims map follows the host-port reservations ([`Claims`]); the frags map is
+//! the program's own (it remembers the fragmented datagrams it steered, so their later
+//! fragments, which carry no ports, follow: see [`program`]).
 
 pub mod bpf;
 pub mod program;
@@ -22,6 +24,8 @@ use crate::netns::Steering;
 
 /// Most claims the map holds (one per reservation, not per flow).
 const MAX_CLAIMS: u32 = 65_536;
+/// Most fragmented datagrams the frags map remembers at once (the oldest are forgotten first).
+const MAX_FRAGMENTED: u32 = 4096;
 
 /// Why the XDP program could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +61,7 @@ pub enum XdpError {
 pub struct XdpProgram {
     claims: Arc<OwnedFd>,
     xsks: OwnedFd,
+    _frags: OwnedFd,
     _prog: OwnedFd,
     _link: OwnedFd,
     mode: XdpMode,
@@ -78,13 +83,24 @@ impl XdpProgram {
             what: "claims",
             source,
         })?;
+        let frags = bpf::map_create(
+            bpf::MapType::LruHash,
+            program::FRAG_KEY_SIZE as u32,
+            4,
+            MAX_FRAGMENTED,
+            "nc_frags",
+        )
+        .map_err(|source| XdpError::Map {
+            what: "frags",
+            source,
+        })?;
         let xsks = bpf::map_create(bpf::MapType::XskMap, 4, 4, queues.max(1), "nc_xsks").map_err(
             |source| XdpError::Map {
                 what: "socket",
                 source,
             },
         )?;
-        let insns = program::steering(claims.as_raw_fd(), xsks.as_raw_fd());
+        let insns = program::steering(claims.as_raw_fd(), frags.as_raw_fd(), xsks.as_raw_fd());
         let prog = bpf::prog_load_xdp(&insns, "nc_steer")?;
         let modes: &[XdpMode] = match mode {
             Some(XdpMode::Native) => &[XdpMode::Native],
@@ -99,6 +115,7 @@ impl XdpProgram {
                     return Ok(Self {
                         claims: Arc::new(claims),
                         xsks,
+                        _frags: frags,
                         _prog: prog,
                         _link: link,
                         mode: m,
