@@ -82,6 +82,14 @@ pub enum BenchCommand {
         /// Only the 1- and 10-download scenarios (for a quick smoke run).
         #[arg(long, hide = true)]
         quick: bool,
+        /// The server's style: a thread per connection, a pool of 8 threads, or tasks on one
+        /// thread (async; the kernel twin then runs a thread per connection).
+        #[arg(long, value_enum, default_value = "threads")]
+        style: http::Style,
+        /// Run the kernel twin with the nexus's XDP program attached, claiming nothing (the
+        /// comparison on equal terms on a veth, where XDP itself costs a copy per frame).
+        #[arg(long)]
+        kernel_xdp: bool,
     },
     /// UDP across a veth pair (root): an app on a channel of a nexus on AF_XDP vs a kernel UDP
     /// socket, fed by an AF_PACKET generator in a namespace; receive and transmit packets/s and
@@ -183,6 +191,8 @@ pub fn run(what: BenchCommand) -> Result<(), String> {
             server,
             size_mib,
             quick,
+            style,
+            kernel_xdp,
         } => http::http(&http::HttpOptions {
             common: Options {
                 reps: reps as usize,
@@ -193,6 +203,8 @@ pub fn run(what: BenchCommand) -> Result<(), String> {
             server,
             size_mib,
             quick,
+            style,
+            kernel_xdp,
         }),
         BenchCommand::Tcp {
             args,

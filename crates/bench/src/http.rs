@@ -7,7 +7,9 @@
 //! [`SMALL_PARALLEL`] at once (requests/s, over the wall clock of the whole curl run). Every
 //! transfer must answer 200 with the whole file, else the trial fails. Each trial starts its own
 //! server (and, on the netchannel path, its own nexus, so the kernel path runs on a plain veth
-//! without XDP); per repetition both paths run every scenario, alternating which goes first.
+//! without XDP; with `--kernel-xdp`, with the nexus's XDP program attached and claiming
+//! nothing, as `bench tcp --kernel-xdp`); per repetition both paths run every scenario,
+//! alternating which goes first.
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -43,6 +45,47 @@ pub(crate) struct HttpOptions {
     pub(crate) size_mib: u64,
     /// Skip the 100-download and 1 KiB scenarios (the smoke run of scripts/test.sh).
     pub(crate) quick: bool,
+    /// How the server serves its connections.
+    pub(crate) style: Style,
+    /// Run the kernel twin with the nexus's XDP program attached (claiming nothing).
+    pub(crate) kernel_xdp: bool,
+}
+
+/// The kernel path of `bench http --kernel-xdp`.
+const KERNEL_XDP_PATH: &str = "the same http_server on kernel sockets (--kernel) across the same \
+     veth, with the nexus's XDP program attached to the host's end and claiming nothing (so the \
+     kernel pays what XDP on a veth costs, as the nexus does)";
+
+/// The `http_server` styles (`--pool`, `--async`): each must scale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Style {
+    /// A thread per connection.
+    Threads,
+    /// A pool of 8 threads, one request per connection.
+    Pool,
+    /// Tasks on one thread's tokio runtime (the kernel twin then runs a thread per
+    /// connection: `--async` serves the user-space stack only).
+    Async,
+}
+
+impl Style {
+    /// `http_server`'s arguments for this style, on the user-space stack or the kernel.
+    fn args(self, netchannel: bool) -> &'static [&'static str] {
+        match self {
+            Self::Threads => &[],
+            Self::Pool => &["--pool", "8"],
+            Self::Async if netchannel => &["--async"],
+            Self::Async => &[],
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Threads => "threads",
+            Self::Pool => "pool",
+            Self::Async => "async",
+        }
+    }
 }
 
 /// One scenario.
@@ -186,6 +229,7 @@ impl Server {
         files: &Files,
         port: u16,
         netchannel: bool,
+        style: Style,
     ) -> Result<Self, String> {
         let nexus = if netchannel {
             Some(NexusRun::start(bed)?)
@@ -204,6 +248,7 @@ impl Server {
         } else {
             c.arg("--kernel");
         }
+        c.args(style.args(netchannel));
         let mut proc = Proc(
             c.stdin(Stdio::null())
                 .stdout(Stdio::piped())
@@ -381,9 +426,16 @@ fn trial(
     port: u16,
     t: Trial,
     netchannel: bool,
+    ho: &HttpOptions,
 ) -> Result<Measured, String> {
     let path = path_name(netchannel);
-    let server = Server::start(bed, binary, files, port, netchannel)?;
+    // Detached at the end of the trial (the netchannel path attaches its own).
+    let _xdp = if ho.kernel_xdp && !netchannel {
+        Some(bed.steering_without_claims()?)
+    } else {
+        None
+    };
+    let server = Server::start(bed, binary, files, port, netchannel, ho.style)?;
     let base = format!("http://{}", SocketAddrV4::new(bed.host4(), port));
     let m = match t {
         Trial::Download(n) => curl(bed, files, &base, "big", files.big_size, n, n, path),
@@ -467,7 +519,7 @@ pub(crate) fn http(ho: &HttpOptions) -> Result<(), String> {
     let table = super::interleave(o.reps, &selected, None, |t, nc| {
         port = port.checked_add(1).unwrap_or(BASE_PORT);
         let t0 = Instant::now();
-        match trial(&bed, &binary, &files, port, t, nc) {
+        match trial(&bed, &binary, &files, port, t, nc, ho) {
             Ok(m) => Ok(m),
             Err(e) => {
                 let e = format!("{t:?}: {e} ({:.1} s)", t0.elapsed().as_secs_f64());
@@ -506,14 +558,14 @@ pub(crate) fn http(ho: &HttpOptions) -> Result<(), String> {
             ));
         }
     }
+    extras.push(("style".into(), serde_json::json!(ho.style.name())));
     extras.push(("failed_trials".into(), serde_json::json!(failures)));
-    super::report_extras(
-        o,
-        super::Bench::Http,
-        super::Bench::Http.kernel_path(),
-        &table,
-        &extras,
-    )?;
+    let kernel_path = if ho.kernel_xdp {
+        KERNEL_XDP_PATH
+    } else {
+        super::Bench::Http.kernel_path()
+    };
+    super::report_extras(o, super::Bench::Http, kernel_path, &table, &extras)?;
     if failures.is_empty() {
         Ok(())
     } else {

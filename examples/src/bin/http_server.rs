@@ -4,11 +4,17 @@
 //!
 //! ```text
 //! http_server --root DIR [--upload DIR] [--listen ADDR]... [--socket NEXUS_SOCKET] [--kernel]
+//!             [--pool N | --async]
 //! ```
 //!
 //! * Prints `listening on ADDR` for each socket it listens on, then serves `GET` and `HEAD` for
-//!   the files under `--root` (no directory listings, nothing outside it), one thread per
-//!   connection, with keep-alive.
+//!   the files under `--root` (no directory listings, nothing outside it), with keep-alive.
+//! * Three server styles, as real servers are written: one thread per connection (the
+//!   default); `--pool N`, a fixed pool of N threads that take connections from a queue, each
+//!   connection answered one request and closed (so that a client's idle keep-alive
+//!   connection cannot hold a thread while others wait); `--async`, one thread running a
+//!   current-thread tokio runtime with a task per connection (on the user-space stack only;
+//!   `GET` and `HEAD` only).
 //! * `--upload DIR`: `PUT /NAME` stores the request's body as `DIR/NAME`, atomically (written
 //!   to a temporary file in DIR, synced, then renamed over NAME) and answers `201 Created`.
 //!   The body is streamed to the file, never held whole in memory; it needs a
@@ -57,6 +63,35 @@ struct Server {
     root: PathBuf,
     upload: Option<PathBuf>,
     report: Reporter,
+    /// Each connection is answered one request, then closed (the pool style).
+    one_request: bool,
+}
+
+/// How connections are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Style {
+    /// A thread per connection.
+    Threads,
+    /// A fixed pool of this many threads.
+    Pool(usize),
+    /// Tasks on one thread's tokio runtime.
+    Async,
+}
+
+impl Style {
+    fn of(args: &[String]) -> Result<Self, String> {
+        let pool = netchannel_examples::arg(args, "--pool");
+        let is_async = netchannel_examples::flag(args, "--async");
+        match (pool, is_async) {
+            (Some(_), true) => Err("--pool and --async are two styles: choose one".into()),
+            (Some(n), false) => match n.parse::<usize>() {
+                Ok(n) if (1..=1024).contains(&n) => Ok(Self::Pool(n)),
+                _ => Err(format!("--pool {n}: a number of threads from 1 to 1024")),
+            },
+            (None, true) => Ok(Self::Async),
+            (None, false) => Ok(Self::Threads),
+        }
+    }
 }
 
 /// A listening socket the server takes connections from. The user-space stack's and the
@@ -170,40 +205,60 @@ fn run(args: &[String]) -> Result<(), String> {
         }
         Ok(Some(d))
     };
+    let style = Style::of(args)?;
+    let kernel = netchannel_examples::flag(args, "--kernel");
+    if kernel && style == Style::Async {
+        return Err("--async serves the user-space stack only (not with --kernel)".into());
+    }
     let server = Arc::new(Server {
         root: dir("--root")?.ok_or("--root DIR is required")?,
         upload: dir("--upload")?,
         report: Reporter::new("http_server"),
+        one_request: matches!(style, Style::Pool(_)),
     });
     let listen = netchannel_examples::addrs(args, "--listen", "0.0.0.0:8080")?;
-    if netchannel_examples::flag(args, "--kernel") {
+    if kernel {
         let listeners = listen
             .iter()
             .map(|&a| std::net::TcpListener::bind(a).map_err(|e| format!("listen on {a}: {e}")))
             .collect::<Result<Vec<_>, _>>()?;
-        serve_all(listeners, &server)
+        serve_all(listeners, &server, style)
     } else {
         let stack =
             Stack::connect(&netchannel_examples::socket(args)).map_err(|e| e.to_string())?;
-        serve_all(bind_stack(&stack, &listen)?, &server)
+        let listeners = bind_stack(&stack, &listen)?;
+        if style == Style::Async {
+            return asynchronous::serve_all(listeners, &server);
+        }
+        serve_all(listeners, &server, style)
     }
 }
 
-/// Serves every listener, each from a thread of its own; returns when one can serve no more.
-fn serve_all<L: Listener>(listeners: Vec<L>, server: &Arc<Server>) -> Result<(), String> {
+/// Serves every listener, each from a thread of its own, in `style` (threads or a pool);
+/// returns when one can serve no more.
+fn serve_all<L: Listener>(
+    listeners: Vec<L>,
+    server: &Arc<Server>,
+    style: Style,
+) -> Result<(), String> {
     for l in &listeners {
         println!(
             "listening on {}",
             l.local_addr().map_err(|e| e.to_string())?
         );
     }
+    // The pool's queue: connections of every listener, taken by whichever thread is free.
+    let pool = match style {
+        Style::Pool(n) => Some(start_pool::<L::Conn>(n, server)?),
+        Style::Threads | Style::Async => None,
+    };
     let (ended, end) = mpsc::channel();
     for l in listeners {
-        let (ended, server) = (ended.clone(), server.clone());
+        let (ended, server, pool) = (ended.clone(), server.clone(), pool.clone());
         std::thread::Builder::new()
             .name("http accept".into())
             .spawn(move || {
-                let _ = ended.send(accept_loop(&l, &server));
+                let _ = ended.send(accept_loop(&l, &server, pool.as_ref()));
             })
             .map_err(|e| format!("starting a thread: {e}"))?;
     }
@@ -213,9 +268,43 @@ fn serve_all<L: Listener>(listeners: Vec<L>, server: &Arc<Server>) -> Result<(),
         .unwrap_or_else(|_| "every listener is gone".into()))
 }
 
-/// Takes connections and serves each from a thread of its own, until the listener can serve
-/// no more; returns why.
-fn accept_loop<L: Listener>(listener: &L, server: &Arc<Server>) -> String {
+/// Connections queued for the pool.
+type Queue<C> = mpsc::SyncSender<(C, SocketAddr)>;
+
+/// Starts `n` threads that serve the connections sent to the queue returned.
+fn start_pool<C: Read + Write + Send + 'static>(
+    n: usize,
+    server: &Arc<Server>,
+) -> Result<Queue<C>, String> {
+    // Room for a burst of connections (a listener's backlog's worth) while all threads work.
+    let (queue, taken) = mpsc::sync_channel::<(C, SocketAddr)>(1024);
+    let taken = Arc::new(std::sync::Mutex::new(taken));
+    for _ in 0..n {
+        let (taken, s) = (taken.clone(), server.clone());
+        std::thread::Builder::new()
+            .name("http pool".into())
+            .spawn(move || {
+                loop {
+                    // One thread waits on the queue at a time; the lock is held only for that.
+                    let next = taken.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok((conn, peer)) = next else { return };
+                    if let Err(e) = serve(conn, &s) {
+                        s.report.report(format_args!("connection from {peer}: {e}"));
+                    }
+                }
+            })
+            .map_err(|e| format!("starting a thread: {e}"))?;
+    }
+    Ok(queue)
+}
+
+/// Takes connections and serves each from a thread of its own (or hands it to the pool),
+/// until the listener can serve no more; returns why.
+fn accept_loop<L: Listener>(
+    listener: &L,
+    server: &Arc<Server>,
+    pool: Option<&Queue<L::Conn>>,
+) -> String {
     let at = listener
         .local_addr()
         .map_or_else(|e| e.to_string(), |a| a.to_string());
@@ -232,6 +321,13 @@ fn accept_loop<L: Listener>(listener: &L, server: &Arc<Server>) -> String {
                 continue;
             }
         };
+        if let Some(queue) = pool {
+            if queue.send((conn, peer)).is_err() {
+                return "the pool's threads are gone".into();
+            }
+            backoff.reset();
+            continue;
+        }
         let s = server.clone();
         let spawned = std::thread::Builder::new()
             .name("http conn".into())
@@ -370,10 +466,11 @@ fn serve<C: Read + Write>(conn: C, server: &Server) -> io::Result<()> {
             }
             Head::Complete(h) => h,
         };
-        let req = match Request::parse(&String::from_utf8_lossy(&head)) {
+        let mut req = match Request::parse(&String::from_utf8_lossy(&head)) {
             Ok(r) => r,
             Err(status) => return respond(conn.get_mut(), status, "", b"bad request\n", true),
         };
+        req.close |= server.one_request;
         let keep = match req.method.as_str() {
             "GET" | "HEAD" => get(&mut conn, &req, server)?,
             "PUT" => put(&mut conn, &req, server)?,
@@ -399,21 +496,12 @@ fn get<C: Read + Write>(
     server: &Server,
 ) -> io::Result<bool> {
     let keep = !req.close && skip_body(conn, req)?;
-    let found = resolve(&server.root, &req.target).and_then(|path| {
-        let file = File::open(path).ok()?;
-        let len = file.metadata().ok()?.len();
-        Some((file, len))
-    });
-    let Some((mut file, len)) = found else {
+    let Some((mut file, len)) = open_file(&server.root, &req.target) else {
         respond(conn.get_mut(), "404 Not Found", "", b"not found\n", !keep)?;
         return Ok(keep);
     };
     let w = conn.get_mut();
-    let head = format!(
-        "HTTP/1.1 200 OK\r\ncontent-length: {len}\r\ncontent-type: application/octet-stream\r\n{}\r\n",
-        if keep { "" } else { "connection: close\r\n" }
-    );
-    w.write_all(head.as_bytes())?;
+    w.write_all(ok_head(len, keep).as_bytes())?;
     if req.method == "GET" {
         let mut buf = vec![0u8; 256 * 1024];
         let mut sent = 0u64;
@@ -634,6 +722,11 @@ fn respond(
     body: &[u8],
     close: bool,
 ) -> io::Result<()> {
+    w.write_all(&response(status, extra, body, close))
+}
+
+/// A whole response's bytes (see [`respond`]).
+fn response(status: &str, extra: &str, body: &[u8], close: bool) -> Vec<u8> {
     let mut out = format!(
         "HTTP/1.1 {status}\r\ncontent-length: {}\r\n{extra}{}\r\n",
         body.len(),
@@ -641,7 +734,164 @@ fn respond(
     )
     .into_bytes();
     out.extend_from_slice(body);
-    w.write_all(&out)
+    out
+}
+
+/// The file `target` names under `root`, open, and its length.
+fn open_file(root: &Path, target: &str) -> Option<(File, u64)> {
+    let file = File::open(resolve(root, target)?).ok()?;
+    let len = file.metadata().ok()?.len();
+    Some((file, len))
+}
+
+/// The head of a `200 OK` for a file of `len` bytes.
+fn ok_head(len: u64, keep: bool) -> String {
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-length: {len}\r\ncontent-type: application/octet-stream\r\n{}\r\n",
+        if keep { "" } else { "connection: close\r\n" }
+    )
+}
+
+/// The async style: one thread, a current-thread tokio runtime, a task per connection, on the
+/// user-space stack's async sockets.
+mod asynchronous {
+    use std::io::{self, Read};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::{Listener, MAX_HEAD, Request, Server, StackListener, ok_head, open_file, response};
+    use netchannel::stack::TcpStream;
+
+    /// Serves every listener; returns when one can serve no more.
+    pub(super) fn serve_all(
+        listeners: Vec<StackListener>,
+        server: &Arc<Server>,
+    ) -> Result<(), String> {
+        for l in &listeners {
+            println!(
+                "listening on {}",
+                l.local_addr().map_err(|e| e.to_string())?
+            );
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| format!("starting a tokio runtime: {e}"))?;
+        rt.block_on(async {
+            let mut accepting = tokio::task::JoinSet::new();
+            for l in listeners {
+                accepting.spawn(accept_loop(l, server.clone()));
+            }
+            Err(match accepting.join_next().await {
+                Some(Ok(why)) => why,
+                Some(Err(e)) => format!("an accepting task failed: {e}"),
+                None => "every listener is gone".into(),
+            })
+        })
+    }
+
+    /// Takes connections and serves each from a task of its own; returns why it stopped.
+    async fn accept_loop(l: StackListener, server: Arc<Server>) -> String {
+        let at = l
+            .local_addr()
+            .map_or_else(|e| e.to_string(), |a| a.to_string());
+        loop {
+            match l.listener.accept_async().await {
+                Ok((conn, peer)) => {
+                    let s = server.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = serve(conn, &s).await {
+                            s.report.report(format_args!("connection from {peer}: {e}"));
+                        }
+                    });
+                }
+                Err(e) if l.fatal(&e) => return format!("accept on {at}: {e}"),
+                Err(e) => {
+                    server
+                        .report
+                        .report(format_args!("accept on {at}: {e}; retrying"));
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+
+    /// Serves `GET` and `HEAD` on one connection until the client closes it or asks to.
+    async fn serve(mut conn: TcpStream, server: &Server) -> io::Result<()> {
+        // Bytes read and not used yet: the next request's head may come with the last.
+        let mut pending: Vec<u8> = Vec::with_capacity(4096);
+        let mut chunk = vec![0u8; 16 * 1024];
+        let mut file_buf = vec![0u8; 256 * 1024];
+        loop {
+            let end = loop {
+                if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                if pending.len() > MAX_HEAD {
+                    let r = response("431 Request Header Fields Too Large", "", b"", true);
+                    return conn.write_all(&r).await;
+                }
+                let n = AsyncReadExt::read(&mut conn, &mut chunk).await?;
+                if n == 0 {
+                    if pending.is_empty() {
+                        return Ok(());
+                    }
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the client closed the connection in the middle of a request's head",
+                    ));
+                }
+                pending.extend_from_slice(&chunk[..n]);
+            };
+            let head: Vec<u8> = pending.drain(..end).collect();
+            let req = match Request::parse(&String::from_utf8_lossy(&head)) {
+                Ok(r) => r,
+                Err(status) => {
+                    return conn
+                        .write_all(&response(status, "", b"bad request\n", true))
+                        .await;
+                }
+            };
+            if req.method != "GET" && req.method != "HEAD" {
+                // Its body, if any, is not read: the connection ends with the answer.
+                let r = response("405 Method Not Allowed", "allow: GET, HEAD\r\n", b"", true);
+                return conn.write_all(&r).await;
+            }
+            // A body on a GET is not read either: answer, then close.
+            let keep = !req.close && req.length.unwrap_or(0) == 0 && !req.chunked;
+            match open_file(&server.root, &req.target) {
+                None => {
+                    conn.write_all(&response("404 Not Found", "", b"not found\n", !keep))
+                        .await?;
+                }
+                Some((mut file, len)) => {
+                    conn.write_all(ok_head(len, keep).as_bytes()).await?;
+                    if req.method == "GET" {
+                        let mut sent = 0u64;
+                        while sent < len {
+                            // A local file read blocks briefly; the runtime has one thread.
+                            let n = file.read(&mut file_buf)?;
+                            if n == 0 {
+                                return Err(io::Error::new(
+                                    io::ErrorKind::UnexpectedEof,
+                                    format!("{}: shorter than its {len} bytes", req.target),
+                                ));
+                            }
+                            let n = n.min(usize::try_from(len - sent).unwrap_or(usize::MAX));
+                            conn.write_all(&file_buf[..n]).await?;
+                            sent += n as u64;
+                        }
+                    }
+                }
+            }
+            conn.flush().await?;
+            if !keep {
+                return AsyncWriteExt::shutdown(&mut conn).await;
+            }
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -699,6 +949,7 @@ mod tests {
                 root: self.0.join("root"),
                 upload: upload.then(|| self.0.join("up")),
                 report: Reporter::new("http_server test"),
+                one_request: false,
             }
         }
 
