@@ -308,10 +308,10 @@ impl Config {
     /// Checks values that TOML types alone do not constrain.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let d = &self.datapath;
-        if d.reassembly_memory_kib < 64 || d.reassembly_timeout_ms == 0 {
+        if d.reassembly_memory_kib < 128 || d.reassembly_timeout_ms == 0 {
             return Err(ConfigError::Invalid(
-                "datapath.reassembly_memory_kib must be at least 64 (one whole datagram) and \
-                 datapath.reassembly_timeout_ms more than 0"
+                "datapath.reassembly_memory_kib must be at least 128 (a datagram of 64 KiB \
+                 and its bookkeeping must fit) and datapath.reassembly_timeout_ms more than 0"
                     .into(),
             ));
         }

@@ -27,9 +27,11 @@ use crate::netif::Netif;
 use crate::netif::packet::Gso;
 use crate::netns::neighbours::{Learner, Resolver};
 
-/// The most header bytes a packet the flowswitch sends can have: IPv6 (IPv4 options are
-/// refused) and a TCP header with the most options.
-const MAX_HEADERS: usize = 40 + 60;
+/// The most header bytes of a TCP packet the nexus segments: an IPv4 header with the most
+/// options (60 bytes; an IPv6 packet it segments has no extension headers, 40) and a TCP
+/// header with the most options (60). Only these are copied before validation: a layout that
+/// claimed more would reach past the copy, into what the scratch frame held before.
+const MAX_HEADERS: usize = 60 + 60;
 
 /// The kernel's answers go to the core.
 impl Learner for Switch {
@@ -255,23 +257,9 @@ impl Datapath {
         let mut ready = std::mem::take(&mut self.ready);
         self.switch.poll_pending(now, channels, &mut ready);
         let mut sent = 0;
-        let mtu = self.switch.mtu();
         for r in ready.drain(..) {
-            let ok = if r.frame.len() > ETH + mtu {
-                let id = self.switch.next_frag_id();
-                let cut =
-                    send_fragments(self.netif.as_mut(), &r.frame, mtu, id, &mut self.seg_frame);
-                let st = self.switch.stats_mut();
-                st.tx_frames += cut.sent as u64;
-                st.tx_fragmented += 1;
-                cut.error.is_none()
-            } else if self.netif.send(&r.frame).is_ok() {
+            if self.netif.send(&r.frame).is_ok() {
                 self.switch.stats_mut().tx_frames += 1;
-                true
-            } else {
-                false
-            };
-            if ok {
                 table.count(r.flow, true);
                 sent += 1;
             } else {
@@ -391,7 +379,9 @@ fn tx_one(
         let max = segment::link_mss(mtu as u32, t.src.is_ipv4());
         segment::finish_whole(&mut buf[ETH..ETH + len], &t, max);
     }
-    let step = switch.tx_prepare(table, id, buf, len, !large, now)?;
+    // A packet to be cut does not wait for its next hop (a datagram held whole would hold
+    // up to 64 KiB of the nexus's memory; UDP sends again, as TCP does).
+    let step = switch.tx_prepare(table, id, buf, len, !large && !fragmenting, now)?;
     let (flow, key) = match step {
         TxStep::Held => return Ok(()),
         TxStep::Send(flow, key) => (flow, key),
@@ -413,11 +403,11 @@ fn tx_one(
         return cut.error.map_or(Ok(()), Err);
     }
     if fragmenting {
-        let id6 = switch.next_frag_id();
-        let cut = send_fragments(netif, &frame[..ETH + len], mtu, id6, seg_frame);
+        let frag_id = switch.next_frag_id(key.remote.ip());
+        let cut = send_fragments(netif, &frame[..ETH + len], mtu, frag_id, seg_frame);
         let st = switch.stats_mut();
         st.tx_frames += cut.sent as u64;
-        st.tx_fragmented += 1;
+        st.tx_fragmented += u64::from(cut.sent > 1);
         table.count(flow, true);
         return cut.error.map_or(Ok(()), Err);
     }
@@ -458,7 +448,7 @@ fn send_large(
         sent: 0,
         error: None,
     };
-    let Some(t) = TcpLayout::of(&frame[ETH..]) else {
+    let Some(t) = TcpLayout::of(&frame[ETH..]).filter(|t| t.l4 + t.hl <= MAX_HEADERS) else {
         cut.error = Some(DropReason::TxBadHeader);
         return cut;
     };
@@ -530,14 +520,15 @@ fn send_large(
     cut
 }
 
-/// Sends a validated packet larger than the MTU (`frame`: Ethernet header and IP packet) as
-/// IP fragments of at most `mtu` bytes (IPv6 ones identified by `id6`), each written straight
-/// into a frame the interface lends, or through `scratch`.
+/// Sends a validated packet whose buffer is larger than the MTU (`frame`: Ethernet header and
+/// IP packet) as IP fragments of at most `mtu` bytes identified by `id`, each written straight
+/// into a frame the interface lends, or through `scratch`; or whole, without what follows its
+/// IP length, if that fits.
 fn send_fragments(
     netif: &mut dyn Netif,
     frame: &[u8],
     mtu: usize,
-    id6: u32,
+    id: u32,
     scratch: &mut [u8],
 ) -> Cut {
     let mut cut = Cut {
@@ -549,11 +540,18 @@ fn send_fragments(
         cut.error = Some(DropReason::TxBadLen);
         return cut;
     };
+    if plan.packet_len() <= mtu {
+        match netif.send(&frame[..ETH + plan.packet_len()]) {
+            Ok(()) => cut.sent = 1,
+            Err(_) => cut.error = Some(DropReason::TxNetif),
+        }
+        return cut;
+    }
     for k in 0..plan.count() {
         let queued = match netif.tx_buffer().filter(|b| b.len() >= ETH + mtu) {
             Some(out) => {
                 out[..ETH].copy_from_slice(eth);
-                match plan.write(ip, k, id6, &mut out[ETH..]) {
+                match plan.write(ip, k, id, &mut out[ETH..]) {
                     Some(n) => netif.commit(ETH + n),
                     None => {
                         cut.error = Some(DropReason::TxBadLen);
@@ -563,7 +561,7 @@ fn send_fragments(
             }
             None => {
                 scratch[..ETH].copy_from_slice(eth);
-                match plan.write(ip, k, id6, &mut scratch[ETH..]) {
+                match plan.write(ip, k, id, &mut scratch[ETH..]) {
                     Some(n) => netif.send(&scratch[..ETH + n]),
                     None => {
                         cut.error = Some(DropReason::TxBadLen);

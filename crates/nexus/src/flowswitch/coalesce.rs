@@ -44,7 +44,8 @@ pub struct Incoming<'a> {
 }
 
 impl Incoming<'_> {
-    /// Offset of the transport header (IPv4 options are refused by the parser).
+    /// Offset of the transport header (options and extension headers are stripped before
+    /// delivery: see `parse::canonical`).
     fn l4(&self) -> usize {
         if self.src.is_ipv4() { 20 } else { 40 }
     }

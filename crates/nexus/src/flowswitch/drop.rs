@@ -59,7 +59,7 @@ reasons! {
     RxTruncated = "rx_truncated", Interface;
     /// A header field is invalid (bad IHL, bad version, inconsistent lengths).
     RxBadHeader = "rx_bad_header", Interface;
-    /// Not IPv4 or IPv6 (other EtherTypes, VLAN tags).
+    /// Not IPv4 or IPv6 (other EtherTypes), or of a VLAN (any VLAN ID but 0).
     RxNotIp = "rx_not_ip", Interface;
     /// IPv4 with malformed options.
     RxIpOptions = "rx_ip_options", Interface;

@@ -7,9 +7,12 @@
 //! IPv4 follows `IP_PMTUDISC_WANT`, the kernel's default for sockets: a datagram over the MTU
 //! is fragmented even if the app set DF, and its fragments go without DF. Options whose copy
 //! bit is set are repeated in every fragment, the others only in the first (RFC 791). IPv6
-//! fragments carry a Fragment header after the unfragmentable part (the fixed header and any
-//! hop-by-hop and routing headers), with an identification the nexus chooses (RFC 8200).
-//! A packet that is already a fragment never gets here (the parser refuses it).
+//! fragments carry a Fragment header after the unfragmentable part (the fixed header, a
+//! hop-by-hop header, and the headers up to the last routing header: RFC 8200 §4.5). The
+//! identification is the nexus's, in both families (`Switch::next_frag_id`): an app's stack
+//! may give every datagram the same IPv4 ID (smoltcp does, with DF), and fragments of two
+//! datagrams under one ID would be mixed by the peer's reassembly. A packet that is already a
+//! fragment never gets here (the parser refuses it).
 
 use std::ops::Range;
 
@@ -91,16 +94,25 @@ pub fn plan(ip: &[u8], mtu: usize) -> Result<Plan, PlanError> {
         }
         Some(6) => {
             let end = (40 + be16(4)?).min(ip.len());
-            // The unfragmentable part: the fixed header, then hop-by-hop and routing headers.
-            let mut next_at = 6;
-            let mut at = 40;
-            let mut next = *ip.get(6).ok_or(bad)?;
-            while matches!(next, 0 | 43) {
+            // The unfragmentable part: the fixed header, then the extension headers up to the
+            // last routing header (destination options before it are for the hops it
+            // names), or a hop-by-hop header alone.
+            let (mut next_at, mut at, mut next) = (6, 40, *ip.get(6).ok_or(bad)?);
+            let mut unfrag = (next_at, at, next);
+            for k in 0..8 {
+                if !matches!(next, 0 | 43 | 60) {
+                    break;
+                }
                 let len = (usize::from(*ip.get(at + 1).ok_or(bad)?) + 1) * 8;
+                let kind = next;
                 next_at = at;
                 next = *ip.get(at).ok_or(bad)?;
                 at += len;
+                if kind == 43 || (kind == 0 && k == 0) {
+                    unfrag = (next_at, at, next);
+                }
             }
+            let (next_at, at, next) = unfrag;
             if at >= end {
                 return Err(bad);
             }
@@ -128,8 +140,13 @@ impl Plan {
         self.body.len().div_ceil(self.step)
     }
 
-    /// Writes fragment `k` of `ip` into `out` (IPv6 fragments get identification `id`);
-    /// returns its length, or `None` if `out` is too small or `k` out of range.
+    /// The length of the IP packet being cut (what its header says, within the buffer).
+    pub fn packet_len(&self) -> usize {
+        self.body.end
+    }
+
+    /// Writes fragment `k` of `ip` into `out`, identified by `id` (IPv4 takes its low 16
+    /// bits); returns its length, or `None` if `out` is too small or `k` out of range.
     pub fn write(&self, ip: &[u8], k: usize, id: u32, out: &mut [u8]) -> Option<usize> {
         let from = self.body.start + k * self.step;
         if from >= self.body.end {
@@ -167,6 +184,7 @@ impl Plan {
             out[20..hl].copy_from_slice(options);
             out[0] = 0x40 | (hl / 4) as u8;
             out[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+            out[4..6].copy_from_slice(&(id as u16).to_be_bytes());
             let field = ((offset / 8) as u16) | if more { 0x2000 } else { 0 };
             out[6..8].copy_from_slice(&field.to_be_bytes());
             out[10..12].fill(0);
@@ -214,6 +232,50 @@ mod tests {
         assert_eq!(checksum(&[&out[..24]], 0), 0);
         assert_eq!(u16::from_be_bytes([out[2], out[3]]) as usize, n1);
         assert!(p.write(&with, 3, 0, &mut out).is_none());
+    }
+
+    #[test]
+    fn ipv6_headers_up_to_the_routing_header_are_repeated_and_the_id_is_ours() {
+        use crate::flowswitch::parse::tests::{A6, B6};
+        let mut plain = Vec::new();
+        etherparse::PacketBuilder::ipv6(A6, B6, 64)
+            .udp(1, 2)
+            .write(&mut plain, &[0x11u8; 3000])
+            .unwrap();
+        // Hop-by-hop, destination options, routing (no segment left), destination options.
+        let mut ip = plain[..40].to_vec();
+        ip[6] = 0;
+        ip.extend_from_slice(&[60, 0, 1, 4, 0, 0, 0, 0]);
+        ip.extend_from_slice(&[43, 0, 1, 4, 0, 0, 0, 0]);
+        ip.extend_from_slice(&[60, 0, 253, 0, 0, 0, 0, 0]);
+        ip.extend_from_slice(&[17, 0, 1, 4, 0, 0, 0, 0]);
+        ip.extend_from_slice(&plain[40..]);
+        let len = (ip.len() - 40) as u16;
+        ip[4..6].copy_from_slice(&len.to_be_bytes());
+        let p = plan(&ip, 1280).unwrap();
+        let mut out = vec![0u8; 1280];
+        for k in 0..p.count() {
+            let n = p.write(&ip, k, 0xabcd_0123, &mut out).unwrap();
+            assert!(n <= 1280);
+            // The headers up to the routing header, which now names the fragment header.
+            assert_eq!(&out[40..56], &ip[40..56]);
+            assert_eq!(out[56], 44, "the routing header's next header");
+            assert_eq!(&out[57..64], &ip[57..64]);
+            assert_eq!(
+                out[64], 60,
+                "the fragmentable part starts with destination options"
+            );
+            assert_eq!(&out[68..72], &0xabcd_0123u32.to_be_bytes());
+        }
+        // IPv4: the identification is ours too.
+        let mut v4 = Vec::new();
+        etherparse::PacketBuilder::ipv4(A, B, 64)
+            .udp(1, 2)
+            .write(&mut v4, &[1u8; 2000])
+            .unwrap();
+        let p = plan(&v4, 1500).unwrap();
+        p.write(&v4, 1, 0x0001_7777, &mut out).unwrap();
+        assert_eq!(&out[4..6], &[0x77, 0x77]);
     }
 
     #[test]

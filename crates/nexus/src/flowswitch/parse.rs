@@ -102,6 +102,7 @@ fn slice_error(e: &etherparse::err::packet::SliceError) -> RxDrop {
 
 /// Parses an Ethernet frame.
 pub fn parse_frame(frame: &[u8]) -> Result<Parsed, RxDrop> {
+    ipv6_fragment_first(frame.get(frame_ip_offset(frame)..))?;
     let sliced = SlicedPacket::from_ethernet(frame).map_err(|e| slice_error(&e))?;
     let ip_offset = link_len(&sliced)?;
     finish(&sliced, frame, ip_offset, true)
@@ -110,9 +111,57 @@ pub fn parse_frame(frame: &[u8]) -> Result<Parsed, RxDrop> {
 /// Parses an Ethernet frame's headers, leaving the UDP/TCP checksum to the copy into a channel
 /// (`coalesce`), which sums the payload as it copies it.
 pub fn parse_frame_headers(frame: &[u8]) -> Result<Parsed, RxDrop> {
+    ipv6_fragment_first(frame.get(frame_ip_offset(frame)..))?;
     let sliced = SlicedPacket::from_ethernet(frame).map_err(|e| slice_error(&e))?;
     let ip_offset = link_len(&sliced)?;
     finish(&sliced, frame, ip_offset, false)
+}
+
+/// Where a frame's IP header would start: after the Ethernet header, and after one VLAN tag
+/// (of the EtherTypes etherparse reads as one). Whether the tag is acceptable is
+/// [`link_len`]'s call.
+pub fn frame_ip_offset(frame: &[u8]) -> usize {
+    match frame.get(12..14) {
+        Some([0x81, 0x00] | [0x88, 0xa8] | [0x91, 0x00]) => 18,
+        _ => 14,
+    }
+}
+
+/// Reports an IPv6 fragment (one with a fragment header that says offset or more fragments)
+/// before etherparse reads it: etherparse walks on past a fragment header, and would take a
+/// non-first fragment's data for more extension headers when its next header names one.
+/// IPv4 and IPv6 packets whose transport comes first pass at the cost of two compares.
+fn ipv6_fragment_first(ip: Option<&[u8]>) -> Result<(), RxDrop> {
+    let Some(ip) = ip else { return Ok(()) };
+    if ip.first().map(|b| b >> 4) != Some(6) || matches!(ip.get(6), Some(6 | 17) | None) {
+        return Ok(());
+    }
+    let mut next = ip[6];
+    let mut at = 40;
+    for _ in 0..8 {
+        match next {
+            0 | 43 | 60 => {
+                let (Some(&n), Some(&len)) = (ip.get(at), ip.get(at + 1)) else {
+                    return Ok(()); // etherparse says what is wrong with it
+                };
+                next = n;
+                at += (usize::from(len) + 1) * 8;
+            }
+            44 => {
+                let field = match (ip.get(at + 2), ip.get(at + 3)) {
+                    (Some(&a), Some(&b)) => u16::from_be_bytes([a, b]),
+                    _ => return Ok(()),
+                };
+                return if field & 0xfff9 != 0 {
+                    Err(RxDrop::Fragment)
+                } else {
+                    Ok(()) // an atomic fragment: a whole packet
+                };
+            }
+            _ => return Ok(()),
+        }
+    }
+    Ok(())
 }
 
 /// Where the IP header starts: after the Ethernet header, and after a VLAN-0 priority tag
@@ -128,13 +177,17 @@ fn link_len(s: &SlicedPacket<'_>) -> Result<usize, RxDrop> {
 
 /// Whether IPv4 options are well formed (RFC 791: single-byte EOL and NOP, every other
 /// option a type, a length of at least 2 that fits, and its value), as the kernel's
-/// `ip_options_compile` demands of what it accepts.
+/// `ip_options_compile` demands of what it accepts; source routes (loose, strict) are refused,
+/// as the kernel refuses them by default (`accept_source_route` = 0).
 fn ipv4_options_ok(opts: &[u8]) -> bool {
+    const LSRR: u8 = 131;
+    const SSRR: u8 = 137;
     let mut i = 0;
     while let Some(&kind) = opts.get(i) {
         match kind {
             0 => return true,
             1 => i += 1,
+            LSRR | SSRR => return false,
             _ => match opts.get(i + 1) {
                 Some(&len) if len >= 2 && i + usize::from(len) <= opts.len() => {
                     i += usize::from(len);
@@ -212,6 +265,7 @@ pub fn tcp_mss_option(tcp: &[u8]) -> Option<usize> {
 
 /// Parses an IP packet (what apps send and receive), checksums included.
 pub fn parse_ip(packet: &[u8]) -> Result<Parsed, RxDrop> {
+    ipv6_fragment_first(Some(packet))?;
     let sliced = SlicedPacket::from_ip(packet).map_err(|e| slice_error(&e))?;
     finish(&sliced, packet, 0, true)
 }
@@ -220,6 +274,7 @@ pub fn parse_ip(packet: &[u8]) -> Result<Parsed, RxDrop> {
 /// A wrong one harms only the sender (its peer drops the packet), and anti-spoofing needs the
 /// headers, not a pass over the whole payload.
 pub fn parse_ip_headers(packet: &[u8]) -> Result<Parsed, RxDrop> {
+    ipv6_fragment_first(Some(packet))?;
     let sliced = SlicedPacket::from_ip(packet).map_err(|e| slice_error(&e))?;
     finish(&sliced, packet, 0, false)
 }
@@ -528,6 +583,35 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn an_ipv6_fragment_is_reported_whatever_its_data_looks_like() {
+        // A non-first fragment whose fragmentable part starts with destination options: its
+        // fragment header names them, but what follows is data, not a header.
+        let plain = tcp6(A6, 5, B6, 6, b"payload");
+        let mut f = plain[..14 + 40].to_vec();
+        f[14 + 6] = 44;
+        f.extend_from_slice(&[60, 0, 0x05, 0x01, 0, 0, 0, 9]); // offset 1280, more
+        f.extend_from_slice(&[0xff; 64]);
+        let len = (f.len() - 14 - 40) as u16;
+        f[14 + 4..14 + 6].copy_from_slice(&len.to_be_bytes());
+        for r in [
+            parse_frame(&f),
+            parse_frame_headers(&f),
+            parse_ip(&f[14..]),
+            parse_ip_headers(&f[14..]),
+        ] {
+            assert_eq!(r, Err(RxDrop::Fragment));
+        }
+        // An atomic fragment (offset 0, no more) is a whole packet.
+        let mut atomic = plain[..14 + 40].to_vec();
+        atomic[14 + 6] = 44;
+        atomic.extend_from_slice(&[6, 0, 0, 0, 0, 0, 0, 9]);
+        atomic.extend_from_slice(&plain[14 + 40..]);
+        let len = (atomic.len() - 14 - 40) as u16;
+        atomic[14 + 4..14 + 6].copy_from_slice(&len.to_be_bytes());
+        assert_eq!(parse_frame(&atomic).map(|p| p.l4), Ok(48));
+    }
+
+    #[test]
     fn ipv4_options_and_vlan_0_are_parsed_past() {
         let good = udp4(A, 1000, B, 2000, b"hello");
         // Router alert (4 bytes) and a NOP-padded end: 8 bytes of options.
@@ -556,6 +640,13 @@ pub(crate) mod tests {
         let c = checksum(&[&bad[14..14 + 28]], 0);
         bad[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
         assert_eq!(parse_frame(&bad), Err(RxDrop::IpOptions));
+        // A loose source route (the kernel refuses source-routed packets by default).
+        let mut lsrr = opts.clone();
+        lsrr[14 + 20..14 + 28].copy_from_slice(&[131, 7, 4, 198, 18, 0, 9, 0]);
+        lsrr[14 + 10..14 + 12].fill(0);
+        let c = checksum(&[&lsrr[14..14 + 28]], 0);
+        lsrr[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+        assert_eq!(parse_frame(&lsrr), Err(RxDrop::IpOptions));
         // A VLAN-0 priority tag (priority 5): the packet is at 18.
         let mut tagged = good[..12].to_vec();
         tagged.extend_from_slice(&[0x81, 0x00, 0xa0, 0x00]);

@@ -151,6 +151,14 @@ impl Reassembler {
             self.generation += 1;
             let deadline = now + self.limits.timeout;
             self.expiry.push_back((deadline, f.key, self.generation));
+            // The entries of datagrams completed or given up stay until their deadline: drop
+            // them once they outnumber the live ones, or a stream of tiny datagrams would
+            // grow the queue outside the memory budget (amortized: each entry goes once).
+            if self.expiry.len() > 2 * self.sets.len() + 64 {
+                let sets = &self.sets;
+                self.expiry
+                    .retain(|(_, k, g)| sets.get(k).is_some_and(|s| s.generation == *g));
+            }
             self.sets.insert(
                 f.key,
                 Set {
@@ -549,6 +557,23 @@ mod tests {
         // A real datagram still completes in the middle of it.
         let (whole, _) = feed(&mut r, &cut(&udp4_ip(8000), 1500), now);
         assert_eq!(whole.len(), 1);
+    }
+
+    #[test]
+    fn completed_datagrams_leave_no_bookkeeping_behind() {
+        let now = Instant::now();
+        let mut r = Reassembler::new(Limits::default());
+        let frags = cut(&udp4_ip(1600), 1500);
+        for id in 0..10_000u16 {
+            let mut set = frags.clone();
+            for f in &mut set {
+                f[4..6].copy_from_slice(&id.to_be_bytes());
+            }
+            let (whole, drops) = feed(&mut r, &set, now);
+            assert_eq!((whole.len(), drops.len()), (1, 0));
+        }
+        assert_eq!((r.incomplete(), r.memory()), (0, 0));
+        assert!(r.expiry.len() <= 66, "{} expiry entries", r.expiry.len());
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! * **RX** ([`Switch::rx_batch`]): each frame is parsed once, looked up (exact flow, then
 //!   listener) and its IP packet (Ethernet stripped) is delivered into the owning channel
 //!   through its [`Port`]; the driver then publishes each touched channel's batch. Every frame
-//!   that reaches no app is counted under one [`DropReason`].
+//!   that reaches no app is counted under one [`DropReason`]. Fragments are reassembled first
+//!   (`super::reassembly`); options and extension headers are stripped (`parse::canonical`).
 //! * **TX** ([`Switch::tx_prepare`]): a packet the driver has already copied out of the app's
 //!   memory is validated against the sending channel's flows (anti-spoofing) and given its
 //!   Ethernet header, or held while its next hop is resolved.
@@ -57,8 +58,11 @@ pub struct SwitchStats {
     pub tx_segmented: u64,
     /// Half-open TCP connections forgotten to make room for new ones (a SYN flood).
     pub conntrack_evicted: u64,
-    /// IP fragments taken for reassembly (each is also counted once more: in a datagram
-    /// reassembled, or under an `rx_frag_*` drop).
+    /// Frames of IP fragments taken for reassembly. A fragment is counted here, not in
+    /// `rx_switched` or under a drop: what becomes of it is counted per datagram, once
+    /// (`rx_reassembled`, then delivered or dropped as one packet; or given up under an
+    /// `rx_frag_*` reason), except a fragment refused on its own (`rx_frag_malformed`,
+    /// `rx_frag_duplicate`, `rx_frag_oversized`), which is counted here and there.
     pub rx_fragments: u64,
     /// Datagrams made whole again (then classified like any packet).
     pub rx_reassembled: u64,
@@ -156,15 +160,6 @@ fn keep(
     }
 }
 
-/// A starting identification for IPv6 fragments that differs between runs (RFC 7739: not
-/// predictable from one boot to the next).
-fn initial_frag_id() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.finish() as u32
-}
-
 /// The multicast groups a host of its own joins (behind a TAP): IPv4 all-hosts, IPv6
 /// all-nodes, and the solicited-node group of each IPv6 address.
 fn own_groups(host_addrs: &[IpAddr]) -> Vec<[u8; 6]> {
@@ -220,8 +215,10 @@ pub struct Switch {
     /// Frames of the nexus's own to send (ARP and NDP answers and requests).
     own: VecDeque<Vec<u8>>,
     reassembler: Reassembler,
-    /// Identification of the next IPv6 datagram the nexus fragments.
-    frag_id: u32,
+    /// Datagrams the nexus has fragmented, and the secret that offsets their identification
+    /// per destination (see [`Switch::next_frag_id`]).
+    frag_count: u32,
+    frag_secret: std::collections::hash_map::RandomState,
     /// Packets of this batch that are not a slice of a frame: reassembled, or stripped of
     /// their options.
     rebuilt: Vec<Vec<u8>>,
@@ -255,7 +252,8 @@ impl Switch {
             coalescer: Coalescer::default(),
             own: VecDeque::new(),
             reassembler: Reassembler::new(Limits::default()),
-            frag_id: initial_frag_id(),
+            frag_count: 0,
+            frag_secret: std::collections::hash_map::RandomState::new(),
             rebuilt: Vec::new(),
             touched: Vec::new(),
             keys: Vec::new(),
@@ -292,10 +290,16 @@ impl Switch {
         self.stats.reassembly_bytes = 0;
     }
 
-    /// The identification of the next IPv6 datagram the driver fragments.
-    pub fn next_frag_id(&mut self) -> u32 {
-        self.frag_id = self.frag_id.wrapping_add(1);
-        self.frag_id
+    /// The identification of the next datagram the driver fragments to `dst` (IPv4 takes
+    /// its low 16 bits), as the kernel's `ip_idents` make it: a count shared by all
+    /// destinations, offset by a secret hash of the destination. Consecutive datagrams to one
+    /// destination get consecutive IDs (none repeats before 65,536 more, whichever app sent
+    /// them: an app's stack may give every datagram the same one), and a peer cannot predict
+    /// the IDs of another destination from its own (RFC 7739).
+    pub fn next_frag_id(&mut self, dst: IpAddr) -> u32 {
+        use std::hash::BuildHasher;
+        self.frag_count = self.frag_count.wrapping_add(1);
+        (self.frag_secret.hash_one(dst) as u32).wrapping_add(self.frag_count)
     }
 
     /// The multicast MAC addresses the host has joined on the interface (the driver reads
@@ -326,9 +330,10 @@ impl Switch {
     }
 
     /// Classifies one batch of frames from the wire and delivers each into its channel's
-    /// port; every frame is counted once: delivered (`rx_switched`), handled by the nexus
-    /// (ARP, NDP), taken for reassembly (`rx_fragments`) or dropped under one reason. `now`
-    /// times reassembly.
+    /// port; every frame that is not a fragment is counted once: delivered (`rx_switched`),
+    /// handled by the nexus (ARP, NDP) or dropped under one reason; a fragment is counted in
+    /// `rx_fragments`, and its datagram once (see [`SwitchStats::rx_fragments`]). `now` times
+    /// reassembly.
     pub fn rx_batch(
         &mut self,
         frames: &[&[u8]],

@@ -5,8 +5,8 @@
 //! the same interface. It is built from raw instructions ([`program`]), loaded with bpf(2)
 //! ([`bpf`]) and attached through a BPF link, so it is detached when the nexus exits, however
 //! it exits. The claims map follows the host-port reservations ([`Claims`]); the frags map is
-//! the program's own (it remembers the fragmented datagrams it steered, so their later
-//! fragments, which carry no ports, follow: see [`program`]).
+//! the program's own (it remembers, for the reassembly timeout, the fragmented datagrams it
+//! steered, so their later fragments, which carry no ports, follow: see [`program`]).
 
 pub mod bpf;
 pub mod program;
@@ -24,7 +24,8 @@ use crate::netns::Steering;
 
 /// Most claims the map holds (one per reservation, not per flow).
 const MAX_CLAIMS: u32 = 65_536;
-/// Most fragmented datagrams the frags map remembers at once (the oldest are forgotten first).
+/// Most fragmented datagrams the frags map remembers at once (the oldest are forgotten first;
+/// any older than `program::FRAG_MAX_AGE` are not followed any more).
 const MAX_FRAGMENTED: u32 = 4096;
 
 /// Why the XDP program could not be set up.
@@ -86,7 +87,7 @@ impl XdpProgram {
         let frags = bpf::map_create(
             bpf::MapType::LruHash,
             program::FRAG_KEY_SIZE as u32,
-            4,
+            program::FRAG_VALUE_SIZE as u32,
             MAX_FRAGMENTED,
             "nc_frags",
         )
@@ -100,7 +101,14 @@ impl XdpProgram {
                 source,
             },
         )?;
-        let insns = program::steering(claims.as_raw_fd(), frags.as_raw_fd(), xsks.as_raw_fd());
+        // The later fragments of a datagram are steered as long as the nexus would wait for
+        // them: the reassembly timeout's default (see `program::FRAG_MAX_AGE`).
+        let insns = program::steering(
+            claims.as_raw_fd(),
+            frags.as_raw_fd(),
+            xsks.as_raw_fd(),
+            program::FRAG_MAX_AGE,
+        );
         let prog = bpf::prog_load_xdp(&insns, "nc_steer")?;
         let modes: &[XdpMode] = match mode {
             Some(XdpMode::Native) => &[XdpMode::Native],

@@ -16,13 +16,24 @@
 //! fragments set; for IPv6 a fragment header with offset 0 and M set, whose header chain goes
 //! on to UDP or TCP) is looked up in the claims map like any packet, and on a hit its fragment
 //! key (family, IPv4 protocol, identification, source, destination: [`frag_key`]) goes into the
-//! frags map before it is redirected. A non-first fragment is looked up by that key in the
-//! frags map alone: a hit is steered like its first fragment, a miss passes to the kernel. The
-//! limit: a non-first fragment that arrives before its first fragment is not known yet and
-//! passes to the kernel, so the nexus never sees it and that datagram is lost (the nexus counts
-//! it as a reassembly timeout). The frags map is an LRU hash: entries are never removed by
-//! hand, the oldest are forgotten as new datagrams come, so a burst of more fragmented
-//! datagrams in flight than the map holds loses some of them the same way.
+//! frags map, with the time (`bpf_ktime_get_ns`, CLOCK_MONOTONIC) as its value, before it is
+//! redirected. A non-first fragment is looked up by that key in the frags map alone: a hit no
+//! older than the maximum age ([`FRAG_MAX_AGE`], the nexus's default reassembly timeout, after
+//! which the nexus would have dropped the datagram anyway) is steered like its first fragment;
+//! a miss, or an older hit (which is deleted), passes to the kernel. Entries expire because a
+//! key does not name one datagram for ever: a peer's IPv4 identification (16 bits) wraps, and
+//! anyone can send a spoofed first fragment to a claimed port to mark an identification, so an
+//! entry that lived until the LRU forgot it would steer the later fragments of a datagram meant
+//! for a kernel socket (another port, same source, destination, protocol and identification) to
+//! the nexus, and the kernel would lose that datagram. The window that remains is the maximum
+//! age: within it, such a datagram is still taken. The limits: a non-first fragment that
+//! arrives before its first fragment is not known yet and passes to the kernel, so the nexus
+//! never sees it and that datagram is lost (the nexus counts it as a reassembly timeout). The
+//! frags map is an LRU hash: apart from expired entries met by a later fragment, entries are
+//! not removed by hand, the oldest are forgotten as new datagrams come, so a burst of more
+//! fragmented datagrams in flight than the map holds loses some of them the same way.
+
+use std::time::Duration;
 
 use super::bpf::Insn;
 
@@ -34,6 +45,15 @@ pub const KEY_SIZE: usize = 20;
 /// identification (IPv4's 16 bits then two zero bytes, or IPv6's 32 bits, as on the wire), the
 /// source address and the destination address (16 bytes each, IPv4 in the first four).
 pub const FRAG_KEY_SIZE: usize = 40;
+
+/// Size of a frags-map value: when the datagram's first fragment was steered, in
+/// `bpf_ktime_get_ns` nanoseconds (CLOCK_MONOTONIC), native byte order.
+pub const FRAG_VALUE_SIZE: usize = 8;
+
+/// How long after its first fragment a datagram's later fragments are still steered: the
+/// default of the nexus's reassembly timeout (`datapath.reassembly_timeout_ms`, 30 000), after
+/// which the nexus drops an incomplete datagram anyway.
+pub const FRAG_MAX_AGE: Duration = Duration::from_secs(30);
 
 /// The key of one claim.
 pub fn claim_key(proto: u8, addr: std::net::IpAddr, port: u16) -> [u8; KEY_SIZE] {
@@ -97,6 +117,7 @@ const MEM: u8 = 0x60;
 const K: u8 = 0x00;
 const X: u8 = 0x08;
 const ADD: u8 = 0x00;
+const SUB: u8 = 0x10;
 const AND: u8 = 0x50;
 const LSH: u8 = 0x60;
 const MOV: u8 = 0xb0;
@@ -111,6 +132,8 @@ const EXIT: u8 = 0x90;
 const FP: u8 = 10;
 const HELPER_MAP_LOOKUP: i32 = 1;
 const HELPER_MAP_UPDATE: i32 = 2;
+const HELPER_MAP_DELETE: i32 = 3;
+const HELPER_KTIME_GET_NS: i32 = 5;
 const HELPER_REDIRECT_MAP: i32 = 51;
 /// `BPF_ANY`: create or replace.
 const BPF_ANY: i32 = 0;
@@ -122,8 +145,8 @@ const XDP_TX: i32 = 3;
 const MAX_V6_EXT: usize = 6;
 
 // The stack: the claims key (24 bytes, the last 4 padding), the frags key below it, and the
-// frags map's value below that; 72 bytes in all, zeroed first (the verifier wants map keys
-// initialised, and the keys' unused bytes must be zero).
+// frags map's value (the 8-byte stamp) below that; 72 bytes in all, zeroed first (the verifier
+// wants map keys initialised, and the keys' unused bytes must be zero).
 const CLAIM: i16 = -24;
 const FRAG: i16 = -64;
 const VALUE: i16 = -72;
@@ -163,6 +186,9 @@ impl Asm {
     fn add_reg(&mut self, dst: u8, src: u8) {
         self.raw(ALU64 | ADD | X, dst, src, 0, 0);
     }
+    fn sub_reg(&mut self, dst: u8, src: u8) {
+        self.raw(ALU64 | SUB | X, dst, src, 0, 0);
+    }
     fn and_imm(&mut self, dst: u8, imm: i32) {
         self.raw(ALU64 | AND | K, dst, 0, 0, imm);
     }
@@ -198,6 +224,12 @@ impl Asm {
     fn load_map(&mut self, dst: u8, fd: i32) {
         self.raw(0x18, dst, 1, 0, fd);
         self.raw(0, 0, 0, 0, 0);
+    }
+    /// `dst = imm` for any 64-bit value (a two-slot `BPF_LD | BPF_DW | BPF_IMM`, source 0: the
+    /// low 32 bits in the first slot, the high ones in the second).
+    fn load_imm64(&mut self, dst: u8, imm: u64) {
+        self.raw(0x18, dst, 0, 0, imm as u32 as i32);
+        self.raw(0, 0, 0, 0, (imm >> 32) as u32 as i32);
     }
     fn call(&mut self, helper: i32) {
         self.raw(JMP | CALL, 0, 0, 0, helper);
@@ -242,15 +274,29 @@ enum Verdict {
     Tx,
 }
 
-/// The steering program for a claims map, a frags map and an XSK map (given as fds).
-pub fn steering(claims_fd: i32, frags_fd: i32, xsks_fd: i32) -> Vec<Insn> {
-    assemble(claims_fd, frags_fd, Verdict::Redirect(xsks_fd)).finish()
+/// The steering program for a claims map, a frags map and an XSK map (given as fds). The
+/// later fragments of a datagram are steered for `frag_max_age` after its first fragment was
+/// ([`FRAG_MAX_AGE`] unless the reassembly timeout is configured otherwise; an age past
+/// `u64::MAX` nanoseconds is taken as that, so as for ever).
+pub fn steering(claims_fd: i32, frags_fd: i32, xsks_fd: i32, frag_max_age: Duration) -> Vec<Insn> {
+    assemble(
+        claims_fd,
+        frags_fd,
+        max_age_ns(frag_max_age),
+        Verdict::Redirect(xsks_fd),
+    )
+    .finish()
+}
+
+fn max_age_ns(age: Duration) -> u64 {
+    u64::try_from(age.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// The program, unpatched. Registers: r6 = ctx and r9 = "a first fragment" survive the helper
 /// calls; before them r2 = data, r3 = data_end, r7 = the start of the IP header, r4 the
-/// current header, r5, r8 and r0 scratch.
-fn assemble(claims_fd: i32, frags_fd: i32, verdict: Verdict) -> Asm {
+/// current header, r5, r8 and r0 scratch. A later fragment keeps its stamp in r7 across the
+/// clock's call.
+fn assemble(claims_fd: i32, frags_fd: i32, max_age_ns: u64, verdict: Verdict) -> Asm {
     let mut a = Asm::default();
     let pass = a.new_label();
     let ether = a.new_label();
@@ -261,6 +307,7 @@ fn assemble(claims_fd: i32, frags_fd: i32, verdict: Verdict) -> Asm {
     let v6 = a.new_label();
     let l4 = a.new_label();
     let frag_lookup = a.new_label();
+    let expired = a.new_label();
     let lookup = a.new_label();
     let hit = a.new_label();
     let steer = a.new_label();
@@ -408,14 +455,28 @@ fn assemble(claims_fd: i32, frags_fd: i32, verdict: Verdict) -> Asm {
     a.store(H, FP, CLAIM + 2, 5);
     a.goto(lookup);
 
-    // A non-first fragment: steered if its first fragment was.
+    // A non-first fragment: steered if its first fragment was, at most `max_age_ns` ago. The
+    // time is read after the lookup, so it is never before the stamp found (CLOCK_MONOTONIC
+    // is one clock for all CPUs) and the unsigned difference does not wrap.
     a.label(frag_lookup);
     a.load_map(1, frags_fd);
     a.mov_reg(2, FP);
     a.add_imm(2, i32::from(FRAG));
     a.call(HELPER_MAP_LOOKUP);
     a.jump_imm(JEQ, 0, 0, pass);
+    a.load(DW, 7, 0, 0);
+    a.call(HELPER_KTIME_GET_NS);
+    a.sub_reg(0, 7);
+    a.load_imm64(1, max_age_ns);
+    a.jump_reg(JGT, 0, 1, expired);
     a.goto(steer);
+    // Expired: another datagram's, or a stale or spoofed mark. Forget it and pass.
+    a.label(expired);
+    a.load_map(1, frags_fd);
+    a.mov_reg(2, FP);
+    a.add_imm(2, i32::from(FRAG));
+    a.call(HELPER_MAP_DELETE);
+    a.goto(pass);
 
     // Claimed with this address, or with the wildcard?
     a.label(lookup);
@@ -434,12 +495,13 @@ fn assemble(claims_fd: i32, frags_fd: i32, verdict: Verdict) -> Asm {
     a.call(HELPER_MAP_LOOKUP);
     a.jump_imm(JEQ, 0, 0, pass);
 
-    // A first fragment of a claimed port: its other fragments follow it. If the map cannot
-    // take the key (it always can: it is an LRU), they pass, and the datagram times out.
+    // A first fragment of a claimed port: its other fragments follow it, for the maximum age
+    // from now (the stamp; BPF_ANY restamps a key seen before). If the map cannot take the
+    // key (it always can: it is an LRU), they pass, and the datagram times out.
     a.label(hit);
     a.jump_imm(JEQ, 9, 0, steer);
-    a.mov_imm(7, 1);
-    a.store(W, FP, VALUE, 7);
+    a.call(HELPER_KTIME_GET_NS);
+    a.store(DW, FP, VALUE, 0);
     a.load_map(1, frags_fd);
     a.mov_reg(2, FP);
     a.add_imm(2, i32::from(FRAG));
@@ -481,7 +543,7 @@ mod tests {
     #[test]
     fn every_jump_lands_inside_the_program() {
         for verdict in [Verdict::Redirect(4), Verdict::Tx] {
-            let a = assemble(3, 5, verdict);
+            let a = assemble(3, 5, max_age_ns(FRAG_MAX_AGE), verdict);
             assert_eq!(a.unplaced(), 0, "labels made and never placed");
             let p = a.finish();
             for (i, insn) in p.iter().enumerate() {
@@ -498,9 +560,26 @@ mod tests {
             assert_eq!(p.last().map(|i| i.code), Some(JMP | EXIT));
         }
         assert_eq!(
-            steering(3, 5, 4),
-            assemble(3, 5, Verdict::Redirect(4)).finish()
+            steering(3, 5, 4, FRAG_MAX_AGE),
+            assemble(3, 5, 30_000_000_000, Verdict::Redirect(4)).finish()
         );
+    }
+
+    #[test]
+    fn the_max_age_is_one_64_bit_immediate() {
+        // 30 s in ns does not fit an i32: a two-slot load, low half first, source register 0
+        // (a plain constant, not a map fd).
+        let p = steering(3, 5, 4, FRAG_MAX_AGE);
+        let at = p
+            .iter()
+            .position(|i| i.code == 0x18 && i.regs >> 4 == 0)
+            .expect("a 64-bit immediate");
+        let got = u64::from(p[at].imm as u32) | (u64::from(p[at + 1].imm as u32) << 32);
+        assert_eq!(got, 30_000_000_000);
+        assert_eq!((p[at + 1].code, p[at + 1].regs, p[at + 1].off), (0, 0, 0));
+        // It is compared unsigned (JGT, register) right after.
+        assert_eq!(p[at + 2].code, JMP | JGT | X);
+        assert_eq!(max_age_ns(Duration::MAX), u64::MAX);
     }
 
     #[test]
@@ -645,7 +724,7 @@ mod tests {
             let frags = bpf::map_create(
                 bpf::MapType::LruHash,
                 FRAG_KEY_SIZE as u32,
-                4,
+                FRAG_VALUE_SIZE as u32,
                 4096,
                 "nc_frags_t",
             )?;
@@ -664,8 +743,19 @@ mod tests {
             }
         };
         let insns = match &xsks {
-            Some(x) => steering(claims.as_raw_fd(), frags.as_raw_fd(), x.as_raw_fd()),
-            None => assemble(claims.as_raw_fd(), frags.as_raw_fd(), Verdict::Tx).finish(),
+            Some(x) => steering(
+                claims.as_raw_fd(),
+                frags.as_raw_fd(),
+                x.as_raw_fd(),
+                FRAG_MAX_AGE,
+            ),
+            None => assemble(
+                claims.as_raw_fd(),
+                frags.as_raw_fd(),
+                max_age_ns(FRAG_MAX_AGE),
+                Verdict::Tx,
+            )
+            .finish(),
         };
         let prog = match bpf::prog_load_xdp(&insns, "nc_steer_t") {
             Ok(p) => p,
@@ -697,9 +787,27 @@ mod tests {
         }
 
         fn knows(&self, key: &[u8; FRAG_KEY_SIZE]) -> bool {
-            let mut v = [0u8; 4];
-            bpf::map_lookup(self.frags.as_fd(), key, &mut v).expect("lookup")
+            self.stamp(key).is_some()
         }
+
+        /// The frags map's stamp for `key`, if it has one.
+        fn stamp(&self, key: &[u8; FRAG_KEY_SIZE]) -> Option<u64> {
+            let mut v = [0u8; FRAG_VALUE_SIZE];
+            bpf::map_lookup(self.frags.as_fd(), key, &mut v)
+                .expect("lookup")
+                .then_some(u64::from_ne_bytes(v))
+        }
+
+        /// Stamps `key` by hand, as if its first fragment had been steered at `ns`.
+        fn mark(&self, key: &[u8; FRAG_KEY_SIZE], ns: u64) {
+            bpf::map_update(self.frags.as_fd(), key, &ns.to_ne_bytes()).expect("update");
+        }
+    }
+
+    /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
+    fn monotonic_ns() -> u64 {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+        (t.tv_sec as u64) * 1_000_000_000 + t.tv_nsec as u64
     }
 
     #[test]
@@ -878,6 +986,72 @@ mod tests {
         let mut chain = v6_opts(44, 0);
         chain.extend(v6_frag(60, 3, false, 0x77));
         assert_eq!(r.run(&v6(&ipv6(0, &chain, b"the rest"))), TX);
+    }
+
+    #[test]
+    fn fragment_marks_expire_after_the_max_age() {
+        let Some(r) = rig("fragment_marks_expire_after_the_max_age") else {
+            return;
+        };
+        let key = |id: u16| frag_key(17, IpAddr::V4(SRC4), IpAddr::V4(DST4), u32::from(id));
+        let key6 = |id| frag_key(0, IpAddr::V6(SRC6), IpAddr::V6(DST6), id);
+        let first = |id| v4(&ipv4(17, id, 0x2000, &[], &udp(CLAIMED)));
+        let rest = |id| v4(&ipv4(17, id, 2, &[], b"the rest"));
+        let first6 = |id| v6(&ipv6(44, &v6_frag(17, 0, true, id), &udp(CLAIMED)));
+        let rest6 = |id| v6(&ipv6(44, &v6_frag(17, 2, false, id), b"the rest"));
+
+        // A first fragment steered now is stamped with the time (ktime: CLOCK_MONOTONIC), and
+        // its later fragments follow.
+        let before = monotonic_ns();
+        assert_eq!(r.run(&first(0x5555)), TX);
+        let after = monotonic_ns();
+        let stamp = r.stamp(&key(0x5555)).expect("remembered");
+        assert_ne!(stamp, 0);
+        assert!(stamp <= after, "stamp {stamp} after the clock's {after}");
+        // (With a second of slack for the NMI-safe clock the helper reads.)
+        assert!(
+            stamp + 1_000_000_000 >= before,
+            "stamp {stamp}, {before} before"
+        );
+        assert_eq!(r.run(&rest(0x5555)), TX);
+        assert_eq!(r.run(&first6(0x5555)), TX);
+        assert_ne!(r.stamp(&key6(0x5555)), Some(0));
+        assert_eq!(r.run(&rest6(0x5555)), TX);
+
+        let now = monotonic_ns();
+        let max = max_age_ns(FRAG_MAX_AGE);
+        if now < 2 * max {
+            println!(
+                "skipped: fragment_marks_expire_after_the_max_age needs CLOCK_MONOTONIC past {} s \
+                 to stamp old marks (it is at {} s)",
+                2 * max / 1_000_000_000,
+                now / 1_000_000_000
+            );
+            return;
+        }
+        // A mark from boot (as a stale entry of a wrapped identification, or a spoofed first
+        // fragment, would be): the later fragment is the kernel's, and the mark is forgotten.
+        for (k, frame) in [(key(0x6666), rest(0x6666)), (key6(0x6666), rest6(0x6666))] {
+            r.mark(&k, 0);
+            assert_eq!(r.run(&frame), PASS);
+            assert!(!r.knows(&k), "an expired mark is deleted");
+            assert_eq!(r.run(&frame), PASS);
+        }
+        // Just inside and just outside the age (5 s either side of it).
+        r.mark(&key(0x7777), now - max + 5_000_000_000);
+        assert_eq!(r.run(&rest(0x7777)), TX);
+        r.mark(&key(0x7777), now - max - 5_000_000_000);
+        assert_eq!(r.run(&rest(0x7777)), PASS);
+        // An identification seen again after a wrap: the old mark no longer steers, and a new
+        // first fragment of a claimed port stamps it afresh.
+        r.mark(&key(0x5555), 1);
+        assert_eq!(r.run(&rest(0x5555)), PASS);
+        assert_eq!(r.run(&first(0x5555)), TX);
+        assert!(
+            r.stamp(&key(0x5555))
+                .is_some_and(|s| s + 1_000_000_000 >= now)
+        );
+        assert_eq!(r.run(&rest(0x5555)), TX);
     }
 
     #[test]
