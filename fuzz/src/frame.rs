@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use netchannel_nexus::flowswitch::fragment;
 use netchannel_nexus::flowswitch::parse::{
-    Parsed, Proto, RxDrop, canonical, checksum, parse_frame, parse_frame_headers, parse_ip,
-    parse_ip_headers, tcp_mss_option,
+    Parsed, Proto, RxDrop, canonical, checksum, frame_ip_offset, parse_frame, parse_frame_headers,
+    parse_ip, parse_ip_headers, tcp_mss_option,
 };
 use netchannel_nexus::flowswitch::reassembly::{Limits, Reassembler};
 use netchannel_nexus::flowswitch::segment::{self, TcpLayout};
@@ -43,12 +43,7 @@ fn frame(data: &[u8]) {
     if headers == Err(RxDrop::Fragment) {
         // Whatever the fragment, the reassembler does not panic, and a datagram of one
         // fragment (an atomic one: offset 0, no more) holds no byte the fragment did not.
-        let at = if data.get(12..14) == Some(&[0x81, 0x00]) {
-            18
-        } else {
-            14
-        };
-        let ip = &data[at.min(data.len())..];
+        let ip = &data[frame_ip_offset(data).min(data.len())..];
         let mut r = Reassembler::new(Limits::default());
         if let Some(whole) = r.insert(ip, Instant::now(), &mut |_| {}) {
             assert!(

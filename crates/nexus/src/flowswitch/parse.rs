@@ -102,7 +102,7 @@ fn slice_error(e: &etherparse::err::packet::SliceError) -> RxDrop {
 
 /// Parses an Ethernet frame.
 pub fn parse_frame(frame: &[u8]) -> Result<Parsed, RxDrop> {
-    ipv6_fragment_first(frame.get(frame_ip_offset(frame)..))?;
+    ipv6_fragment_first(frame_ipv6(frame))?;
     let sliced = SlicedPacket::from_ethernet(frame).map_err(|e| slice_error(&e))?;
     let ip_offset = link_len(&sliced)?;
     finish(&sliced, frame, ip_offset, true)
@@ -111,7 +111,7 @@ pub fn parse_frame(frame: &[u8]) -> Result<Parsed, RxDrop> {
 /// Parses an Ethernet frame's headers, leaving the UDP/TCP checksum to the copy into a channel
 /// (`coalesce`), which sums the payload as it copies it.
 pub fn parse_frame_headers(frame: &[u8]) -> Result<Parsed, RxDrop> {
-    ipv6_fragment_first(frame.get(frame_ip_offset(frame)..))?;
+    ipv6_fragment_first(frame_ipv6(frame))?;
     let sliced = SlicedPacket::from_ethernet(frame).map_err(|e| slice_error(&e))?;
     let ip_offset = link_len(&sliced)?;
     finish(&sliced, frame, ip_offset, false)
@@ -125,6 +125,12 @@ pub fn frame_ip_offset(frame: &[u8]) -> usize {
         Some([0x81, 0x00] | [0x88, 0xa8] | [0x91, 0x00]) => 18,
         _ => 14,
     }
+}
+
+/// A frame's IPv6 packet, if its (inner) EtherType says IPv6.
+fn frame_ipv6(frame: &[u8]) -> Option<&[u8]> {
+    let at = frame_ip_offset(frame);
+    (frame.get(at - 2..at) == Some(&[0x86, 0xdd])).then(|| &frame[at..])
 }
 
 /// Reports an IPv6 fragment (one with a fragment header that says offset or more fragments)

@@ -341,6 +341,9 @@ fn fragment(ip: &[u8]) -> Result<Fragment<'_>, DropReason> {
     match ip.first().map(|b| b >> 4) {
         Some(4) => {
             let hl = usize::from(ip[0] & 0x0f) * 4;
+            if hl < 20 {
+                return Err(bad);
+            }
             let total = usize::from(be16(ip, 2).ok_or(bad)?);
             let field = be16(ip, 6).ok_or(bad)?;
             let data = ip.get(hl..total).ok_or(bad)?;
