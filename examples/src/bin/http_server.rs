@@ -501,23 +501,36 @@ fn get<C: Read + Write>(
         return Ok(keep);
     };
     let w = conn.get_mut();
-    w.write_all(ok_head(len, keep).as_bytes())?;
-    if req.method == "GET" {
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut sent = 0u64;
-        while sent < len {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                // The file shrank while being sent: the promised length cannot be kept.
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("{}: shorter than its {len} bytes", req.target),
-                ));
-            }
-            let n = n.min(usize::try_from(len - sent).unwrap_or(usize::MAX));
-            w.write_all(&buf[..n])?;
-            sent += n as u64;
+    let head = ok_head(len, keep);
+    if req.method != "GET" {
+        w.write_all(head.as_bytes())?;
+        return Ok(keep);
+    }
+    // The head goes out with the file's first bytes, in one write (one segment for a small
+    // file, not two). No bigger than the file: a buffer is zeroed at each request.
+    let size = usize::try_from(len)
+        .unwrap_or(usize::MAX)
+        .clamp(1, 256 * 1024);
+    let mut buf = vec![0u8; head.len() + size];
+    buf[..head.len()].copy_from_slice(head.as_bytes());
+    let mut at = head.len();
+    let mut sent = 0u64;
+    while sent < len {
+        let n = file.read(&mut buf[at..])?;
+        if n == 0 {
+            // The file shrank while being sent: the promised length cannot be kept.
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{}: shorter than its {len} bytes", req.target),
+            ));
         }
+        let n = n.min(usize::try_from(len - sent).unwrap_or(usize::MAX));
+        w.write_all(&buf[..at + n])?;
+        sent += n as u64;
+        at = 0;
+    }
+    if len == 0 {
+        w.write_all(head.as_bytes())?;
     }
     Ok(keep)
 }

@@ -39,6 +39,7 @@
 
 mod acks;
 mod device;
+mod park;
 mod tcp;
 #[cfg(feature = "tokio")]
 mod tokio_io;
@@ -149,6 +150,9 @@ pub(crate) struct Shared {
     /// Flows whose last user went, to be removed at the next poll (a socket may be dropped
     /// while the stack is locked).
     released: Mutex<Vec<u32>>,
+    /// The last thread that parked on a socket (see `park`): a poller that stops wakes it, so
+    /// that it takes over polling rather than wait for the driver thread.
+    last_parked: Mutex<Option<std::thread::Thread>>,
 }
 
 pub(crate) struct Inner {
@@ -159,6 +163,10 @@ pub(crate) struct Inner {
     epoch: Instant,
     /// Sockets the app dropped, kept until they have finished (see [`Closing`]).
     closing: Vec<Closing>,
+    /// Finished TCP sockets kept for the next connections (see `tcp::new_socket`).
+    pub(crate) spare_tcp: Vec<smoltcp::socket::tcp::Socket<'static>>,
+    /// The threads parked on one socket each (see `park`).
+    parks: park::Parks,
     /// Every listener's backlog sockets, and when to check them next (see
     /// [`tcp::time_handshakes`]).
     backlog: Vec<tcp::Backlogged>,
@@ -318,6 +326,8 @@ impl Stack {
                 control,
                 epoch,
                 closing: Vec::new(),
+                spare_tcp: Vec::new(),
+                parks: park::Parks::default(),
                 backlog: Vec::new(),
                 next_backlog_check: Duration::ZERO,
                 addresses,
@@ -336,6 +346,7 @@ impl Stack {
             stop: AtomicBool::new(false),
             thread: Mutex::new(None),
             released: Mutex::new(Vec::new()),
+            last_parked: Mutex::new(None),
             wakers: Mutex::new(Vec::new()),
         });
         if driven {
@@ -565,6 +576,8 @@ impl Inner {
         let before = self.closing.len();
         let now = Instant::now();
         let sockets = &mut self.sockets;
+        let spare = &mut self.spare_tcp;
+        let parks = &mut self.parks;
         self.closing.retain(|c| {
             let done = match c.udp_until {
                 None => {
@@ -578,7 +591,12 @@ impl Inner {
                 }
             };
             if done {
-                sockets.remove(c.handle);
+                parks.forget(c.handle);
+                if let smoltcp::socket::Socket::Tcp(s) = sockets.remove(c.handle)
+                    && spare.len() < tcp::SPARE_SOCKETS
+                {
+                    spare.push(s);
+                }
             }
             !done
         });
@@ -745,6 +763,9 @@ impl Drop for Poller<'_> {
         s.poller.store(false, Ordering::Release);
         s.renew_lease();
         s.notify_waiting();
+        if let Some(t) = lock(&s.last_parked).take() {
+            t.unpark();
+        }
         match s.driver_at.load(Ordering::Relaxed) {
             AT_BELL => {
                 let _ = rustix::io::write(&s.rouse, &1u64.to_ne_bytes());
@@ -850,6 +871,7 @@ impl Shared {
         self: &Arc<Self>,
         deadline: Option<Instant>,
         waits: &Waits,
+        interest: park::Interest,
         mut ready: impl FnMut(&mut Inner) -> io::Result<Option<T>>,
     ) -> io::Result<T> {
         let mut g = lock(&self.inner);
@@ -857,7 +879,7 @@ impl Shared {
             return Ok(v);
         }
         let start = Instant::now();
-        let r = self.wait_more(g, deadline, waits.spin(), ready);
+        let r = self.wait_more(g, deadline, waits.spin(), interest, ready);
         waits.record(start.elapsed());
         r
     }
@@ -867,6 +889,7 @@ impl Shared {
         mut g: MutexGuard<'a, Inner>,
         deadline: Option<Instant>,
         spin: Duration,
+        interest: park::Interest,
         mut ready: impl FnMut(&mut Inner) -> io::Result<Option<T>>,
     ) -> io::Result<T> {
         // Before handing over to the driver thread, poll the stack from this thread for a
@@ -913,7 +936,16 @@ impl Shared {
                 poller = Some(Poller::claim(self));
             }
             if self.driven && poller.is_none() {
-                // Another call drives: wait for it (or the thread) to report a change.
+                // Another call drives: wait for it (or the thread) to report a change, of this
+                // call's socket only when it has one (see `park`).
+                let Inner { parks, sockets, .. } = &mut *g;
+                if parks.register(sockets, interest) {
+                    *lock(&self.last_parked) = Some(std::thread::current());
+                    drop(g);
+                    std::thread::park_timeout(left.min(MAX_SLEEP));
+                    g = lock(&self.inner);
+                    continue;
+                }
                 self.waiting.fetch_add(1, Ordering::SeqCst);
                 g = self
                     .changed

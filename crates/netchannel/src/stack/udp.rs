@@ -10,6 +10,7 @@ use smoltcp::iface::SocketHandle;
 use smoltcp::socket::udp;
 use smoltcp::wire::{IpEndpoint, IpListenEndpoint};
 
+use super::park::Interest;
 use super::{Closing, FlowGuard, Inner, Stack, Waits, deadline};
 
 /// Datagrams each direction may queue, and their bytes.
@@ -140,9 +141,12 @@ impl UdpSocket {
     pub fn send_to(&self, buf: &[u8], addr: SocketAddr) -> io::Result<usize> {
         let shared = self.stack.shared().clone();
         let handle = self.handle;
-        let r = shared.wait(self.wait_deadline(self.write_timeout), &self.sends, |g| {
-            try_send_to(g, handle, buf, addr)
-        });
+        let r = shared.wait(
+            self.wait_deadline(self.write_timeout),
+            &self.sends,
+            Interest::UdpSend(handle),
+            |g| try_send_to(g, handle, buf, addr),
+        );
         let r = would_block(r, self.nonblocking);
         if r.is_ok() {
             shared.with(|_| ());
@@ -155,9 +159,12 @@ impl UdpSocket {
         let shared = self.stack.shared().clone();
         let handle = self.handle;
         let peer = self.peer;
-        let r = shared.wait(self.wait_deadline(self.read_timeout), &self.recvs, |g| {
-            try_recv_from(g, handle, buf, peer)
-        });
+        let r = shared.wait(
+            self.wait_deadline(self.read_timeout),
+            &self.recvs,
+            Interest::UdpRecv(handle),
+            |g| try_recv_from(g, handle, buf, peer),
+        );
         would_block(r, self.nonblocking || self.read_timeout.is_some())
     }
 
