@@ -69,6 +69,20 @@ for n in [@SIZES@]:
     print(n, ok, flush=True)
 ";
 
+/// Runs [`SIZES`] from the peer against `host`:`port` with `sizes` (comma-separated).
+fn echo_sizes(net: &VethNet, host: &str, port: u16, sizes: &str) -> Vec<String> {
+    net.python(
+        "the python UDP client",
+        SIZES,
+        &[
+            ("HOST", host.to_owned()),
+            ("PORT", port.to_string()),
+            ("SIZES", sizes.to_owned()),
+        ],
+    )
+    .succeed(Duration::from_secs(60))
+}
+
 #[test]
 fn udp_datagrams_of_1473_8000_and_65507_bytes_cross_both_ways_intact() {
     if skip() {
@@ -84,17 +98,7 @@ fn udp_datagrams_of_1473_8000_and_65507_bytes_cross_both_ways_intact() {
         (net.host4().to_string(), p4, "1473, 8000, 65507"),
         (net.host6().to_string(), p6, "1473, 8000, 65487"),
     ] {
-        let lines = net
-            .python(
-                "the python UDP client",
-                SIZES,
-                &[
-                    ("HOST", host.clone()),
-                    ("PORT", port.to_string()),
-                    ("SIZES", sizes.to_owned()),
-                ],
-            )
-            .succeed(Duration::from_secs(60));
+        let lines = echo_sizes(&net, &host, port, sizes);
         let want: Vec<String> = sizes.split(", ").map(|n| format!("{n} True")).collect();
         assert_eq!(lines, want, "echoes from {host}");
     }
@@ -297,31 +301,11 @@ fn bad_fragment_sets_are_refused_and_counted_and_a_flood_stays_within_budget() {
         "{held} bytes held, over the budget of {BUDGET_KIB} KiB"
     );
     // Ordinary and fragmented traffic still flows, and what was held times out.
-    let lines = net
-        .python(
-            "the python UDP client",
-            SIZES,
-            &[
-                ("HOST", net.host4().to_string()),
-                ("PORT", p4.to_string()),
-                ("SIZES", "100, 8000".to_owned()),
-            ],
-        )
-        .succeed(Duration::from_secs(60));
+    let host = net.host4().to_string();
+    let lines = echo_sizes(&net, &host, p4, "100, 8000");
     assert_eq!(lines, ["100 True", "8000 True"]);
     std::thread::sleep(Duration::from_millis(1200));
-    let lines = net
-        .python(
-            "the python UDP client",
-            SIZES,
-            &[
-                ("HOST", net.host4().to_string()),
-                ("PORT", p4.to_string()),
-                ("SIZES", "100".to_owned()),
-            ],
-        )
-        .succeed(Duration::from_secs(60));
-    assert_eq!(lines, ["100 True"]);
+    assert_eq!(echo_sizes(&net, &host, p4, "100"), ["100 True"]);
     let timeouts = nexus.counter("rx_frag_timeout");
     assert!(
         timeouts >= 1,

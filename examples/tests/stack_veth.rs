@@ -35,10 +35,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use netchannel::stack::{TcpStream, UdpSocket};
-use netchannel_tests::testbed::{Kid, VethNet, run, serial, skip_without_root};
+use netchannel_tests::testbed::{Kid, VethNet, serial, skip_without_root};
 
 mod common;
-use common::{InProcess, Scratch, sha256_file};
+use common::{InProcess, Scratch, sha256_file, warm_neighbours};
 
 const HTTP_SERVER: &str = env!("CARGO_BIN_EXE_http_server");
 const UDP_ECHO: &str = env!("CARGO_BIN_EXE_udp_echo");
@@ -154,40 +154,6 @@ fn counters(control: &mut netchannel::nexus::Nexus) -> String {
         }
     }
     out
-}
-
-/// Has the host's kernel resolve the peer's MAC address for both families (a datagram from a
-/// kernel socket to the peer's discard port) and waits until its neighbour table has both.
-///
-/// The nexus drops what an app sends to a neighbour the kernel has not resolved yet (it asks
-/// the kernel to resolve it and counts `tx_no_neighbour`; see
-/// `the_first_datagram_an_app_sends_to_a_new_neighbour_arrives`), so tests about something
-/// else start with the neighbours known, as on a host that has talked to its peer before.
-fn warm_neighbours(net: &Net) {
-    let u4 = std::net::UdpSocket::bind((net.host4(), 0)).expect("a kernel UDP socket");
-    let u6 = std::net::UdpSocket::bind((net.host6(), 0)).expect("a kernel UDP socket");
-    let t0 = Instant::now();
-    loop {
-        u4.send_to(b"hello", (net.peer4(), 9))
-            .expect("sending to the peer");
-        u6.send_to(b"hello", (net.peer6(), 9))
-            .expect("sending to the peer");
-        std::thread::sleep(Duration::from_millis(50));
-        let out = run("ip", &["neigh", "show", "dev", net.host()]);
-        let table = String::from_utf8_lossy(&out.stdout);
-        let known = |ip: String| {
-            table
-                .lines()
-                .any(|l| l.starts_with(&format!("{ip} ")) && l.contains("lladdr"))
-        };
-        if known(net.peer4().to_string()) && known(net.peer6().to_string()) {
-            return;
-        }
-        assert!(
-            t0.elapsed() < SHORT,
-            "the host did not resolve its peer: {table}"
-        );
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

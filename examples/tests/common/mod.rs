@@ -293,9 +293,13 @@ pub(crate) fn app(what: &str, bin: &str, args: &[&str], lines: usize) -> (Kid, V
     (kid, addrs)
 }
 
-/// Has the host's kernel resolve the peer for both families and waits until its neighbour
-/// table has both: the nexus drops what an app sends to a neighbour the kernel has not
-/// resolved yet (see `stack_veth`'s `warm_neighbours`).
+/// Has the host's kernel resolve the peer's MAC address for both families (a datagram from a
+/// kernel socket to the peer's discard port) and waits until its neighbour table has both.
+///
+/// The nexus drops what an app sends to a neighbour the kernel has not resolved yet (it asks
+/// the kernel to resolve it and counts `tx_no_neighbour`; see `stack_veth`'s
+/// `the_first_datagram_an_app_sends_to_a_new_neighbour_arrives`), so tests about something
+/// else start with the neighbours known, as on a host that has talked to its peer before.
 pub(crate) fn warm_neighbours(net: &VethNet) {
     let u4 = std::net::UdpSocket::bind((net.host4(), 0)).expect("a kernel UDP socket");
     let u6 = std::net::UdpSocket::bind((net.host6(), 0)).expect("a kernel UDP socket");

@@ -488,27 +488,11 @@ fn send_large(
     for (k, r) in segment::cuts(&t, mss).enumerate() {
         let last = r.end == payload.len();
         let need = ETH + t.l4 + t.hl + r.len();
-        let queued = match netif.tx_buffer().filter(|b| b.len() >= need) {
-            Some(out) => {
-                out[..ETH].copy_from_slice(&headers[..ETH]);
-                match segment::write_segment(ip, payload, &t, k, r, last, &mut out[ETH..]) {
-                    Some(n) => netif.commit(ETH + n),
-                    None => {
-                        cut.error = Some(DropReason::TxBadLen);
-                        return cut;
-                    }
-                }
-            }
-            None => {
-                scratch[..ETH].copy_from_slice(&headers[..ETH]);
-                match segment::write_segment(ip, payload, &t, k, r, last, &mut scratch[ETH..]) {
-                    Some(n) => netif.send(&scratch[..ETH + n]),
-                    None => {
-                        cut.error = Some(DropReason::TxBadLen);
-                        return cut;
-                    }
-                }
-            }
+        let Some(queued) = emit(netif, scratch, &headers[..ETH], need, |out| {
+            segment::write_segment(ip, payload, &t, k, r, last, out)
+        }) else {
+            cut.error = Some(DropReason::TxBadLen);
+            return cut;
         };
         if queued.is_err() {
             // The rest is lost; TCP sends it again.
@@ -518,6 +502,30 @@ fn send_large(
         cut.sent += 1;
     }
     cut
+}
+
+/// Builds one frame (Ethernet header `eth`, then what `build` writes after it, at most
+/// `need` bytes in all) straight into a frame the interface lends, or in `scratch`, and queues
+/// it. `None` if `build` could not write it; else what the interface said.
+fn emit(
+    netif: &mut dyn Netif,
+    scratch: &mut [u8],
+    eth: &[u8],
+    need: usize,
+    build: impl FnOnce(&mut [u8]) -> Option<usize>,
+) -> Option<Result<(), crate::netif::NetifError>> {
+    match netif.tx_buffer().filter(|b| b.len() >= need) {
+        Some(out) => {
+            out[..ETH].copy_from_slice(eth);
+            let n = build(&mut out[ETH..])?;
+            Some(netif.commit(ETH + n))
+        }
+        None => {
+            scratch[..ETH].copy_from_slice(eth);
+            let n = build(&mut scratch[ETH..])?;
+            Some(netif.send(&scratch[..ETH + n]))
+        }
+    }
 }
 
 /// Sends a validated packet whose buffer is larger than the MTU (`frame`: Ethernet header and
@@ -548,27 +556,11 @@ fn send_fragments(
         return cut;
     }
     for k in 0..plan.count() {
-        let queued = match netif.tx_buffer().filter(|b| b.len() >= ETH + mtu) {
-            Some(out) => {
-                out[..ETH].copy_from_slice(eth);
-                match plan.write(ip, k, id, &mut out[ETH..]) {
-                    Some(n) => netif.commit(ETH + n),
-                    None => {
-                        cut.error = Some(DropReason::TxBadLen);
-                        return cut;
-                    }
-                }
-            }
-            None => {
-                scratch[..ETH].copy_from_slice(eth);
-                match plan.write(ip, k, id, &mut scratch[ETH..]) {
-                    Some(n) => netif.send(&scratch[..ETH + n]),
-                    None => {
-                        cut.error = Some(DropReason::TxBadLen);
-                        return cut;
-                    }
-                }
-            }
+        let Some(queued) = emit(netif, scratch, eth, ETH + mtu, |out| {
+            plan.write(ip, k, id, out)
+        }) else {
+            cut.error = Some(DropReason::TxBadLen);
+            return cut;
         };
         if queued.is_err() {
             // The datagram is lost (as one whose fragment the wire drops).
