@@ -271,7 +271,8 @@ pub struct DatapathConfig {
     /// `ipfrag_high_thresh`): past it, the oldest incomplete ones are given up.
     pub reassembly_memory_kib: u64,
     /// Milliseconds a datagram may take to get all its fragments (the kernel's
-    /// `ipfrag_time`).
+    /// `ipfrag_time`); at most 30,000, how long the XDP program steers a datagram's later
+    /// fragments after its first.
     pub reassembly_timeout_ms: u64,
 }
 
@@ -314,6 +315,15 @@ impl Config {
                  and its bookkeeping must fit) and datapath.reassembly_timeout_ms more than 0"
                     .into(),
             ));
+        }
+        let steered_for = crate::netif::xdp::program::FRAG_MAX_AGE.as_millis();
+        if u128::from(d.reassembly_timeout_ms) > steered_for {
+            return Err(ConfigError::Invalid(format!(
+                "datapath.reassembly_timeout_ms = {} is longer than the {steered_for} ms for \
+                 which the XDP program steers a datagram's later fragments after its first: \
+                 set it to {steered_for} or less",
+                d.reassembly_timeout_ms
+            )));
         }
         let c = &self.channel;
         for (name, v) in [
@@ -407,6 +417,8 @@ mod tests {
             ("[control]\nmode = \"rw\"\n", "octal"),
             ("[nonsense]\n", "unknown field"),
             ("[[policy.ports]]\nfirst = 9\nlast = 1\n", "empty"),
+            ("[datapath]\nreassembly_timeout_ms = 60000\n", "steers"),
+            ("[datapath]\nreassembly_memory_kib = 64\n", "at least 128"),
         ] {
             let dir = std::env::temp_dir().join(format!(
                 "nc-cfg-{}-{}",
