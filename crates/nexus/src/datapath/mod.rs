@@ -488,15 +488,12 @@ fn send_large(
     for (k, r) in segment::cuts(&t, mss).enumerate() {
         let last = r.end == payload.len();
         let need = ETH + t.l4 + t.hl + r.len();
-        let Some(queued) = emit(netif, scratch, &headers[..ETH], need, |out| {
+        let queued = emit(netif, scratch, &headers[..ETH], need, |out| {
             segment::write_segment(ip, payload, &t, k, r, last, out)
-        }) else {
-            cut.error = Some(DropReason::TxBadLen);
-            return cut;
-        };
-        if queued.is_err() {
+        });
+        if let Err(e) = queued {
             // The rest is lost; TCP sends it again.
-            cut.error = Some(DropReason::TxNetif);
+            cut.error = Some(e);
             return cut;
         }
         cut.sent += 1;
@@ -506,26 +503,27 @@ fn send_large(
 
 /// Builds one frame (Ethernet header `eth`, then what `build` writes after it, at most
 /// `need` bytes in all) straight into a frame the interface lends, or in `scratch`, and queues
-/// it. `None` if `build` could not write it; else what the interface said.
+/// it: `tx_bad_len` if `build` could not write it, `tx_netif` if the interface refused it.
 fn emit(
     netif: &mut dyn Netif,
     scratch: &mut [u8],
     eth: &[u8],
     need: usize,
     build: impl FnOnce(&mut [u8]) -> Option<usize>,
-) -> Option<Result<(), crate::netif::NetifError>> {
-    match netif.tx_buffer().filter(|b| b.len() >= need) {
+) -> Result<(), DropReason> {
+    let queued = match netif.tx_buffer().filter(|b| b.len() >= need) {
         Some(out) => {
             out[..ETH].copy_from_slice(eth);
-            let n = build(&mut out[ETH..])?;
-            Some(netif.commit(ETH + n))
+            let n = build(&mut out[ETH..]).ok_or(DropReason::TxBadLen)?;
+            netif.commit(ETH + n)
         }
         None => {
             scratch[..ETH].copy_from_slice(eth);
-            let n = build(&mut scratch[ETH..])?;
-            Some(netif.send(&scratch[..ETH + n]))
+            let n = build(&mut scratch[ETH..]).ok_or(DropReason::TxBadLen)?;
+            netif.send(&scratch[..ETH + n])
         }
-    }
+    };
+    queued.map_err(|_| DropReason::TxNetif)
 }
 
 /// Sends a validated packet whose buffer is larger than the MTU (`frame`: Ethernet header and
@@ -556,15 +554,11 @@ fn send_fragments(
         return cut;
     }
     for k in 0..plan.count() {
-        let Some(queued) = emit(netif, scratch, eth, ETH + mtu, |out| {
+        if let Err(e) = emit(netif, scratch, eth, ETH + mtu, |out| {
             plan.write(ip, k, id, out)
-        }) else {
-            cut.error = Some(DropReason::TxBadLen);
-            return cut;
-        };
-        if queued.is_err() {
+        }) {
             // The datagram is lost (as one whose fragment the wire drops).
-            cut.error = Some(DropReason::TxNetif);
+            cut.error = Some(e);
             return cut;
         }
         cut.sent += 1;

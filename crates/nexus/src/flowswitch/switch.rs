@@ -26,7 +26,7 @@ use super::coalesce::{Coalescer, Incoming};
 use super::conntrack::Conns;
 use super::drop::{DropCounters, DropReason};
 use super::neighbour::{ArpAction, Hop, KernelNeighbours, Neighbours, NoHop, Query};
-use super::parse::{RxDrop, canonical, parse_frame_headers, parse_ip_headers};
+use super::parse::{RxDrop, canonical, frame_ip_offset, parse_frame_headers, parse_ip_headers};
 use super::port::{Port, Ports};
 use super::reassembly::{Limits, Reassembler};
 use super::table::{BatchScratch, FlowId, FlowKey, FlowTable, Hit};
@@ -132,16 +132,16 @@ enum Source {
 
 const BROADCAST: [u8; 6] = [0xff; 6];
 
-/// Notes a parsed packet of the batch for lookup. `ip` is the packet (`src` says where it
-/// lies, at `p.ip_offset`); one with options or extension headers is handed on without them
-/// (see [`canonical`]), from a copy in `rebuilt`.
+/// Notes a parsed packet of the batch for lookup; `src` says where it lies (at
+/// `p.ip_offset`). One with options or extension headers is handed on without them (see
+/// [`canonical`]), from a copy in `rebuilt`.
 fn keep(
     keys: &mut Vec<FlowKey>,
     parsed: &mut Vec<(Source, usize, usize)>,
     rebuilt: &mut Vec<Vec<u8>>,
     stats: &mut SwitchStats,
     p: &super::Parsed,
-    ip: &[u8],
+    frames: &[&[u8]],
     src: Source,
 ) {
     keys.push(FlowKey {
@@ -149,15 +149,30 @@ fn keep(
         local: SocketAddr::from(p.dst),
         remote: SocketAddr::from(p.src),
     });
-    if p.has_options() {
-        let mut plain = Vec::with_capacity(p.ip_len);
-        canonical(ip, p, &mut plain);
-        stats.rx_options_stripped += 1;
-        parsed.push((Source::Rebuilt(rebuilt.len()), 0, plain.len()));
-        rebuilt.push(plain);
-    } else {
+    if !p.has_options() {
         parsed.push((src, p.ip_offset, p.ip_len));
+        return;
     }
+    let packet = match src {
+        Source::Frame(j) => frames.get(j).copied().unwrap_or_default(),
+        Source::Rebuilt(k) => rebuilt.get(k).map_or(&[][..], Vec::as_slice),
+    };
+    let mut plain = Vec::with_capacity(p.ip_len);
+    canonical(packet.get(p.ip_offset..).unwrap_or_default(), p, &mut plain);
+    stats.rx_options_stripped += 1;
+    let len = plain.len();
+    let at = match src {
+        // A reassembled packet is replaced by its stripped copy.
+        Source::Rebuilt(k) if k < rebuilt.len() => {
+            rebuilt[k] = plain;
+            k
+        }
+        _ => {
+            rebuilt.push(plain);
+            rebuilt.len() - 1
+        }
+    };
+    parsed.push((Source::Rebuilt(at), 0, len));
 }
 
 /// The multicast groups a host of its own joins (behind a TAP): IPv4 all-hosts, IPv6
@@ -412,25 +427,16 @@ impl Switch {
                 Err(RxDrop::Fragment) => {
                     // Whole again, it is parsed and classified as if it had come so.
                     stats.rx_fragments += 1;
-                    let at = if frame.get(12..14) == Some(&[0x81, 0x00]) {
-                        18
-                    } else {
-                        ETH
-                    };
-                    let ip = frame.get(at..).unwrap_or_default();
+                    let ip = frame.get(frame_ip_offset(frame)..).unwrap_or_default();
                     let whole = reassembler.insert(ip, now, &mut |d| stats.note(d));
                     stats.reassembly_bytes = reassembler.memory() as u64;
                     let Some(whole) = whole else { continue };
                     stats.rx_reassembled += 1;
                     match parse_ip_headers(&whole) {
-                        Ok(p) if p.has_options() => {
-                            keep(keys, parsed, rebuilt, stats, &p, &whole, Source::Frame(j));
-                        }
                         Ok(p) => {
-                            let k = rebuilt.len();
                             rebuilt.push(whole);
-                            let src = Source::Rebuilt(k);
-                            keep(keys, parsed, &mut Vec::new(), stats, &p, &[], src);
+                            let src = Source::Rebuilt(rebuilt.len() - 1);
+                            keep(keys, parsed, rebuilt, stats, &p, frames, src);
                         }
                         Err(d) => stats.note(d.into()),
                     }
@@ -441,8 +447,7 @@ impl Switch {
                     continue;
                 }
             };
-            let ip = frame.get(p.ip_offset..).unwrap_or_default();
-            keep(keys, parsed, rebuilt, stats, &p, ip, Source::Frame(j));
+            keep(keys, parsed, rebuilt, stats, &p, frames, Source::Frame(j));
         }
         table.lookup_batch(keys, scratch, hits);
         for ((&(src, off, len), hit), key) in parsed.iter().zip(hits.iter()).zip(keys.iter()) {

@@ -548,6 +548,47 @@ fn damaged(mut v: Vec<u8>, damage: Option<(usize, u8)>) -> Vec<u8> {
     v
 }
 
+#[test]
+fn fragments_behind_a_vlan_0_tag_and_with_options_are_reassembled_and_delivered_stripped() {
+    let (mut sw, mut t) = (switch(NextHop::Fixed(PEER)), table());
+    let big = MemPort {
+        buf_size: 65536,
+        ..MemPort::new(1)
+    };
+    let mut ports = BTreeMap::from([(1, big)]);
+    for f in fragments_to_us(3000) {
+        // A VLAN-0 priority tag in front of each fragment.
+        let mut tagged = f[..12].to_vec();
+        tagged.extend_from_slice(&[0x81, 0x00, 0xa0, 0x00]);
+        tagged.extend_from_slice(&f[12..]);
+        rx_one(&mut sw, &mut t, &mut ports, &tagged);
+    }
+    // A whole packet with IPv4 options (router alert).
+    let mut opts = to_us();
+    opts.splice(ETH + 20..ETH + 20, [0x94, 4, 0, 0]);
+    opts[ETH] = 0x46;
+    let total = u16::from_be_bytes([opts[ETH + 2], opts[ETH + 3]]) + 4;
+    opts[ETH + 2..ETH + 4].copy_from_slice(&total.to_be_bytes());
+    fix_ipv4(&mut opts);
+    rx_one(&mut sw, &mut t, &mut ports, &opts);
+    let st = sw.stats();
+    assert_eq!(
+        (st.rx_fragments, st.rx_reassembled, st.rx_switched),
+        (3, 1, 2)
+    );
+    assert_eq!(st.rx_options_stripped, 1);
+    assert_eq!(st.drops.total() + ports[&1].drops.total(), 0);
+    let staged = &ports[&1].staged;
+    assert_eq!(staged.len(), 2);
+    assert_eq!(staged[0].0 as usize, 20 + 8 + 3000, "the whole datagram");
+    let (len, bytes) = &staged[1];
+    assert_eq!(
+        bytes[..*len as usize],
+        to_us()[ETH..],
+        "the packet without its options"
+    );
+}
+
 proptest! {
     /// Every frame from the wire is delivered or counted under exactly one reason; every
     /// packet from an app is sent, held, or refused under exactly one reason.
